@@ -1,0 +1,763 @@
+"""The in-process inference engine.
+
+One ``Engine`` per process owns one ``llama_cpp.Llama``. A ``Llama`` is not
+thread-safe, so a single engine thread owns it and every request goes through a
+FIFO queue; callers get a :class:`Generation` handle that streams text deltas
+and ends with a :class:`GenerationResult`.
+
+Per-session KV reuse: the context holds one conversation at a time. When a
+request for another session arrives, the current conversation's KV cells are
+copied out with llama.cpp's per-sequence state API (a few ms, no logits buffer)
+into a byte-bounded LRU, and the new session's snapshot, if any, is copied in.
+llama-cpp-python's own prefix matching then evaluates only the new tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import (
+    ContextOverflowError,
+    EngineBusyError,
+    InvalidModelError,
+    InvalidRequestError,
+    OffgridError,
+    QueueTimeoutError,
+)
+from .models import ModelInfo, resolve_model
+
+log = logging.getLogger(__name__)
+
+QUEUED_THRESHOLD_MS = 10.0  # a request that waited longer than this "was queued"
+MB = 1 << 20
+
+
+def available_cores() -> int:
+    """Cores this process may run on (llama-cpp-python's default is half of them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 512
+    temperature: float = 0.2
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+
+    def validate(self) -> "GenerationParams":
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}.")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 5:
+            raise InvalidRequestError(f"temperature must be a number between 0 and 5, got {self.temperature!r}.")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise InvalidRequestError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        return self
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    session_id: str | None
+    model: str
+    text: str
+    finish_reason: str  # stop | length | cancelled | error
+    usage: dict[str, int]
+    timings: dict[str, float]
+    queue_stats: dict[str, Any]
+    params: dict[str, Any]
+    started_at: float  # epoch seconds (UTC) when the request was submitted
+    source: str = "api"
+    error: str | None = None
+    error_type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def metrics_record(self) -> dict[str, Any]:
+        """The flat per-request record handed to recorders (the stats issue persists these)."""
+        return {
+            "request_id": self.request_id,
+            "session_id": self.session_id,
+            "model": self.model,
+            "source": self.source,
+            "started_at": self.started_at,
+            "queue_wait_ms": self.queue_stats["queue_wait_ms"],
+            "prompt_tokens": self.usage["prompt_tokens"],
+            "cached_tokens": self.usage["cached_tokens"],
+            "completion_tokens": self.usage["completion_tokens"],
+            "ttft_ms": self.timings["ttft_ms"],
+            "total_ms": self.timings["total_ms"],
+            "tokens_per_second": self.timings["tokens_per_second"],
+            "finish_reason": self.finish_reason,
+            "error_type": self.error_type,
+        }
+
+
+class Generation:
+    """Handle on one queued/running request. Iterate it for text deltas.
+
+    ``events()`` yields ``(kind, payload)`` tuples: ``("queued", position)`` while
+    waiting (again whenever the position changes), ``("start", None)``,
+    ``("token", delta)`` and finally ``("complete", GenerationResult)``. A failed
+    request raises its error from the iterator after recording it. Closing the
+    iterator early (or calling :meth:`cancel`) cancels the request.
+    """
+
+    def __init__(self, engine: "Engine", messages: list[dict], session_id: str | None,
+                 params: GenerationParams, source: str, max_context_messages: int | None = None):
+        self.engine = engine
+        self.request_id = "req-" + uuid.uuid4().hex[:12]
+        self.session_id = session_id
+        self.messages = messages
+        self.params = params
+        self.source = source
+        self.submitted_mono = time.monotonic()
+        self.submitted_at = time.time()
+        self.started_mono: float | None = None
+        self.position_at_entry = 0
+        self.state = "queued"  # queued | running | done
+        self.result: GenerationResult | None = None
+        self._cancel = threading.Event()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+
+    # -- consumer side -------------------------------------------------------
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def position(self) -> int:
+        """Current queue position (0 once running or done)."""
+        return self.engine._position_of(self)
+
+    def cancel(self) -> None:
+        """Stop generating within one token (or leave the queue now)."""
+        self._cancel.set()
+        self.engine._withdraw(self, "cancelled")
+
+    def events(self, poll_interval: float = 0.5) -> Iterator[tuple[str, Any]]:
+        finished = False
+        try:
+            deadline = self.submitted_mono + self.engine.queue_timeout
+            last_pos = None
+            while True:  # waiting in the queue
+                pos = self.position
+                if self.state == "queued" and pos != last_pos:
+                    last_pos = pos
+                    yield ("queued", pos)
+                remaining = deadline - time.monotonic()
+                try:
+                    kind, payload = self._events.get(timeout=max(0.0, min(poll_interval, remaining)))
+                    break
+                except queue.Empty:
+                    if time.monotonic() >= deadline and self.engine._withdraw(self, "timeout"):
+                        finished = True
+                        raise QueueTimeoutError(
+                            f"Waited {self.engine.queue_timeout:.0f} s in the generation queue without being served "
+                            "(another generation is still running). Try again later or raise the queue timeout."
+                        )
+            while True:
+                if kind == "error":
+                    finished = True
+                    raise payload
+                if kind == "complete":
+                    finished = True
+                    yield ("complete", payload)
+                    return
+                yield (kind, payload)
+                kind, payload = self._events.get()
+        finally:
+            if not finished:
+                self.cancel()
+
+    def __iter__(self) -> Iterator[str]:
+        for kind, payload in self.events():
+            if kind == "token":
+                yield payload
+
+    def wait(self) -> GenerationResult:
+        """Consume the whole stream and return the result."""
+        for _ in self.events():
+            pass
+        assert self.result is not None
+        return self.result
+
+    # -- engine side ---------------------------------------------------------
+    def _emit(self, kind: str, payload: Any = None) -> None:
+        self._events.put((kind, payload))
+
+
+class _KVSnapshot:
+    __slots__ = ("tokens", "data", "nbytes")
+
+    def __init__(self, tokens: np.ndarray, data: ctypes.Array):
+        self.tokens = tokens
+        self.data = data
+        self.nbytes = len(data) + tokens.nbytes
+
+
+class KVCache:
+    """Byte-bounded LRU of per-session KV snapshots (engine thread only)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, _KVSnapshot] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.tokens_reused = 0
+        self.evictions = 0
+
+    def get(self, key: str) -> _KVSnapshot | None:
+        snap = self._items.get(key)
+        if snap is not None:
+            self._items.move_to_end(key)
+        return snap
+
+    def put(self, key: str, snap: _KVSnapshot) -> None:
+        self.discard(key)
+        if snap.nbytes > self.max_bytes:
+            return
+        self._items[key] = snap
+        self.bytes += snap.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.evictions += 1
+
+    def discard(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def stats(self) -> dict[str, Any]:
+        lookups = self.hits + self.misses
+        return {
+            "entries": len(self._items),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": round(self.hits / lookups, 4) if lookups else 0.0,
+            "tokens_reused": self.tokens_reused,
+            "evictions": self.evictions,
+        }
+
+
+class _PromptCaptured(Exception):
+    def __init__(self, kwargs: dict):
+        self.kwargs = kwargs
+
+
+class _CaptureLlama:
+    """Stands in for the Llama when running a chat handler, to capture the exact
+    ``create_completion`` call it would make (prompt tokens, stop strings,
+    stopping criteria) without generating. Everything else is the real Llama."""
+
+    def __init__(self, llm):
+        self._llm = llm
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def create_completion(self, **kwargs):
+        raise _PromptCaptured(kwargs)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class Engine:
+    """One model, one engine thread, one FIFO queue."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        chat_format: str | None = None,
+        queue_timeout: float = 1800.0,
+        max_queue: int = 64,
+        kv_cache_bytes: int = 512 * MB,
+        defaults: GenerationParams | None = None,
+    ):
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or available_cores()
+        self.n_batch = n_batch
+        self.chat_format = chat_format
+        self.queue_timeout = float(queue_timeout)
+        self.max_queue = int(max_queue)
+        self.defaults = defaults or GenerationParams()
+        self.kv = KVCache(kv_cache_bytes)
+        self.recorders: list[Callable[[dict], None]] = []
+
+        self._model: ModelInfo | None = None
+        self._llm = None
+        self._owner: str | None = None  # session whose conversation is in the context
+        self._owner_dirty = False
+        self._reload = False
+        self._abort_flag = False
+        self._abort_cb = None
+        self._no_abort_cb = None
+
+        self._cv = threading.Condition()
+        self._pending: deque[Generation] = deque()
+        self._current: Generation | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._waits = {"count": 0, "total_ms": 0.0, "max_ms": 0.0, "queued": 0}
+        self._counter = itertools.count()
+
+    # -- public API ------------------------------------------------------------
+    @property
+    def model(self) -> ModelInfo:
+        """The resolved (checked, not necessarily loaded) model."""
+        if self._model is None:
+            self._model = resolve_model(self.model_path)
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._llm is not None
+
+    def generate(self, messages: list[dict], *, session_id: str | None = None, source: str = "api",
+                 **params: Any) -> Generation:
+        """Queue a chat generation; returns a :class:`Generation` to iterate."""
+        msgs = self._check_messages(messages)
+        merged = {**asdict(self.defaults), **{k: v for k, v in params.items() if v is not None}}
+        unknown = set(merged) - set(asdict(self.defaults))
+        if unknown:
+            raise InvalidRequestError(f"Unknown generation parameter(s): {', '.join(sorted(unknown))}.")
+        gen = Generation(self, msgs, session_id, GenerationParams(**merged).validate(), source)
+        self.model  # resolve now: a missing model is the caller's error, raised here, not in the thread
+        with self._cv:
+            if self._closed:
+                raise OffgridError("The engine has been closed.")
+            if len(self._pending) >= self.max_queue:
+                raise EngineBusyError(
+                    f"The generation queue is full ({self.max_queue} waiting). Try again shortly, "
+                    "or raise the queue bound (max_queue)."
+                )
+            gen.position_at_entry = len(self._pending) + (1 if self._current is not None else 0)
+            self._pending.append(gen)
+            self._ensure_thread()
+            self._cv.notify_all()
+        return gen
+
+    def complete(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
+        """Generate and wait; the blocking form of :meth:`generate`."""
+        return self.generate(messages, **kwargs).wait()
+
+    def status(self) -> dict[str, Any]:
+        with self._cv:
+            current = self._current
+            return {
+                "generating_session_id": current.session_id if current else None,
+                "queued_session_ids": [g.session_id for g in self._pending],
+            }
+
+    def busy_session_ids(self) -> set[str]:
+        st = self.status()
+        ids = set(st["queued_session_ids"])
+        ids.add(st["generating_session_id"])
+        ids.discard(None)
+        return ids
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            waits = dict(self._waits)
+            queue_stats = {
+                "generating": self._current is not None,
+                "queued": len(self._pending),
+                "max_queue": self.max_queue,
+                "total_waits": waits["queued"],
+                "requests": waits["count"],
+                "avg_queue_wait_ms": round(waits["total_ms"] / waits["count"], 3) if waits["count"] else 0.0,
+                "max_queue_wait_ms": round(waits["max_ms"], 3),
+            }
+        return {"queue": queue_stats, "cache": self.kv.stats(), "model": self.describe()}
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            m = self.model
+        except OffgridError as exc:
+            return {"loaded": False, "error": str(exc)}
+        return {
+            "name": m.name, "path": str(m.path), "source": m.source, "size_bytes": m.size_bytes,
+            "loaded": self.loaded, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
+            "chat_format": getattr(self._llm, "chat_format", self.chat_format),
+        }
+
+    def switch_model(self, path: str | os.PathLike | None) -> ModelInfo:
+        """Use another GGUF from the next request on (checked now, loaded lazily)."""
+        info = resolve_model(path)
+        with self._cv:
+            self.model_path = path
+            self._model = info
+            self._reload = True  # the engine thread drops the old Llama before its next request
+        return info
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            for gen in list(self._pending):
+                self._finish_unstarted(gen, "cancelled")
+            self._pending.clear()
+            if self._current is not None:
+                self._current._cancel.set()
+                self._abort_flag = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    # -- queue internals -----------------------------------------------------------
+    def _check_messages(self, messages: list[dict]) -> list[dict]:
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages must be a non-empty list of {role, content} objects.")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+                raise InvalidRequestError(f"messages[{i}] needs a role of system, user, assistant or tool.")
+            if not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"messages[{i}].content must be a string.")
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="offgrid-engine", daemon=True)
+            self._thread.start()
+
+    def _position_of(self, gen: Generation) -> int:
+        with self._cv:
+            try:
+                return self._pending.index(gen) + (1 if self._current is not None else 0)
+            except ValueError:
+                return 0
+
+    def _withdraw(self, gen: Generation, reason: str) -> bool:
+        """Take a request out of the queue if it has not started. True if withdrawn."""
+        with self._cv:
+            if gen.state == "running":
+                if self._current is gen and reason == "cancelled":
+                    self._abort_flag = True
+                return False
+            if gen.state == "done" or gen not in self._pending:
+                return False
+            self._pending.remove(gen)
+            self._finish_unstarted(gen, reason)
+            return True
+
+    def _finish_unstarted(self, gen: Generation, reason: str) -> None:
+        """Resolve a request that never ran (cancelled or timed out in the queue)."""
+        wait_ms = (time.monotonic() - gen.submitted_mono) * 1000
+        gen.state = "done"
+        error = QueueTimeoutError.__name__ if reason == "timeout" else None
+        result = self._result(gen, "", "cancelled" if reason == "cancelled" else "error", wait_ms,
+                              prompt=0, cached=0, completion=0, ttft=None, total_ms=0.0, error=error)
+        if reason == "timeout":
+            result.error = "queue timeout"
+        gen.result = result
+        self._record(result)
+        gen._emit("complete", result)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                gen = self._pending.popleft()
+                gen.started_mono = time.monotonic()
+                gen.state = "running"
+                self._current = gen
+                self._abort_flag = gen.cancelled
+                reload, self._reload = self._reload, False
+            try:
+                if reload:
+                    self._unload()
+                self._execute(gen)
+            except BaseException:  # never let the engine thread die
+                log.exception("offgrid engine: unexpected failure")
+            finally:
+                with self._cv:
+                    self._current = None
+                    self._abort_flag = False
+
+    # -- the model ------------------------------------------------------------------
+    def _load(self):
+        if self._llm is not None:
+            return self._llm
+        import llama_cpp
+
+        info = self.model
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(info.path), n_ctx=self.n_ctx, n_batch=self.n_batch,
+                n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                chat_format=self.chat_format, verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise InvalidModelError(f"llama.cpp could not load the model {info.path}: {exc}. "
+                                    "The file may be truncated or of an unsupported architecture.") from exc
+        self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: self._abort_flag)
+        self._no_abort_cb = llama_cpp.ggml_abort_callback(0)
+        self._llm = llm
+        self._owner = None
+        return llm
+
+    def _unload(self) -> None:
+        self._llm = None
+        self._owner = None
+        self.kv.clear()
+
+    def _set_abort(self, on: bool) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_set_abort_callback(self._llm.ctx, self._abort_cb if on else self._no_abort_cb, None)
+
+    def _format(self, llm, messages: list[dict], params: GenerationParams) -> dict:
+        """Run the model's chat handler (its GGUF template, or the chat_format
+        override) exactly as create_chat_completion would, capturing the prompt."""
+        from llama_cpp import llama_chat_format
+
+        handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format)
+                   or llama_chat_format.get_chat_completion_handler(llm.chat_format))
+        try:
+            handler(llama=_CaptureLlama(llm), messages=messages, stream=True, max_tokens=params.max_tokens,
+                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    repeat_penalty=params.repeat_penalty, seed=params.seed)
+        except _PromptCaptured as captured:
+            return captured.kwargs
+        raise OffgridError("The chat handler did not produce a prompt.")  # pragma: no cover
+
+    def _fit(self, llm, messages: list[dict], params: GenerationParams) -> tuple[dict, int]:
+        """Format the prompt, dropping the oldest turns (never the system prompt or
+        the last message) until it leaves room for at least a short reply."""
+        msgs = list(messages)
+        dropped = 0
+        reserve = min(params.max_tokens, max(64, self.n_ctx // 8))
+        while True:
+            kwargs = self._format(llm, msgs, params)
+            if len(kwargs["prompt"]) + reserve <= self.n_ctx:
+                return kwargs, dropped
+            droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+            if not droppable:
+                raise ContextOverflowError(
+                    f"The prompt is {len(kwargs['prompt'])} tokens, more than the {self.n_ctx}-token context "
+                    f"allows with room for a reply. Shorten the message or raise n_ctx."
+                )
+            del msgs[droppable[0]]
+            dropped += 1
+
+    def _prepare_kv(self, llm, session_id: str | None, prompt: list[int]) -> int:
+        """Put the best available KV state for this prompt in the context; return
+        how many prompt tokens will be reused."""
+        import llama_cpp
+
+        tokens = np.asarray(prompt, dtype=np.intc)
+        if session_id != self._owner:
+            if self._owner is not None and self._owner_dirty and llm.n_tokens > 0:
+                llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+                size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+                buf = (ctypes.c_uint8 * size)()
+                llama_cpp.llama_state_seq_get_data(llm.ctx, buf, size, 0)
+                self.kv.put(self._owner, _KVSnapshot(llm.input_ids[: llm.n_tokens].copy(), buf))
+            snap = self.kv.get(session_id) if session_id else None
+            if snap is not None:
+                if _common_prefix(snap.tokens, tokens) > _common_prefix(llm.input_ids[: llm.n_tokens], tokens):
+                    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+                    if llama_cpp.llama_state_seq_set_data(llm.ctx, snap.data, len(snap.data), 0):
+                        n = len(snap.tokens)
+                        llm.input_ids[:n] = snap.tokens
+                        llm.n_tokens = n
+                    else:  # could not restore: start clean, correctness first
+                        llm.n_tokens = 0
+                    llm._requires_eval = True
+                self.kv.hits += 1
+            elif session_id:
+                self.kv.misses += 1
+            self._owner = session_id
+        self._owner_dirty = True
+        reused = min(_common_prefix(llm.input_ids[: llm.n_tokens], tokens), max(0, len(prompt) - 1))
+        self.kv.tokens_reused += reused
+        return reused
+
+    # -- one request -------------------------------------------------------------
+    def _execute(self, gen: Generation) -> None:
+        import llama_cpp
+
+        start = gen.started_mono
+        wait_ms = (start - gen.submitted_mono) * 1000
+        gen._emit("start")
+        text_parts: list[str] = []
+        prompt_n = cached = completion_n = 0
+        ttft = None
+        finish = "error"
+        error: BaseException | None = None
+        try:
+            llm = self._load()
+            kwargs, _dropped = self._fit(llm, gen.messages, gen.params)
+            prompt_n = len(kwargs["prompt"])
+            cached = self._prepare_kv(llm, gen.session_id, kwargs["prompt"])
+            vocab = llm._model.vocab
+            sampled: list[int] = []
+            real_generate = llm.generate
+
+            def counting_generate(*args, **kw):
+                # Sees every sampled token: counts them, stamps time to first
+                # token, stops within one token on cancel.
+                nonlocal ttft
+                for tok in real_generate(*args, **kw):
+                    if ttft is None:
+                        ttft = time.monotonic()
+                        self._set_abort(False)  # prompt done: no per-node callback while decoding
+                    if gen.cancelled:
+                        return
+                    if not llama_cpp.llama_vocab_is_eog(vocab, tok):
+                        sampled.append(tok)
+                    yield tok
+
+            self._set_abort(True)
+            llm.generate = counting_generate
+            try:
+                stream = llm.create_completion(**{**kwargs, "stream": True})
+                for chunk in stream:
+                    choice = chunk["choices"][0]
+                    if choice["text"]:
+                        text_parts.append(choice["text"])
+                        gen._emit("token", choice["text"])
+                    if choice["finish_reason"]:
+                        finish = choice["finish_reason"]
+                    if gen.cancelled:
+                        stream.close()
+                        break
+            except RuntimeError:
+                if not gen.cancelled:  # a real decode failure, not our abort
+                    raise
+            finally:
+                del llm.generate
+                self._set_abort(False)
+            completion_n = len(sampled)
+            if gen.cancelled:
+                finish = "cancelled"
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, engine survives
+            error = exc
+            finish = "error"
+            self._owner = None  # context state unknown: do not trust it for this session
+            if self._llm is not None:
+                self._llm.n_tokens = 0
+        total_ms = (time.monotonic() - start) * 1000
+        ttft_ms = None if ttft is None else (ttft - start) * 1000
+        result = self._result(gen, "".join(text_parts), finish, wait_ms, prompt=prompt_n, cached=cached,
+                              completion=completion_n, ttft=ttft_ms, total_ms=total_ms,
+                              error=type(error).__name__ if error else None,
+                              decode_s=(time.monotonic() - ttft) if ttft else 0.0)
+        if error is not None:
+            result.error = str(error)
+        gen.result = result
+        gen.state = "done"
+        self._record(result)
+        if error is not None:
+            gen._emit("error", error if isinstance(error, OffgridError)
+                      else OffgridError(f"Generation failed: {type(error).__name__}: {error}"))
+        else:
+            gen._emit("complete", result)
+
+    def _result(self, gen: Generation, text: str, finish: str, wait_ms: float, *, prompt: int, cached: int,
+                completion: int, ttft: float | None, total_ms: float, error: str | None,
+                decode_s: float = 0.0) -> GenerationResult:
+        with self._cv:
+            self._waits["count"] += 1
+            self._waits["total_ms"] += wait_ms
+            self._waits["max_ms"] = max(self._waits["max_ms"], wait_ms)
+            self._waits["queued"] += wait_ms > QUEUED_THRESHOLD_MS
+        tps = (completion - 1) / decode_s if completion > 1 and decode_s > 0 else 0.0
+        try:
+            model_name = self.model.name
+        except OffgridError:
+            model_name = str(self.model_path)
+        return GenerationResult(
+            request_id=gen.request_id, session_id=gen.session_id, model=model_name, text=text,
+            finish_reason=finish,
+            usage={"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
+                   "total_tokens": prompt + completion},
+            timings={"ttft_ms": round(ttft, 3) if ttft is not None else None, "total_ms": round(total_ms, 3),
+                     "tokens_per_second": round(tps, 3)},
+            queue_stats={"was_queued": wait_ms > QUEUED_THRESHOLD_MS, "queue_wait_ms": round(wait_ms, 3),
+                         "queue_position": gen.position_at_entry, "generation_ms": round(total_ms, 3)},
+            params=asdict(gen.params), started_at=gen.submitted_at, source=gen.source, error_type=error,
+        )
+
+    def _record(self, result: GenerationResult) -> None:
+        record = result.metrics_record()
+        for recorder in list(self.recorders):
+            try:
+                recorder(record)
+            except Exception:  # a broken recorder must not break generation
+                log.exception("offgrid engine: metrics recorder failed")
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine_settings_from_env() -> dict[str, Any]:
+    """Engine keyword arguments from OFFGRID_* environment variables."""
+    out: dict[str, Any] = {}
+    for env, key, cast in (("OFFGRID_N_CTX", "n_ctx", int), ("OFFGRID_THREADS", "n_threads", int),
+                           ("OFFGRID_CHAT_FORMAT", "chat_format", str),
+                           ("OFFGRID_QUEUE_TIMEOUT", "queue_timeout", float),
+                           ("OFFGRID_MAX_QUEUE", "max_queue", int),
+                           ("OFFGRID_KV_CACHE_MB", "kv_cache_bytes", lambda v: int(float(v) * MB))):
+        value = os.environ.get(env)
+        if value:
+            try:
+                out[key] = cast(value)
+            except ValueError as exc:
+                raise InvalidRequestError(f"{env}={value!r} is not valid: {exc}.") from exc
+    return out
+
+
+def get_engine(**kwargs: Any) -> Engine:
+    """The process-wide engine, created on first call (model loads on first use).
+
+    Keyword arguments (and OFFGRID_* environment variables) apply only when the
+    engine is created; use :meth:`Engine.switch_model` to change the model later.
+    """
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = Engine(**{**engine_settings_from_env(), **kwargs})
+        return _engine

@@ -1,0 +1,92 @@
+"""Every error offgrid-jupyter raises on purpose.
+
+Each class carries a stable ``code`` (used in JSON error bodies) and the HTTP
+``status`` the server maps it to, so no surface needs its own mapping table.
+Messages name what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class OffgridError(Exception):
+    """Base class: a problem the user can understand and act on."""
+
+    code = "offgrid_error"
+    status = 500
+
+
+# -- model -----------------------------------------------------------------
+class ModelError(OffgridError):
+    """The model could not be found, read or loaded."""
+
+    code = "model_error"
+    status = 503
+
+
+class ModelNotFoundError(ModelError):
+    code = "model_not_found"
+
+
+class InvalidModelError(ModelError):
+    code = "invalid_model"
+
+
+# -- engine ----------------------------------------------------------------
+class EngineBusyError(OffgridError):
+    """The generation queue is full."""
+
+    code = "queue_full"
+    status = 503
+
+
+class QueueTimeoutError(OffgridError):
+    """A request waited longer than the queue timeout."""
+
+    code = "queue_timeout"
+    status = 503
+
+
+class ContextOverflowError(OffgridError):
+    """The prompt cannot fit in the model's context window."""
+
+    code = "context_overflow"
+    status = 400
+
+
+# -- store -----------------------------------------------------------------
+class StoreError(OffgridError):
+    """The session database cannot be opened or is corrupt."""
+
+    code = "store_error"
+    status = 500
+
+
+class InvalidRequestError(OffgridError):
+    """A value given by the caller is not acceptable (bad name, role, empty content...)."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class InvalidNameError(InvalidRequestError):
+    code = "invalid_name"
+
+
+class SessionNotFoundError(OffgridError):
+    code = "session_not_found"
+    status = 404
+
+
+class MessageNotFoundError(OffgridError):
+    code = "message_not_found"
+    status = 404
+
+
+class DuplicateNameError(OffgridError):
+    code = "duplicate_name"
+    status = 409
+
+
+class ContentTooLargeError(OffgridError):
+    code = "content_too_large"
+    status = 413

@@ -1,0 +1,869 @@
+"""The session store: one SQLite database shared by the server and every kernel.
+
+SQLite in WAL mode gives atomic, durable, concurrent writes from many
+processes (one JSON file per session would lose updates when two processes
+append at once). The JSON shape of that older design is kept as the
+export/import format.
+
+Each process also keeps an in-memory cache of the sessions it uses, with a
+sliding idle TTL. A cached conversation is revalidated against the database's
+per-session ``version`` counter (one indexed read), so a turn written by another
+process is never missed, and a session that left the cache (TTL, restart,
+crash) is read back transparently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import psutil
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from .errors import (
+    ContentTooLargeError,
+    DuplicateNameError,
+    InvalidNameError,
+    InvalidRequestError,
+    MessageNotFoundError,
+    SessionNotFoundError,
+    StoreError,
+)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SESSION_ID_RE = re.compile(r"^session-[0-9a-f]{12}$")
+MESSAGE_ID_RE = re.compile(r"^msg-[0-9a-f]{12}$")
+ROLES = ("system", "user", "assistant", "tool")
+TITLE_LEN = 50
+DB_FILENAME = "offgrid.sqlite3"
+TOUCH_WRITE_INTERVAL_S = 60.0  # reads persist last_access_at at most this often
+
+
+def data_dir() -> Path:
+    """``OFFGRID_HOME``, else ``<jupyter data dir>/offgrid``."""
+    home = os.environ.get("OFFGRID_HOME")
+    if home:
+        return Path(home).expanduser()
+    from jupyter_core.paths import jupyter_data_dir
+
+    return Path(jupyter_data_dir()) / "offgrid"
+
+
+def new_session_id() -> str:
+    return "session-" + uuid.uuid4().hex[:12]
+
+
+def new_message_id() -> str:
+    return "msg-" + uuid.uuid4().hex[:12]
+
+
+def make_title(content: str) -> str:
+    text = " ".join(content.split())
+    return text if len(text) <= TITLE_LEN else text[:TITLE_LEN] + "…"
+
+
+@dataclass
+class Message:
+    id: str
+    session_id: str
+    role: str
+    content: str
+    timestamp: float
+    tool_calls: list = field(default_factory=list)
+    tool_results: list = field(default_factory=list)
+    usage: dict | None = None
+    finish_reason: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Session:
+    id: str
+    name: str | None
+    title: str | None
+    system_prompt: str | None
+    profile: str | None
+    model: str | None
+    created_at: float
+    updated_at: float
+    last_access_at: float
+    ended: bool
+    metadata: dict
+    message_count: int
+    messages: list[Message] | None = None
+
+    def to_dict(self, messages: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        out["messages"] = [m.to_dict() for m in self.messages] if (messages and self.messages is not None) else None
+        if not messages:
+            out.pop("messages")
+        return out
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The conversation as ``[{role, content}]`` for the engine, system prompt first."""
+        out = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        out += [{"role": m.role, "content": m.content} for m in self.messages or []]
+        return out
+
+
+# -- migrations: named functions, applied once, recorded -------------------------------
+def m001_initial(conn: sqlite3.Connection) -> None:
+    conn.executescript(
+        """
+        CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            name TEXT UNIQUE,
+            title TEXT,
+            system_prompt TEXT,
+            profile TEXT,
+            model TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            last_access_at REAL NOT NULL,
+            ended INTEGER NOT NULL DEFAULT 0,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            message_count INTEGER NOT NULL DEFAULT 0,
+            version INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX sessions_updated ON sessions(updated_at DESC);
+        CREATE TABLE messages (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            timestamp REAL NOT NULL,
+            tool_calls TEXT NOT NULL DEFAULT '[]',
+            tool_results TEXT NOT NULL DEFAULT '[]',
+            usage TEXT,
+            finish_reason TEXT,
+            metadata TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX messages_session ON messages(session_id, seq);
+        """
+    )
+
+
+def m002_busy_sessions(conn: sqlite3.Connection) -> None:
+    """Sessions with a generation queued or running, per process (pruning skips them)."""
+    conn.executescript(
+        """
+        CREATE TABLE busy (
+            token TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            since REAL NOT NULL
+        );
+        CREATE INDEX busy_session ON busy(session_id);
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_busy_sessions]
+
+
+def _is_locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
+# Past SQLite's own busy timeout, retry a whole transaction a few times with jitter.
+_retry_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(5),
+                      wait=wait_random_exponential(multiplier=0.05, max=1.0), reraise=True)
+
+
+class _Cached:
+    __slots__ = ("session", "version", "last_access", "persisted_access")
+
+    def __init__(self, session: Session, version: int, now: float):
+        self.session = session
+        self.version = version
+        self.last_access = now
+        self.persisted_access = session.last_access_at
+
+
+class Store:
+    """Sessions and messages in one SQLite file, safe across threads and processes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        ttl_hours: float = 10.0,
+        retention_days: float | None = None,
+        max_content_bytes: int = 1 << 20,
+        prune_empty_after_s: float = 60.0,
+        busy_timeout_s: float = 30.0,
+        synchronous: str = "NORMAL",
+        clock: Callable[[], float] = time.time,
+        busy_sessions: Callable[[], Iterable[str]] | None = None,
+    ):
+        self.path = Path(path) if path else data_dir() / DB_FILENAME
+        self.ttl_hours = float(ttl_hours)
+        self.retention_days = retention_days
+        self.max_content_bytes = int(max_content_bytes)
+        self.prune_empty_after_s = prune_empty_after_s
+        self.busy_timeout_s = busy_timeout_s
+        self.synchronous = synchronous
+        self.clock = clock
+        self.busy_sessions = busy_sessions
+        self._local = threading.local()
+        self._cache: dict[str, _Cached] = {}
+        self._cache_lock = threading.Lock()
+        self._migrate()
+        self.prune()
+
+    # -- connections ------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open()
+            self._local.conn = conn
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path.is_dir():
+            raise StoreError(f"Session database path is a directory: {self.path}. Point OFFGRID_HOME elsewhere.")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"Cannot open the session database {self.path}: {exc}. It was left untouched; "
+                "restore it from a backup or move it aside to start a new one."
+            ) from exc
+        except OSError as exc:
+            raise StoreError(f"Cannot create the session database {self.path}: {exc}.") from exc
+        if mode.lower() != "wal":
+            raise StoreError(f"Session database {self.path} could not switch to WAL mode (got {mode!r}).")
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @_retry_locked
+    def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run fn inside one write transaction (BEGIN IMMEDIATE ... COMMIT)."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            if _is_locked(exc):
+                raise
+            raise StoreError(f"Session database {self.path} is not usable: {exc}.") from exc
+        try:
+            out = fn(conn)
+            conn.execute("COMMIT")
+            return out
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _migrate(self) -> None:
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+            done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
+            for migration in MIGRATIONS:
+                if migration.__name__ not in done:
+                    migration(conn)
+                    conn.execute("INSERT INTO migrations VALUES (?, ?)", (migration.__name__, self.clock()))
+
+        try:
+            self._tx(apply)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"Session database {self.path} is corrupt or unreadable: {exc}. "
+                             "It was left untouched; restore a backup or move it aside.") from exc
+
+    def migrations(self) -> list[str]:
+        return [r[0] for r in self._conn().execute("SELECT name FROM migrations ORDER BY rowid")]
+
+    # -- validation ------------------------------------------------------------------
+    @staticmethod
+    def check_name(name: Any) -> str:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise InvalidNameError(
+                f"Invalid session name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit."
+            )
+        if SESSION_ID_RE.match(name):
+            raise InvalidNameError(f"Invalid session name {name!r}: names may not look like session ids.")
+        return name
+
+    def _check_content(self, role: Any, content: Any) -> None:
+        if role not in ROLES:
+            raise InvalidRequestError(f"Invalid role {role!r}: use one of {', '.join(ROLES)}.")
+        if not isinstance(content, str) or not content.strip():
+            raise InvalidRequestError("Message content must be a non-empty string.")
+        size = len(content.encode("utf-8"))
+        if size > self.max_content_bytes:
+            raise ContentTooLargeError(
+                f"Message content is {size} bytes; the limit is {self.max_content_bytes} bytes "
+                "(max_content_bytes). Split it or raise the limit."
+            )
+
+    # -- row conversion -------------------------------------------------------------------
+    @staticmethod
+    def _session(row: sqlite3.Row) -> Session:
+        return Session(
+            id=row["id"], name=row["name"], title=row["title"], system_prompt=row["system_prompt"],
+            profile=row["profile"], model=row["model"], created_at=row["created_at"],
+            updated_at=row["updated_at"], last_access_at=row["last_access_at"], ended=bool(row["ended"]),
+            metadata=json.loads(row["metadata"]), message_count=row["message_count"],
+        )
+
+    @staticmethod
+    def _message(row: sqlite3.Row) -> Message:
+        return Message(
+            id=row["id"], session_id=row["session_id"], role=row["role"], content=row["content"],
+            timestamp=row["timestamp"], tool_calls=json.loads(row["tool_calls"]),
+            tool_results=json.loads(row["tool_results"]),
+            usage=json.loads(row["usage"]) if row["usage"] else None, finish_reason=row["finish_reason"],
+            metadata=json.loads(row["metadata"]),
+        )
+
+    def _row(self, conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
+        if not isinstance(ref, str) or not ref:
+            raise SessionNotFoundError(f"No session {ref!r}: give a session id or name.")
+        col = "id" if SESSION_ID_RE.match(ref) else "name"
+        row = conn.execute(f"SELECT * FROM sessions WHERE {col} = ?", (ref,)).fetchone()
+        if row is None:
+            raise SessionNotFoundError(f"No session with {col} {ref!r}. `%offgrid sessions` lists them.")
+        return row
+
+    def _bump(self, conn: sqlite3.Connection, sid: str, now: float, delta_messages: int = 0) -> None:
+        conn.execute(
+            "UPDATE sessions SET updated_at = ?, last_access_at = ?, version = version + 1, "
+            "message_count = message_count + ? WHERE id = ?", (now, now, delta_messages, sid))
+
+    # -- sessions ---------------------------------------------------------------------------
+    def create(self, name: str | None = None, *, system_prompt: str | None = None, profile: str | None = None,
+               model: str | None = None, metadata: dict | None = None, title: str | None = None) -> Session:
+        if name is not None:
+            self.check_name(name)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InvalidRequestError("metadata must be a JSON object.")
+        sid, now = new_session_id(), self.clock()
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO sessions (id, name, title, system_prompt, profile, model, created_at, updated_at, "
+                    "last_access_at, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sid, name, title, system_prompt, profile, model, now, now, now, json.dumps(metadata or {})))
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateNameError(f"A session named {name!r} already exists; pick another name.") from exc
+
+        self._tx(insert)
+        return self.get(sid)
+
+    def get(self, ref: str, *, messages: bool = True) -> Session:
+        """A session by id or name, with its messages (from cache when current)."""
+        conn = self._conn()
+        row = self._row(conn, ref)
+        session = self._session(row)
+        now = self.clock()
+        self._sweep(now)
+        if messages:
+            with self._cache_lock:
+                cached = self._cache.get(session.id)
+            if cached is not None and cached.version == row["version"]:
+                session.messages = list(cached.session.messages)
+            else:
+                session.messages = [self._message(r) for r in conn.execute(
+                    "SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (session.id,))]
+                cached = _Cached(session, row["version"], now)
+                with self._cache_lock:
+                    self._cache[session.id] = cached
+            cached.last_access = now
+            if now - cached.persisted_access > TOUCH_WRITE_INTERVAL_S:
+                self._persist_access(session.id, now)
+                cached.persisted_access = now
+        return session
+
+    def _persist_access(self, sid: str, now: float) -> None:
+        self._tx(lambda c: c.execute("UPDATE sessions SET last_access_at = ? WHERE id = ?", (now, sid)))
+
+    def exists(self, ref: str) -> bool:
+        try:
+            self._row(self._conn(), ref)
+            return True
+        except SessionNotFoundError:
+            return False
+
+    def list(self, limit: int = 50, offset: int = 0) -> list[Session]:
+        """Summaries, newest activity first; never the messages."""
+        if not isinstance(limit, int) or not 0 < limit <= 10_000:
+            raise InvalidRequestError("limit must be an integer between 1 and 10000.")
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidRequestError("offset must be a non-negative integer.")
+        self.prune()
+        rows = self._conn().execute(
+            "SELECT * FROM sessions ORDER BY updated_at DESC, rowid DESC LIMIT ? OFFSET ?", (limit, offset))
+        return [self._session(r) for r in rows]
+
+    def count(self) -> int:
+        return self._conn().execute("SELECT count(*) FROM sessions").fetchone()[0]
+
+    def delete(self, ref: str) -> None:
+        def remove(conn: sqlite3.Connection) -> str:
+            sid = self._row(conn, ref)["id"]
+            conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+            return sid
+
+        self._forget(self._tx(remove))
+
+    def rename(self, ref: str, new_name: str | None) -> Session:
+        if new_name is not None:
+            self.check_name(new_name)
+
+        def update(conn: sqlite3.Connection) -> str:
+            sid = self._row(conn, ref)["id"]
+            try:
+                conn.execute("UPDATE sessions SET name = ?, version = version + 1 WHERE id = ?", (new_name, sid))
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateNameError(f"A session named {new_name!r} already exists; pick another name.") from exc
+            return sid
+
+        return self.get(self._tx(update))
+
+    def update(self, ref: str, *, system_prompt: str | None = None, model: str | None = None,
+               profile: str | None = None, title: str | None = None, metadata: dict | None = None) -> Session:
+        """Set the given fields (None leaves a field as it is)."""
+        fields = {k: v for k, v in (("system_prompt", system_prompt), ("model", model), ("profile", profile),
+                                    ("title", title)) if v is not None}
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise InvalidRequestError("metadata must be a JSON object.")
+            fields["metadata"] = json.dumps(metadata)
+
+        def apply(conn: sqlite3.Connection) -> str:
+            sid = self._row(conn, ref)["id"]
+            if fields:
+                sets = ", ".join(f"{k} = ?" for k in fields)
+                conn.execute(f"UPDATE sessions SET {sets}, version = version + 1 WHERE id = ?", (*fields.values(), sid))
+            return sid
+
+        return self.get(self._tx(apply))
+
+    def end(self, ref: str) -> Session:
+        def apply(conn: sqlite3.Connection) -> str:
+            sid = self._row(conn, ref)["id"]
+            conn.execute("UPDATE sessions SET ended = 1, version = version + 1 WHERE id = ?", (sid,))
+            return sid
+
+        return self.get(self._tx(apply))
+
+    def fork(self, ref: str, upto_message_id: str | None = None, *, name: str | None = None) -> Session:
+        """A new session holding a copy of the messages up to (and including) one message."""
+        if name is not None:
+            self.check_name(name)
+        new_id, now = new_session_id(), self.clock()
+
+        def copy(conn: sqlite3.Connection) -> None:
+            src = self._row(conn, ref)
+            rows = conn.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (src["id"],)).fetchall()
+            if upto_message_id is not None:
+                ids = [r["id"] for r in rows]
+                if upto_message_id not in ids:
+                    raise MessageNotFoundError(f"Session {ref!r} has no message {upto_message_id!r}.")
+                rows = rows[: ids.index(upto_message_id) + 1]
+            meta = {**json.loads(src["metadata"]), "forked_from": src["id"]}
+            try:
+                conn.execute(
+                    "INSERT INTO sessions (id, name, title, system_prompt, profile, model, created_at, updated_at, "
+                    "last_access_at, metadata, message_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (new_id, name, src["title"], src["system_prompt"], src["profile"], src["model"], now, now, now,
+                     json.dumps(meta), len(rows)))
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateNameError(f"A session named {name!r} already exists; pick another name.") from exc
+            conn.executemany(
+                "INSERT INTO messages (id, session_id, role, content, timestamp, tool_calls, tool_results, usage, "
+                "finish_reason, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(new_message_id(), new_id, r["role"], r["content"], r["timestamp"], r["tool_calls"],
+                  r["tool_results"], r["usage"], r["finish_reason"], r["metadata"]) for r in rows])
+
+        self._tx(copy)
+        return self.get(new_id)
+
+    # -- messages ---------------------------------------------------------------------------
+    def _insert_message(self, conn: sqlite3.Connection, sid: str, role: str, content: str, now: float,
+                        fields: dict) -> Message:
+        msg = Message(id=fields.get("id") or new_message_id(), session_id=sid, role=role, content=content,
+                      timestamp=fields.get("timestamp") or now, tool_calls=fields.get("tool_calls") or [],
+                      tool_results=fields.get("tool_results") or [], usage=fields.get("usage"),
+                      finish_reason=fields.get("finish_reason"), metadata=fields.get("metadata") or {})
+        conn.execute(
+            "INSERT INTO messages (id, session_id, role, content, timestamp, tool_calls, tool_results, usage, "
+            "finish_reason, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (msg.id, sid, role, content, msg.timestamp, json.dumps(msg.tool_calls), json.dumps(msg.tool_results),
+             json.dumps(msg.usage) if msg.usage is not None else None, msg.finish_reason, json.dumps(msg.metadata)))
+        if role == "user":
+            conn.execute("UPDATE sessions SET title = ? WHERE id = ? AND title IS NULL", (make_title(content), sid))
+        self._bump(conn, sid, now, 1)
+        return msg
+
+    def add_message(self, ref: str, role: str, content: str, *, tool_calls: list | None = None,
+                    tool_results: list | None = None, usage: dict | None = None, finish_reason: str | None = None,
+                    metadata: dict | None = None) -> Message:
+        """Append one message atomically (it is durable when this returns)."""
+        self._check_content(role, content)
+        fields = dict(tool_calls=tool_calls, tool_results=tool_results, usage=usage, finish_reason=finish_reason,
+                      metadata=metadata)
+        now = self.clock()
+
+        def insert(conn: sqlite3.Connection) -> Message:
+            sid = self._row(conn, ref)["id"]
+            return self._insert_message(conn, sid, role, content, now, fields)
+
+        msg = self._tx(insert)
+        self._forget(msg.session_id)
+        return msg
+
+    def _last_turn(self, conn: sqlite3.Connection, sid: str, message_id: str | None) -> list[sqlite3.Row]:
+        """The messages of one turn: a user message and everything up to the next user message."""
+        rows = conn.execute("SELECT seq, id, role FROM messages WHERE session_id = ? ORDER BY seq", (sid,)).fetchall()
+        users = [i for i, r in enumerate(rows) if r["role"] == "user"]
+        if message_id is None:
+            if not users:
+                return []
+            start = users[-1]
+        else:
+            idx = [i for i, r in enumerate(rows) if r["id"] == message_id]
+            if not idx:
+                raise MessageNotFoundError(f"Session {sid!r} has no message {message_id!r}.")
+            start = idx[0]
+        end = next((i for i in users if i > start), len(rows))
+        return rows[start:end]
+
+    def delete_turn(self, ref: str, message_id: str | None = None) -> int:
+        """Delete one turn (the last by default): its user message and the replies after it."""
+        now = self.clock()
+
+        def remove(conn: sqlite3.Connection) -> tuple[str, int]:
+            sid = self._row(conn, ref)["id"]
+            turn = self._last_turn(conn, sid, message_id)
+            conn.executemany("DELETE FROM messages WHERE seq = ?", [(r["seq"],) for r in turn])
+            if turn:
+                self._bump(conn, sid, now, -len(turn))
+            return sid, len(turn)
+
+        sid, n = self._tx(remove)
+        self._forget(sid)
+        return n
+
+    def replace_last_turn(self, ref: str, content: str, **fields: Any) -> Message:
+        """Atomically drop the last turn and store a new user message in its place."""
+        self._check_content("user", content)
+        now = self.clock()
+
+        def replace(conn: sqlite3.Connection) -> Message:
+            sid = self._row(conn, ref)["id"]
+            turn = self._last_turn(conn, sid, None)
+            conn.executemany("DELETE FROM messages WHERE seq = ?", [(r["seq"],) for r in turn])
+            if turn:
+                self._bump(conn, sid, now, -len(turn))
+            return self._insert_message(conn, sid, "user", content, now, fields)
+
+        msg = self._tx(replace)
+        self._forget(msg.session_id)
+        return msg
+
+    def messages(self, ref: str) -> list[Message]:
+        return self.get(ref).messages or []
+
+    # -- lifetime (sliding idle TTL) -------------------------------------------------------------
+    @property
+    def ttl_seconds(self) -> float:
+        return self.ttl_hours * 3600.0
+
+    def _forget(self, sid: str) -> None:
+        with self._cache_lock:
+            self._cache.pop(sid, None)
+
+    def _sweep(self, now: float) -> None:
+        with self._cache_lock:
+            for sid in [s for s, c in self._cache.items() if now - c.last_access > self.ttl_seconds]:
+                del self._cache[sid]
+
+    def cached_ids(self) -> list[str]:
+        self._sweep(self.clock())
+        with self._cache_lock:
+            return list(self._cache)
+
+    def _last_access(self, row: sqlite3.Row) -> float:
+        with self._cache_lock:
+            cached = self._cache.get(row["id"])
+        return max(row["last_access_at"], cached.last_access if cached else 0.0)
+
+    def touch(self, ref: str) -> Session:
+        now = self.clock()
+
+        def apply(conn: sqlite3.Connection) -> str:
+            sid = self._row(conn, ref)["id"]
+            conn.execute("UPDATE sessions SET last_access_at = ? WHERE id = ?", (now, sid))
+            return sid
+
+        sid = self._tx(apply)
+        with self._cache_lock:
+            cached = self._cache.get(sid)
+            if cached is not None:
+                cached.last_access = cached.persisted_access = now
+        return self.get(sid, messages=False)
+
+    def is_active(self, ref: str) -> bool:
+        """Accessed within the idle TTL and not ended (does not itself count as an access)."""
+        row = self._row(self._conn(), ref)
+        return not row["ended"] and self.clock() - self._last_access(row) < self.ttl_seconds
+
+    def ttl_remaining(self, ref: str) -> float:
+        """Seconds left before the session counts as idle-expired (0 when it already does)."""
+        row = self._row(self._conn(), ref)
+        return max(0.0, self.ttl_seconds - (self.clock() - self._last_access(row)))
+
+    def resume(self, ref: str, context: dict | None = None) -> Session:
+        """Store *context* on the session (``metadata["context"]``), un-end it and mark it active."""
+        if context is not None and not isinstance(context, dict):
+            raise InvalidRequestError("context must be a JSON object.")
+        now = self.clock()
+
+        def apply(conn: sqlite3.Connection) -> str:
+            row = self._row(conn, ref)
+            meta = json.loads(row["metadata"])
+            if context is not None:
+                meta["context"] = context
+            conn.execute("UPDATE sessions SET metadata = ?, ended = 0, last_access_at = ?, version = version + 1 "
+                         "WHERE id = ?", (json.dumps(meta), now, row["id"]))
+            return row["id"]
+
+        return self.get(self._tx(apply))
+
+    def session_stats(self) -> dict[str, Any]:
+        now, cut = self.clock(), self.clock() - self.ttl_seconds
+        row = self._conn().execute(
+            """SELECT count(*) AS total,
+                      coalesce(sum(ended), 0) AS ended,
+                      coalesce(sum(CASE WHEN ended = 0 AND last_access_at >= :cut THEN 1 ELSE 0 END), 0) AS active,
+                      coalesce(sum(CASE WHEN ended = 0 AND last_access_at < :cut THEN 1 ELSE 0 END), 0) AS expired,
+                      avg(CASE WHEN ended = 0 THEN :now - last_access_at END) AS avg_idle,
+                      max(CASE WHEN ended = 0 THEN :now - last_access_at END) AS max_idle,
+                      min(CASE WHEN ended = 0 THEN :now - last_access_at END) AS min_idle
+               FROM sessions""", {"cut": cut, "now": now}).fetchone()
+
+        def hours(v: float | None) -> float:
+            return round(max(0.0, v) / 3600.0, 4) if v is not None else 0.0
+
+        return {
+            "total_sessions": row["total"],
+            "cached_sessions": len(self.cached_ids()),
+            "active_sessions": row["active"],
+            "ended_sessions": row["ended"],
+            "idle_expired_sessions": row["expired"],
+            "avg_idle_time_hours": hours(row["avg_idle"]),
+            "longest_idle_time_hours": hours(row["max_idle"]),
+            "shortest_idle_time_hours": hours(row["min_idle"]),
+            "ttl_hours": self.ttl_hours,
+            "sliding_ttl_enabled": True,
+            "retention_days": self.retention_days,
+        }
+
+    # -- busy marks and pruning ----------------------------------------------------------------
+    @contextmanager
+    def busy(self, ref: str) -> Iterator[str]:
+        """Mark a session as having a generation queued or running (pruning skips it)."""
+        token, sid = uuid.uuid4().hex, self._row(self._conn(), ref)["id"]
+        self._tx(lambda c: c.execute("INSERT INTO busy VALUES (?, ?, ?, ?)", (token, sid, os.getpid(), self.clock())))
+        try:
+            yield sid
+        finally:
+            self._tx(lambda c: c.execute("DELETE FROM busy WHERE token = ?", (token,)))
+
+    def _busy_ids(self, conn: sqlite3.Connection) -> set[str]:
+        ids: set[str] = set(self.busy_sessions() if self.busy_sessions else ())
+        stale = []
+        for row in conn.execute("SELECT token, session_id, pid FROM busy"):
+            if psutil.pid_exists(row["pid"]):
+                ids.add(row["session_id"])
+            else:
+                stale.append((row["token"],))
+        if stale:  # marks left by a process that died
+            conn.executemany("DELETE FROM busy WHERE token = ?", stale)
+        return ids
+
+    def prune(self) -> int:
+        """Delete sessions that stayed empty for ``prune_empty_after_s`` (never busy ones),
+        and, only when a retention period is configured, sessions idle longer than it."""
+        now = self.clock()
+
+        def apply(conn: sqlite3.Connection) -> list[str]:
+            candidates = [r[0] for r in conn.execute(
+                "SELECT id FROM sessions WHERE message_count = 0 AND created_at < ?",
+                (now - self.prune_empty_after_s,))]
+            if self.retention_days is not None:
+                candidates += [r[0] for r in conn.execute(
+                    "SELECT id FROM sessions WHERE updated_at < ?", (now - self.retention_days * 86400,))]
+            if not candidates:
+                return []
+            busy = self._busy_ids(conn)
+            doomed = sorted(set(candidates) - busy)
+            conn.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in doomed])
+            return doomed
+
+        doomed = self._tx(apply)
+        for sid in doomed:
+            self._forget(sid)
+        return len(doomed)
+
+    # -- export / import ---------------------------------------------------------------------------
+    @staticmethod
+    def _export_doc(session: Session) -> dict[str, Any]:
+        return {
+            "id": session.id, "profile_name": session.profile, "created_at": session.created_at,
+            "updated_at": session.updated_at, "title": session.title,
+            "messages": [{"id": m.id, "role": m.role, "content": m.content, "timestamp": m.timestamp,
+                          "tool_calls": m.tool_calls, "tool_results": m.tool_results, "usage": m.usage,
+                          "finish_reason": m.finish_reason, "metadata": m.metadata} for m in session.messages or []],
+            # beyond the original shape, so a round trip loses nothing:
+            "name": session.name, "system_prompt": session.system_prompt, "model": session.model,
+            "ended": session.ended, "metadata": session.metadata,
+        }
+
+    def export(self, directory: str | os.PathLike, refs: Iterable[str] | None = None) -> list[Path]:
+        """Write one ``<session id>.json`` per session (all when *refs* is None) into *directory*."""
+        target = Path(directory).expanduser().resolve()
+        target.mkdir(parents=True, exist_ok=True)
+        ids = [self._row(self._conn(), r)["id"] for r in refs] if refs is not None else \
+            [r[0] for r in self._conn().execute("SELECT id FROM sessions ORDER BY created_at")]
+        paths = []
+        for sid in ids:
+            assert SESSION_ID_RE.match(sid)  # ids, never names, become file names
+            path = target / f"{sid}.json"
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self._export_doc(self.get(sid)), ensure_ascii=False, indent=1))
+            os.replace(tmp, path)
+            paths.append(path)
+        return paths
+
+    def import_(self, path: str | os.PathLike) -> list[Session]:
+        """Import exported JSON (a file or a directory of them). Idempotent: messages
+        already present are skipped. A name held by another session is an error."""
+        src = Path(path).expanduser()
+        if not src.exists():
+            raise InvalidRequestError(f"Nothing to import at {src}: no such file or directory.")
+        files = sorted(src.glob("*.json")) if src.is_dir() else [src]
+        return [self._import_one(f) for f in files]
+
+    def _import_one(self, file: Path) -> Session:
+        try:
+            doc = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidRequestError(f"Cannot import {file}: not readable JSON ({exc}).") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
+            raise InvalidRequestError(f"Cannot import {file}: expected an object with a 'messages' list.")
+        sid = doc.get("id")
+        if not isinstance(sid, str) or not SESSION_ID_RE.match(sid):
+            raise InvalidRequestError(f"Cannot import {file}: 'id' must look like session-<12 hex>.")
+        name = doc.get("name")
+        if name is not None:
+            self.check_name(name)
+        for i, m in enumerate(doc["messages"]):
+            if not isinstance(m, dict) or not MESSAGE_ID_RE.match(str(m.get("id", ""))):
+                raise InvalidRequestError(f"Cannot import {file}: messages[{i}] needs an id like msg-<12 hex>.")
+            self._check_content(m.get("role"), m.get("content"))
+        now = self.clock()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            if name is not None:
+                holder = conn.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()
+                if holder is not None and holder[0] != sid:
+                    raise DuplicateNameError(f"Cannot import {file}: the name {name!r} belongs to session "
+                                             f"{holder[0]}. Rename one of them first.")
+            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)).fetchone() is None:
+                conn.execute(
+                    "INSERT INTO sessions (id, name, title, system_prompt, profile, model, created_at, updated_at, "
+                    "last_access_at, ended, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sid, name, doc.get("title"), doc.get("system_prompt"), doc.get("profile_name"),
+                     doc.get("model"), float(doc.get("created_at") or now), float(doc.get("updated_at") or now), now,
+                     int(bool(doc.get("ended"))), json.dumps(doc.get("metadata") or {})))
+            known = {r[0] for r in conn.execute("SELECT id FROM messages WHERE session_id = ?", (sid,))}
+            fresh = [m for m in doc["messages"] if m["id"] not in known]
+            clash = [m["id"] for m in fresh
+                     if conn.execute("SELECT 1 FROM messages WHERE id = ?", (m["id"],)).fetchone()]
+            if clash:
+                raise InvalidRequestError(f"Cannot import {file}: message {clash[0]} belongs to another session.")
+            conn.executemany(
+                "INSERT INTO messages (id, session_id, role, content, timestamp, tool_calls, tool_results, usage, "
+                "finish_reason, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(m["id"], sid, m["role"], m["content"], float(m.get("timestamp") or now),
+                  json.dumps(m.get("tool_calls") or []), json.dumps(m.get("tool_results") or []),
+                  json.dumps(m["usage"]) if m.get("usage") is not None else None, m.get("finish_reason"),
+                  json.dumps(m.get("metadata") or {})) for m in fresh])
+            conn.execute("UPDATE sessions SET message_count = message_count + ?, version = version + 1 WHERE id = ?",
+                         (len(fresh), sid))
+
+        self._tx(apply)
+        self._forget(sid)
+        return self.get(sid)
+
+    # -- DataFrames ---------------------------------------------------------------------------------
+    def sessions_frame(self):
+        import pandas as pd
+
+        frame = pd.read_sql_query(
+            "SELECT id, name, title, profile, model, created_at, updated_at, last_access_at, ended, message_count "
+            "FROM sessions ORDER BY updated_at DESC", self._conn())
+        for col in ("created_at", "updated_at", "last_access_at"):
+            frame[col] = pd.to_datetime(frame[col], unit="s", utc=True)
+        frame["ended"] = frame["ended"].astype(bool)
+        frame["message_count"] = frame["message_count"].astype("int64")
+        return frame
+
+    def messages_frame(self, ref: str | None = None):
+        import pandas as pd
+
+        sql = ("SELECT m.id, m.session_id, s.name AS session_name, m.role, m.content, m.timestamp, "
+               "m.finish_reason, m.usage FROM messages m JOIN sessions s ON s.id = m.session_id")
+        params: tuple = ()
+        if ref is not None:
+            sql += " WHERE m.session_id = ?"
+            params = (self._row(self._conn(), ref)["id"],)
+        frame = pd.read_sql_query(sql + " ORDER BY m.seq", self._conn(), params=params)
+        frame["timestamp"] = pd.to_datetime(frame["timestamp"], unit="s", utc=True)
+        frame["role"] = pd.Categorical(frame["role"], categories=list(ROLES))
+        usage = frame.pop("usage").map(lambda u: json.loads(u) if u else {})
+        for key in ("prompt_tokens", "completion_tokens"):
+            frame[key] = usage.map(lambda u, k=key: u.get(k, 0)).astype("int64")
+        return frame
+
+
+_store: Store | None = None
+_store_lock = threading.Lock()
+
+
+def get_store(**kwargs: Any) -> Store:
+    """The process-wide store on the data directory (created on first call)."""
+    global _store
+    with _store_lock:
+        if _store is None:
+            _store = Store(**kwargs)
+        return _store
