@@ -119,8 +119,15 @@ class Session:
 
 
 # -- migrations: named functions, applied once, recorded -------------------------------
+def _statements(conn: sqlite3.Connection, script: str) -> None:
+    # not executescript(): it commits, and a migration must stay inside its transaction
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 def m001_initial(conn: sqlite3.Connection) -> None:
-    conn.executescript(
+    _statements(conn, 
         """
         CREATE TABLE sessions (
             id TEXT PRIMARY KEY,
@@ -158,7 +165,7 @@ def m001_initial(conn: sqlite3.Connection) -> None:
 
 def m002_busy_sessions(conn: sqlite3.Connection) -> None:
     """Sessions with a generation queued or running, per process (pruning skips them)."""
-    conn.executescript(
+    _statements(conn, 
         """
         CREATE TABLE busy (
             token TEXT PRIMARY KEY,
@@ -850,7 +857,7 @@ class Store:
         frame = pd.read_sql_query(sql + " ORDER BY m.seq", self._conn(), params=params)
         frame["timestamp"] = pd.to_datetime(frame["timestamp"], unit="s", utc=True)
         frame["role"] = pd.Categorical(frame["role"], categories=list(ROLES))
-        usage = frame.pop("usage").map(lambda u: json.loads(u) if u else {})
+        usage = frame.pop("usage").map(lambda u: json.loads(u) if isinstance(u, str) else {})
         for key in ("prompt_tokens", "completion_tokens"):
             frame[key] = usage.map(lambda u, k=key: u.get(k, 0)).astype("int64")
         return frame

@@ -1,0 +1,352 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from offgrid_jupyter.errors import (
+    ContentTooLargeError,
+    DuplicateNameError,
+    InvalidNameError,
+    InvalidRequestError,
+    MessageNotFoundError,
+    SessionNotFoundError,
+    StoreError,
+)
+from offgrid_jupyter.store import SESSION_ID_RE, Store, data_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Clock:
+    """An injected clock: tests move time instead of sleeping."""
+
+    def __init__(self, now=1_700_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def cstore(tmp_path, clock):
+    return Store(tmp_path / "db.sqlite3", clock=clock)
+
+
+def test_database_is_wal_with_recorded_migrations(store):
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.migrations() == ["m001_initial", "m002_busy_sessions"]
+    Store(store.path)  # reopening applies nothing twice
+    assert store.migrations() == ["m001_initial", "m002_busy_sessions"]
+
+
+def test_data_dir_honours_offgrid_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFGRID_HOME", str(tmp_path / "home"))
+    assert data_dir() == tmp_path / "home"
+    assert Store().path == tmp_path / "home" / "offgrid.sqlite3"
+
+
+def test_create_get_by_id_and_name(store):
+    s = store.create("analysis", system_prompt="Be terse.", profile="notebook", model="m", metadata={"k": 1})
+    assert SESSION_ID_RE.match(s.id)
+    assert s.messages == [] and s.message_count == 0 and not s.ended and s.title is None
+    assert store.get("analysis").id == s.id == store.get(s.id).id
+    assert store.get(s.id).system_prompt == "Be terse." and store.get(s.id).metadata == {"k": 1}
+
+
+def test_messages_title_and_roles(store):
+    s = store.create()
+    long_q = "How do I compute a rolling mean over a pandas DataFrame with a datetime index?"
+    m1 = store.add_message(s.id, "user", long_q)
+    m2 = store.add_message(s.id, "assistant", "Use df.rolling('7D').mean().", usage={"completion_tokens": 9},
+                           finish_reason="stop")
+    got = store.get(s.id)
+    assert [m.id for m in got.messages] == [m1.id, m2.id]
+    assert m1.id.startswith("msg-") and len(m1.id) == 16
+    assert got.title == long_q[:50] + "…" and len(got.title) == 51
+    assert got.messages[1].usage == {"completion_tokens": 9} and got.messages[1].finish_reason == "stop"
+    assert got.message_count == 2
+    store.add_message(s.id, "user", "short")
+    assert store.get(s.id).title == long_q[:50] + "…"  # set once, from the first user message
+
+
+def test_list_is_newest_first_with_counts_and_no_messages(cstore, clock):
+    ids = []
+    for i in range(5):
+        s = cstore.create(f"s{i}")
+        cstore.add_message(s.id, "user", f"q{i}")
+        ids.append(s.id)
+        clock.advance(1)
+    listed = cstore.list(limit=3)
+    assert [s.id for s in listed] == ids[::-1][:3]
+    assert all(s.messages is None and s.message_count == 1 for s in listed)
+    assert [s.id for s in cstore.list(limit=3, offset=3)] == ids[::-1][3:]
+    with pytest.raises(InvalidRequestError):
+        cstore.list(limit=0)
+
+
+def test_delete_rename_end(store):
+    s = store.create("old")
+    store.add_message(s.id, "user", "hi")
+    assert store.rename("old", "new").name == "new"
+    with pytest.raises(SessionNotFoundError):
+        store.get("old")
+    store.create("taken")
+    with pytest.raises(DuplicateNameError, match="taken"):
+        store.rename("new", "taken")
+    assert store.end("new").ended
+    store.delete("new")
+    with pytest.raises(SessionNotFoundError, match=s.id):
+        store.get(s.id)
+    assert store._conn().execute("SELECT count(*) FROM messages WHERE session_id = ?", (s.id,)).fetchone()[0] == 0
+
+
+def test_fork_copies_messages_up_to_one(store):
+    s = store.create("base")
+    a = store.add_message(s.id, "user", "one")
+    b = store.add_message(s.id, "assistant", "two")
+    store.add_message(s.id, "user", "three")
+    fork = store.fork("base", b.id, name="branch")
+    assert [m.content for m in fork.messages] == ["one", "two"]
+    assert fork.metadata["forked_from"] == s.id and fork.id != s.id
+    assert {m.id for m in fork.messages}.isdisjoint({a.id, b.id})
+    assert len(store.fork("base").messages) == 3
+    with pytest.raises(MessageNotFoundError):
+        store.fork("base", "msg-000000000000")
+
+
+def test_replace_and_delete_turns(store):
+    s = store.create()
+    store.add_message(s.id, "user", "q1")
+    store.add_message(s.id, "assistant", "a1")
+    store.add_message(s.id, "user", "q2")
+    store.add_message(s.id, "assistant", "a2")
+    new = store.replace_last_turn(s.id, "q2 again")
+    assert [m.content for m in store.get(s.id).messages] == ["q1", "a1", "q2 again"]
+    store.add_message(s.id, "assistant", "a2'")
+    first_user = store.get(s.id).messages[0]
+    assert store.delete_turn(s.id, first_user.id) == 2
+    assert [m.content for m in store.get(s.id).messages] == ["q2 again", "a2'"]
+    assert store.get(s.id).message_count == 2 and new.role == "user"
+
+
+def test_invalid_input_gives_distinct_errors(store):
+    s = store.create()
+    for bad in ("", "-x", "has space", "a" * 65, "../etc", "session-0123456789ab"):
+        with pytest.raises(InvalidNameError):
+            store.create(bad)
+    with pytest.raises(InvalidRequestError, match="role"):
+        store.add_message(s.id, "wizard", "hi")
+    with pytest.raises(InvalidRequestError, match="non-empty"):
+        store.add_message(s.id, "user", "   ")
+    with pytest.raises(ContentTooLargeError, match="limit"):
+        store.add_message(s.id, "user", "x" * (1024 * 1024 + 1))
+    with pytest.raises(SessionNotFoundError):
+        store.add_message("no-such-session", "user", "hi")
+    assert {InvalidNameError.status, SessionNotFoundError.status, DuplicateNameError.status,
+            ContentTooLargeError.status} == {400, 404, 409, 413}
+
+
+def test_corrupt_database_is_reported_and_never_wiped(tmp_path):
+    db = tmp_path / "offgrid.sqlite3"
+    junk = b"this is not a database" * 100
+    db.write_bytes(junk)
+    with pytest.raises(StoreError, match=str(db)):
+        Store(db)
+    assert db.read_bytes() == junk
+
+
+def test_restart_continues_the_conversation(tmp_path):
+    first = Store(tmp_path / "db.sqlite3")
+    s = first.create("nb")
+    first.add_message("nb", "user", "remember 42")
+    first.close()
+    again = Store(tmp_path / "db.sqlite3")  # a new process would do exactly this
+    assert [m.content for m in again.get("nb").messages] == ["remember 42"]
+    assert again.get("nb").id == s.id
+
+
+def test_another_writer_is_seen_through_the_cache(tmp_path):
+    a, b = Store(tmp_path / "db.sqlite3"), Store(tmp_path / "db.sqlite3")
+    s = a.create()
+    a.add_message(s.id, "user", "from a")
+    assert len(a.get(s.id).messages) == 1  # now cached in a
+    b.add_message(s.id, "assistant", "from b")
+    assert [m.content for m in a.get(s.id).messages] == ["from a", "from b"]
+
+
+def test_sliding_ttl_with_injected_clock(cstore, clock):
+    s = cstore.create()
+    cstore.add_message(s.id, "user", "hi")
+    cstore.get(s.id)
+    assert s.id in cstore.cached_ids() and cstore.is_active(s.id)
+    assert cstore.ttl_remaining(s.id) == pytest.approx(10 * 3600)
+    clock.advance(9 * 3600)
+    assert cstore.is_active(s.id) and cstore.ttl_remaining(s.id) == pytest.approx(3600)
+    cstore.touch(s.id)  # sliding: an access resets the window
+    clock.advance(9 * 3600)
+    assert cstore.is_active(s.id)
+    clock.advance(2 * 3600)
+    assert not cstore.is_active(s.id) and cstore.ttl_remaining(s.id) == 0
+    assert s.id not in cstore.cached_ids()
+    assert [m.content for m in cstore.get(s.id).messages] == ["hi"]  # read back transparently
+    assert cstore.is_active(s.id)  # get() counts as an access
+    cstore.end(s.id)
+    assert not cstore.is_active(s.id)
+    resumed = cstore.resume(s.id, context={"step": 3})
+    assert not resumed.ended and resumed.metadata["context"] == {"step": 3} and cstore.is_active(s.id)
+
+
+def test_session_stats(cstore, clock):
+    a, b, c = cstore.create(), cstore.create(), cstore.create()
+    for s in (a, b, c):
+        cstore.add_message(s.id, "user", "hi")
+    clock.advance(3600)
+    cstore.touch(a.id)
+    clock.advance(11 * 3600)
+    cstore.touch(b.id)
+    cstore.end(c.id)
+    st = cstore.session_stats()
+    assert st["total_sessions"] == 3 and st["ended_sessions"] == 1
+    assert st["active_sessions"] == 1 and st["idle_expired_sessions"] == 1
+    assert st["longest_idle_time_hours"] == pytest.approx(11) and st["shortest_idle_time_hours"] == 0
+    assert st["avg_idle_time_hours"] == pytest.approx(5.5) and st["ttl_hours"] == 10
+
+
+def test_pruning_empty_sessions_spares_busy_ones(tmp_path, clock):
+    busy_in_engine = set()
+    st = Store(tmp_path / "db.sqlite3", clock=clock, busy_sessions=lambda: busy_in_engine)
+    empty, kept, queued, marked = st.create(), st.create(), st.create(), st.create()
+    st.add_message(kept.id, "user", "hi")
+    busy_in_engine.add(queued.id)
+    clock.advance(30)
+    assert st.prune() == 0  # younger than 60 s
+    clock.advance(31)
+    with st.busy(marked.id):
+        assert len(st.list()) == 3  # list prunes: only `empty` goes
+    assert not st.exists(empty.id) and st.exists(queued.id) and st.exists(marked.id)
+    busy_in_engine.clear()
+    assert st.prune() == 2
+
+
+def test_busy_mark_of_a_dead_process_does_not_protect(tmp_path, clock):
+    st = Store(tmp_path / "db.sqlite3", clock=clock)
+    s = st.create()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    st._tx(lambda c: c.execute("INSERT INTO busy VALUES ('t', ?, ?, 0)", (s.id, int(dead.stdout))))
+    clock.advance(120)
+    assert st.prune() == 1
+
+
+def test_retention_only_when_configured(tmp_path, clock):
+    st = Store(tmp_path / "db.sqlite3", clock=clock)
+    s = st.create()
+    st.add_message(s.id, "user", "hi")
+    clock.advance(400 * 86400)
+    assert st.prune() == 0 and st.exists(s.id)
+    assert Store(tmp_path / "db.sqlite3", clock=clock, retention_days=30).exists(s.id) is False
+
+
+def test_export_import_round_trip(tmp_path, store):
+    s = store.create("exp", system_prompt="sys")
+    store.add_message(s.id, "user", "q", metadata={"cell": 1})
+    store.add_message(s.id, "assistant", "a", usage={"prompt_tokens": 3}, finish_reason="stop")
+    (path,) = store.export(tmp_path / "out", ["exp"])
+    assert path == (tmp_path / "out" / f"{s.id}.json").resolve()
+    doc = json.loads(path.read_text())
+    assert {"id", "profile_name", "created_at", "updated_at", "title", "messages"} <= set(doc)
+    assert set(doc["messages"][0]) >= {"id", "role", "content", "timestamp", "tool_calls", "tool_results"}
+    assert isinstance(doc["created_at"], float) and isinstance(doc["messages"][0]["timestamp"], float)
+
+    other = Store(tmp_path / "other.sqlite3")
+    (imported,) = other.import_(path)
+    again = other.import_(tmp_path / "out")  # idempotent
+    assert again[0].message_count == 2
+    assert [m.to_dict() for m in imported.messages] == [m.to_dict() for m in store.get(s.id).messages]
+    assert imported.name == "exp" and imported.system_prompt == "sys"
+
+    clash = Store(tmp_path / "clash.sqlite3")
+    clash.create("exp")
+    with pytest.raises(DuplicateNameError, match="exp"):
+        clash.import_(path)
+
+
+def test_export_all_writes_ids_not_names(tmp_path, store):
+    for name in ("a", "b"):
+        store.add_message(store.create(name).id, "user", "hi")
+    paths = store.export(tmp_path / "all")
+    assert len(paths) == 2 and all(SESSION_ID_RE.match(p.stem) for p in paths)
+    assert all(p.parent == (tmp_path / "all").resolve() for p in paths)
+
+
+def test_import_rejects_malformed_files(tmp_path, store):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InvalidRequestError, match="bad.json"):
+        store.import_(bad)
+    bad.write_text(json.dumps({"id": "../../etc/passwd", "messages": []}))
+    with pytest.raises(InvalidRequestError, match="id"):
+        store.import_(bad)
+
+
+def test_dataframes_are_typed(store):
+    s = store.create("df")
+    store.add_message(s.id, "user", "q")
+    store.add_message(s.id, "assistant", "a", usage={"prompt_tokens": 5, "completion_tokens": 7})
+    sessions = store.sessions_frame()
+    assert str(sessions["created_at"].dtype) == "datetime64[ns, UTC]"
+    assert sessions["message_count"].dtype == "int64" and sessions["ended"].dtype == bool
+    msgs = store.messages_frame("df")
+    assert isinstance(msgs["role"].dtype, pd.CategoricalDtype)
+    assert str(msgs["timestamp"].dtype) == "datetime64[ns, UTC]"
+    assert msgs["completion_tokens"].tolist() == [0, 7] and msgs["prompt_tokens"].dtype == "int64"
+
+
+def _spawn(db, session, n, tag):
+    return subprocess.Popen([sys.executable, "-m", "tests.store_worker", str(db), session, str(n), tag],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("writers", [2, 4])
+def test_concurrent_processes_lose_nothing(tmp_path, writers):
+    db = tmp_path / "db.sqlite3"
+    s = Store(db).create("shared")
+    procs = [_spawn(db, s.id, 40, f"w{i}") for i in range(writers)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    msgs = Store(db).get(s.id).messages
+    assert len(msgs) == writers * 40 == Store(db).get(s.id).message_count
+    for i in range(writers):
+        mine = [m.metadata["i"] for m in msgs if m.metadata["tag"] == f"w{i}"]
+        assert mine == list(range(40))  # each writer's order kept, nothing lost or doubled
+
+
+def test_writer_killed_mid_write_leaves_a_consistent_database(tmp_path):
+    db = tmp_path / "db.sqlite3"
+    s = Store(db).create("victim")
+    proc = _spawn(db, s.id, 100000, "k")
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    reopened = Store(db)
+    msgs = reopened.get(s.id).messages
+    assert len(msgs) >= 1 and len(msgs) == reopened.get(s.id).message_count
+    assert all(m.content == f"k:{m.metadata['i']}:" + "x" * 20000 for m in msgs)  # no partial message
+    reopened.add_message(s.id, "user", "still writable")
