@@ -15,7 +15,6 @@ llama-cpp-python's own prefix matching then evaluates only the new tokens.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import os
 import queue
@@ -23,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -121,7 +120,7 @@ class Generation:
     """
 
     def __init__(self, engine: "Engine", messages: list[dict], session_id: str | None,
-                 params: GenerationParams, source: str, max_context_messages: int | None = None):
+                 params: GenerationParams, source: str):
         self.engine = engine
         self.request_id = "req-" + uuid.uuid4().hex[:12]
         self.session_id = session_id
@@ -137,6 +136,7 @@ class Generation:
         self._cancel = threading.Event()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
+        self._error: BaseException | None = None
 
     # -- consumer side -------------------------------------------------------
     @property
@@ -170,10 +170,7 @@ class Generation:
                 except queue.Empty:
                     if time.monotonic() >= deadline and self.engine._withdraw(self, "timeout"):
                         finished = True
-                        raise QueueTimeoutError(
-                            f"Waited {self.engine.queue_timeout:.0f} s in the generation queue without being served "
-                            "(another generation is still running). Try again later or raise the queue timeout."
-                        )
+                        raise self._timeout_error()
             while True:
                 if kind == "error":
                     finished = True
@@ -194,15 +191,37 @@ class Generation:
                 yield payload
 
     def wait(self) -> GenerationResult:
-        """Consume the whole stream and return the result."""
-        for _ in self.events():
-            pass
+        """Block until the request ends and return its result (raising its error).
+
+        Unlike iterating, this does not wake the caller once per token, which
+        keeps a 2-core machine's cores for the model."""
+        deadline = self.submitted_mono + self.engine.queue_timeout
+        try:
+            while not self._done.wait(timeout=max(0.0, deadline - time.monotonic()) if self.state == "queued" else None):
+                if self.state == "queued" and self.engine._withdraw(self, "timeout"):
+                    raise self._timeout_error()
+        except BaseException:
+            if not self._done.is_set():
+                self.cancel()
+            raise
+        if self._error is not None:
+            raise self._error
         assert self.result is not None
         return self.result
 
+    def _timeout_error(self) -> QueueTimeoutError:
+        return QueueTimeoutError(
+            f"Waited {self.engine.queue_timeout:.0f} s in the generation queue without being served "
+            "(another generation is still running). Try again later or raise the queue timeout."
+        )
+
     # -- engine side ---------------------------------------------------------
     def _emit(self, kind: str, payload: Any = None) -> None:
+        if kind == "error":
+            self._error = payload
         self._events.put((kind, payload))
+        if kind in ("complete", "error"):
+            self._done.set()
 
 
 class _KVSnapshot:
@@ -336,7 +355,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._waits = {"count": 0, "total_ms": 0.0, "max_ms": 0.0, "queued": 0}
-        self._counter = itertools.count()
 
     # -- public API ------------------------------------------------------------
     @property
@@ -562,16 +580,15 @@ class Engine:
             return captured.kwargs
         raise OffgridError("The chat handler did not produce a prompt.")  # pragma: no cover
 
-    def _fit(self, llm, messages: list[dict], params: GenerationParams) -> tuple[dict, int]:
+    def _fit(self, llm, messages: list[dict], params: GenerationParams) -> dict:
         """Format the prompt, dropping the oldest turns (never the system prompt or
         the last message) until it leaves room for at least a short reply."""
         msgs = list(messages)
-        dropped = 0
         reserve = min(params.max_tokens, max(64, self.n_ctx // 8))
         while True:
             kwargs = self._format(llm, msgs, params)
             if len(kwargs["prompt"]) + reserve <= self.n_ctx:
-                return kwargs, dropped
+                return kwargs
             droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
             if not droppable:
                 raise ContextOverflowError(
@@ -579,7 +596,6 @@ class Engine:
                     f"allows with room for a reply. Shorten the message or raise n_ctx."
                 )
             del msgs[droppable[0]]
-            dropped += 1
 
     def _prepare_kv(self, llm, session_id: str | None, prompt: list[int]) -> int:
         """Put the best available KV state for this prompt in the context; return
@@ -628,10 +644,9 @@ class Engine:
         error: BaseException | None = None
         try:
             llm = self._load()
-            kwargs, _dropped = self._fit(llm, gen.messages, gen.params)
+            kwargs = self._fit(llm, gen.messages, gen.params)
             prompt_n = len(kwargs["prompt"])
             cached = self._prepare_kv(llm, gen.session_id, kwargs["prompt"])
-            vocab = llm._model.vocab
             sampled: list[int] = []
             real_generate = llm.generate
 
@@ -645,8 +660,7 @@ class Engine:
                         self._set_abort(False)  # prompt done: no per-node callback while decoding
                     if gen.cancelled:
                         return
-                    if not llama_cpp.llama_vocab_is_eog(vocab, tok):
-                        sampled.append(tok)
+                    sampled.append(tok)
                     yield tok
 
             self._set_abort(True)
@@ -669,7 +683,8 @@ class Engine:
             finally:
                 del llm.generate
                 self._set_abort(False)
-            completion_n = len(sampled)
+            # generation ends at the first end-of-generation token: only the last can be one
+            completion_n = len(sampled) - bool(sampled and llama_cpp.llama_vocab_is_eog(llm._model.vocab, sampled[-1]))
             if gen.cancelled:
                 finish = "cancelled"
         except Exception as exc:  # noqa: BLE001 - reported to the caller, engine survives

@@ -145,6 +145,7 @@ def m001_initial(conn: sqlite3.Connection) -> None:
             version INTEGER NOT NULL DEFAULT 0
         );
         CREATE INDEX sessions_updated ON sessions(updated_at DESC);
+        CREATE INDEX sessions_empty ON sessions(created_at) WHERE message_count = 0;
         CREATE TABLE messages (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             id TEXT NOT NULL UNIQUE,
@@ -341,12 +342,14 @@ class Store:
 
     @staticmethod
     def _message(row: sqlite3.Row) -> Message:
+        def load(text: str | None, empty: Any) -> Any:  # most rows hold the defaults: skip the parser
+            return empty if text is None or text in ("[]", "{}") else json.loads(text)
+
         return Message(
             id=row["id"], session_id=row["session_id"], role=row["role"], content=row["content"],
-            timestamp=row["timestamp"], tool_calls=json.loads(row["tool_calls"]),
-            tool_results=json.loads(row["tool_results"]),
-            usage=json.loads(row["usage"]) if row["usage"] else None, finish_reason=row["finish_reason"],
-            metadata=json.loads(row["metadata"]),
+            timestamp=row["timestamp"], tool_calls=load(row["tool_calls"], []),
+            tool_results=load(row["tool_results"], []), usage=json.loads(row["usage"]) if row["usage"] else None,
+            finish_reason=row["finish_reason"], metadata=load(row["metadata"], {}),
         )
 
     def _row(self, conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
