@@ -725,17 +725,24 @@ class Store:
         and, only when a retention period is configured, sessions idle longer than it."""
         now = self.clock()
 
-        def apply(conn: sqlite3.Connection) -> list[str]:
-            candidates = [r[0] for r in conn.execute(
+        def candidates(conn: sqlite3.Connection) -> list[str]:
+            ids = [r[0] for r in conn.execute(
                 "SELECT id FROM sessions WHERE message_count = 0 AND created_at < ?",
                 (now - self.prune_empty_after_s,))]
             if self.retention_days is not None:
-                candidates += [r[0] for r in conn.execute(
+                ids += [r[0] for r in conn.execute(
                     "SELECT id FROM sessions WHERE updated_at < ?", (now - self.retention_days * 86400,))]
-            if not candidates:
+            return ids
+
+        if not candidates(self._conn()):  # the usual case: a read, no write lock taken
+            return 0
+
+        def apply(conn: sqlite3.Connection) -> list[str]:
+            found = candidates(conn)  # again, inside the write transaction
+            if not found:
                 return []
             busy = self._busy_ids(conn)
-            doomed = sorted(set(candidates) - busy)
+            doomed = sorted(set(found) - busy)
             conn.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in doomed])
             return doomed
 
