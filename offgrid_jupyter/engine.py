@@ -164,8 +164,9 @@ class Generation:
                     last_pos = pos
                     yield ("queued", pos)
                 remaining = deadline - time.monotonic()
-                try:
-                    kind, payload = self._events.get(timeout=max(0.0, min(poll_interval, remaining)))
+                try:  # past the deadline a request that just started gets its events at poll pace
+                    kind, payload = self._events.get(timeout=min(poll_interval, remaining) if remaining > 0
+                                                     else poll_interval)
                     break
                 except queue.Empty:
                     if time.monotonic() >= deadline and self.engine._withdraw(self, "timeout"):
