@@ -127,7 +127,7 @@ def _statements(conn: sqlite3.Connection, script: str) -> None:
 
 
 def m001_initial(conn: sqlite3.Connection) -> None:
-    _statements(conn, 
+    _statements(conn,
         """
         CREATE TABLE sessions (
             id TEXT PRIMARY KEY,
@@ -166,7 +166,7 @@ def m001_initial(conn: sqlite3.Connection) -> None:
 
 def m002_busy_sessions(conn: sqlite3.Connection) -> None:
     """Sessions with a generation queued or running, per process (pruning skips them)."""
-    _statements(conn, 
+    _statements(conn,
         """
         CREATE TABLE busy (
             token TEXT PRIMARY KEY,
