@@ -14,5 +14,31 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError", "Store",
-    "get_engine", "get_store", "resolve_model", "__version__",
+    "get_engine", "get_store", "load_ipython_extension", "resolve_model", "unload_ipython_extension",
+    "__version__",
 ]
+
+_magics = None
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext offgrid_jupyter`` (or ``c.InteractiveShellApp.extensions``).
+
+    Registers the magics only; the engine and the model load on first use."""
+    global _magics
+    from .magics import OffgridMagics
+
+    unload_ipython_extension(ipython)
+    _magics = OffgridMagics(shell=ipython)
+    ipython.register_magics(_magics)
+    ipython.events.register("pre_run_cell", _magics.pre_run_cell)
+
+
+def unload_ipython_extension(ipython) -> None:
+    global _magics
+    if _magics is not None:
+        try:
+            ipython.events.unregister("pre_run_cell", _magics.pre_run_cell)
+        except ValueError:
+            pass
+        _magics = None

@@ -114,14 +114,16 @@ class Generation:
 
     ``events()`` yields ``(kind, payload)`` tuples: ``("queued", position)`` while
     waiting (again whenever the position changes), ``("start", None)``,
+    ``("loading", {model, size_bytes})`` when the model has to be loaded first,
     ``("token", delta)`` and finally ``("complete", GenerationResult)``. A failed
     request raises its error from the iterator after recording it. Closing the
     iterator early (or calling :meth:`cancel`) cancels the request.
     """
 
     def __init__(self, engine: "Engine", messages: list[dict], session_id: str | None,
-                 params: GenerationParams, source: str):
+                 params: GenerationParams, source: str, model: ModelInfo):
         self.engine = engine
+        self.model = model
         self.request_id = "req-" + uuid.uuid4().hex[:12]
         self.session_id = session_id
         self.messages = messages
@@ -156,22 +158,17 @@ class Generation:
     def events(self, poll_interval: float = 0.5) -> Iterator[tuple[str, Any]]:
         finished = False
         try:
-            deadline = self.submitted_mono + self.engine.queue_timeout
             last_pos = None
             while True:  # waiting in the queue
                 pos = self.position
                 if self.state == "queued" and pos != last_pos:
                     last_pos = pos
                     yield ("queued", pos)
-                remaining = deadline - time.monotonic()
-                try:  # past the deadline a request that just started gets its events at poll pace
-                    kind, payload = self._events.get(timeout=min(poll_interval, remaining) if remaining > 0
-                                                     else poll_interval)
+                try:
+                    kind, payload = self._events.get(timeout=self._queue_wait(poll_interval))
                     break
                 except queue.Empty:
-                    if time.monotonic() >= deadline and self.engine._withdraw(self, "timeout"):
-                        finished = True
-                        raise self._timeout_error()
+                    finished = self._check_deadline()
             while True:
                 if kind == "error":
                     finished = True
@@ -191,16 +188,48 @@ class Generation:
             if kind == "token":
                 yield payload
 
+    def batches(self, interval: float = 0.1) -> Iterator[list[tuple[str, Any]]]:
+        """Like :meth:`events`, but yields lists of events at most once per
+        *interval* (and at once when the request ends), so a consumer that
+        redraws a display is woken a few times a second, not once per token."""
+        finished = False
+        try:
+            last_pos = None
+            while True:
+                pos = self.position
+                if self.state == "queued" and pos != last_pos:
+                    last_pos = pos
+                    yield [("queued", pos)]
+                self._done.wait(self._queue_wait(interval))
+                batch = []
+                while True:
+                    try:
+                        batch.append(self._events.get_nowait())
+                    except queue.Empty:
+                        break
+                if not batch:
+                    finished = self._check_deadline()
+                    continue
+                for kind, payload in batch:
+                    if kind == "error":
+                        finished = True
+                        raise payload
+                finished = batch[-1][0] == "complete"
+                yield batch
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel()
+
     def wait(self) -> GenerationResult:
         """Block until the request ends and return its result (raising its error).
 
         Unlike iterating, this does not wake the caller once per token, which
         keeps a 2-core machine's cores for the model."""
-        deadline = self.submitted_mono + self.engine.queue_timeout
         try:
-            while not self._done.wait(timeout=max(0.0, deadline - time.monotonic()) if self.state == "queued" else None):
-                if self.state == "queued" and self.engine._withdraw(self, "timeout"):
-                    raise self._timeout_error()
+            while not self._done.wait(timeout=self._queue_wait(None)):
+                self._check_deadline()
         except BaseException:
             if not self._done.is_set():
                 self.cancel()
@@ -210,11 +239,26 @@ class Generation:
         assert self.result is not None
         return self.result
 
-    def _timeout_error(self) -> QueueTimeoutError:
-        return QueueTimeoutError(
-            f"Waited {self.engine.queue_timeout:.0f} s in the generation queue without being served "
-            "(another generation is still running). Try again later or raise the queue timeout."
-        )
+    def _queue_wait(self, interval: float | None) -> float | None:
+        """How long a waiter may block: *interval*, but never past the queue
+        deadline while queued. Past the deadline a request that has just
+        started is waited for at *interval* pace."""
+        if self.state != "queued":
+            return interval
+        remaining = self.submitted_mono + self.engine.queue_timeout - time.monotonic()
+        if remaining <= 0:
+            return interval if interval is not None else 0.05
+        return remaining if interval is None else min(interval, remaining)
+
+    def _check_deadline(self) -> bool:
+        """Raise QueueTimeoutError if the request is still queued past its deadline."""
+        if (self.state == "queued" and time.monotonic() >= self.submitted_mono + self.engine.queue_timeout
+                and self.engine._withdraw(self, "timeout")):
+            raise QueueTimeoutError(
+                f"Waited {self.engine.queue_timeout:.0f} s in the generation queue without being served "
+                "(another generation is still running). Try again later or raise the queue timeout."
+            )
+        return False
 
     # -- engine side ---------------------------------------------------------
     def _emit(self, kind: str, payload: Any = None) -> None:
@@ -345,7 +389,7 @@ class Engine:
         self._llm = None
         self._owner: str | None = None  # session whose conversation is in the context
         self._owner_dirty = False
-        self._reload = False
+        self._loaded: ModelInfo | None = None
         self._abort_flag = False
         self._abort_cb = None
         self._no_abort_cb = None
@@ -367,18 +411,19 @@ class Engine:
 
     @property
     def loaded(self) -> bool:
-        return self._llm is not None
+        """True when the configured model is the one in memory."""
+        return self._llm is not None and self._loaded == self._model
 
     def generate(self, messages: list[dict], *, session_id: str | None = None, source: str = "api",
-                 **params: Any) -> Generation:
-        """Queue a chat generation; returns a :class:`Generation` to iterate."""
+                 model: str | os.PathLike | None = None, **params: Any) -> Generation:
+        """Queue a chat generation; returns a :class:`Generation` to iterate.
+
+        *model* runs this one request on another GGUF (the engine reloads when
+        consecutive requests want different models)."""
         msgs = self._check_messages(messages)
-        merged = {**asdict(self.defaults), **{k: v for k, v in params.items() if v is not None}}
-        unknown = set(merged) - set(asdict(self.defaults))
-        if unknown:
-            raise InvalidRequestError(f"Unknown generation parameter(s): {', '.join(sorted(unknown))}.")
-        gen = Generation(self, msgs, session_id, GenerationParams(**merged).validate(), source)
-        self.model  # resolve now: a missing model is the caller's error, raised here, not in the thread
+        # resolve now: a missing model is the caller's error, raised here, not in the thread
+        info = resolve_model(model) if model else self.model
+        gen = Generation(self, msgs, session_id, self.params(**params), source, info)
         with self._cv:
             if self._closed:
                 raise OffgridError("The engine has been closed.")
@@ -392,6 +437,14 @@ class Engine:
             self._ensure_thread()
             self._cv.notify_all()
         return gen
+
+    def params(self, **overrides: Any) -> GenerationParams:
+        """The engine's defaults with *overrides* (None means default), validated."""
+        merged = {**asdict(self.defaults), **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = set(merged) - set(asdict(self.defaults))
+        if unknown:
+            raise InvalidRequestError(f"Unknown generation parameter(s): {', '.join(sorted(unknown))}.")
+        return GenerationParams(**merged).validate()
 
     def complete(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
         """Generate and wait; the blocking form of :meth:`generate`."""
@@ -442,8 +495,7 @@ class Engine:
         info = resolve_model(path)
         with self._cv:
             self.model_path = path
-            self._model = info
-            self._reload = True  # the engine thread drops the old Llama before its next request
+            self._model = info  # the engine thread swaps models before the next request
         return info
 
     def close(self) -> None:
@@ -522,10 +574,7 @@ class Engine:
                 gen.state = "running"
                 self._current = gen
                 self._abort_flag = gen.cancelled
-                reload, self._reload = self._reload, False
             try:
-                if reload:
-                    self._unload()
                 self._execute(gen)
             except BaseException:  # never let the engine thread die
                 log.exception("offgrid engine: unexpected failure")
@@ -535,12 +584,12 @@ class Engine:
                     self._abort_flag = False
 
     # -- the model ------------------------------------------------------------------
-    def _load(self):
-        if self._llm is not None:
+    def _load(self, info: ModelInfo):
+        if self._llm is not None and self._loaded == info:
             return self._llm
         import llama_cpp
 
-        info = self.model
+        self._unload()
         try:
             llm = llama_cpp.Llama(
                 model_path=str(info.path), n_ctx=self.n_ctx, n_batch=self.n_batch,
@@ -553,11 +602,13 @@ class Engine:
         self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: self._abort_flag)
         self._no_abort_cb = llama_cpp.ggml_abort_callback(0)
         self._llm = llm
+        self._loaded = info
         self._owner = None
         return llm
 
     def _unload(self) -> None:
         self._llm = None
+        self._loaded = None
         self._owner = None
         self.kv.clear()
 
@@ -644,7 +695,9 @@ class Engine:
         finish = "error"
         error: BaseException | None = None
         try:
-            llm = self._load()
+            if self._llm is None or self._loaded != gen.model:
+                gen._emit("loading", {"model": gen.model.name, "size_bytes": gen.model.size_bytes})
+            llm = self._load(gen.model)
             kwargs = self._fit(llm, gen.messages, gen.params)
             prompt_n = len(kwargs["prompt"])
             cached = self._prepare_kv(llm, gen.session_id, kwargs["prompt"])
@@ -720,12 +773,8 @@ class Engine:
             self._waits["max_ms"] = max(self._waits["max_ms"], wait_ms)
             self._waits["queued"] += wait_ms > QUEUED_THRESHOLD_MS
         tps = (completion - 1) / decode_s if completion > 1 and decode_s > 0 else 0.0
-        try:
-            model_name = self.model.name
-        except OffgridError:
-            model_name = str(self.model_path)
         return GenerationResult(
-            request_id=gen.request_id, session_id=gen.session_id, model=model_name, text=text,
+            request_id=gen.request_id, session_id=gen.session_id, model=gen.model.name, text=text,
             finish_reason=finish,
             usage={"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
                    "total_tokens": prompt + completion},

@@ -179,7 +179,22 @@ def m002_busy_sessions(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_busy_sessions]
+def m003_notebook_sessions(conn: sqlite3.Connection) -> None:
+    """Which session a notebook is using, so a restarted kernel continues it."""
+    _statements(conn,
+        """
+        CREATE TABLE notebook_sessions (
+            notebook TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX messages_cell ON messages(session_id, json_extract(metadata, '$.cell_id'))
+            WHERE role = 'user' AND json_extract(metadata, '$.cell_id') IS NOT NULL;
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_busy_sessions, m003_notebook_sessions]
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -582,14 +597,15 @@ class Store:
         self._forget(sid)
         return n
 
-    def replace_last_turn(self, ref: str, content: str, **fields: Any) -> Message:
-        """Atomically drop the last turn and store a new user message in its place."""
+    def replace_last_turn(self, ref: str, content: str, *, message_id: str | None = None, **fields: Any) -> Message:
+        """Atomically drop a turn (the last, or the one *message_id* starts) and
+        append a new user message; the conversation keeps execution order."""
         self._check_content("user", content)
         now = self.clock()
 
         def replace(conn: sqlite3.Connection) -> Message:
             sid = self._row(conn, ref)["id"]
-            turn = self._last_turn(conn, sid, None)
+            turn = self._last_turn(conn, sid, message_id)
             conn.executemany("DELETE FROM messages WHERE seq = ?", [(r["seq"],) for r in turn])
             if turn:
                 self._bump(conn, sid, now, -len(turn))
@@ -601,6 +617,39 @@ class Store:
 
     def messages(self, ref: str) -> list[Message]:
         return self.get(ref).messages or []
+
+    def cell_turn(self, ref: str, cell_id: str) -> str | None:
+        """Id of the newest user message a notebook cell stored in this session."""
+        conn = self._conn()
+        sid = self._row(conn, ref)["id"]
+        row = conn.execute(
+            "SELECT id FROM messages WHERE session_id = ? AND role = 'user' "
+            "AND json_extract(metadata, '$.cell_id') = ? ORDER BY seq DESC LIMIT 1", (sid, cell_id)).fetchone()
+        return row[0] if row else None
+
+    # -- notebooks -------------------------------------------------------------------------
+    def bind_notebook(self, notebook: str, ref: str) -> None:
+        """Remember that *notebook* (its path) uses this session."""
+        now = self.clock()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            sid = self._row(conn, ref)["id"]
+            conn.execute("INSERT INTO notebook_sessions VALUES (?, ?, ?) ON CONFLICT(notebook) DO UPDATE "
+                         "SET session_id = excluded.session_id, updated_at = excluded.updated_at",
+                         (notebook, sid, now))
+
+        self._tx(apply)
+
+    def notebook_session(self, notebook: str) -> Session | None:
+        """The session *notebook* used last, if it still exists."""
+        row = self._conn().execute("SELECT session_id FROM notebook_sessions WHERE notebook = ?",
+                                   (notebook,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return self.get(row[0], messages=False)
+        except SessionNotFoundError:
+            return None
 
     # -- lifetime (sliding idle TTL) -------------------------------------------------------------
     @property

@@ -49,9 +49,9 @@ def cstore(tmp_path, clock):
 def test_database_is_wal_with_recorded_migrations(store):
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.migrations() == ["m001_initial", "m002_busy_sessions"]
+    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions"]
     Store(store.path)  # reopening applies nothing twice
-    assert store.migrations() == ["m001_initial", "m002_busy_sessions"]
+    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions"]
 
 
 def test_data_dir_honours_offgrid_home(tmp_path, monkeypatch):
@@ -142,6 +142,33 @@ def test_replace_and_delete_turns(store):
     assert store.delete_turn(s.id, first_user.id) == 2
     assert [m.content for m in store.get(s.id).messages] == ["q2 again", "a2'"]
     assert store.get(s.id).message_count == 2 and new.role == "user"
+
+
+def test_a_cells_turn_is_found_and_replaced_in_execution_order(store):
+    s = store.create()
+    q1 = store.add_message(s.id, "user", "q1", metadata={"cell_id": "cell-a"})
+    store.add_message(s.id, "assistant", "a1")
+    store.add_message(s.id, "user", "q2", metadata={"cell_id": "cell-b"})
+    store.add_message(s.id, "assistant", "a2")
+    assert store.cell_turn(s.id, "cell-a") == q1.id
+    assert store.cell_turn(s.id, "cell-z") is None
+    again = store.replace_last_turn(s.id, "q1 again", message_id=q1.id, metadata={"cell_id": "cell-a"})
+    assert [m.content for m in store.get(s.id).messages] == ["q2", "a2", "q1 again"]
+    assert store.cell_turn(s.id, "cell-a") == again.id
+    assert store.get(s.id).message_count == 3
+
+
+def test_notebooks_remember_their_session_until_it_is_deleted(store):
+    assert store.notebook_session("/nb/a.ipynb") is None
+    s, t = store.create("first"), store.create("second")
+    store.bind_notebook("/nb/a.ipynb", s.id)
+    assert store.notebook_session("/nb/a.ipynb").id == s.id
+    store.bind_notebook("/nb/a.ipynb", "second")
+    assert store.notebook_session("/nb/a.ipynb").id == t.id
+    store.delete("second")
+    assert store.notebook_session("/nb/a.ipynb") is None
+    with pytest.raises(SessionNotFoundError):
+        store.bind_notebook("/nb/a.ipynb", "missing")
 
 
 def test_invalid_input_gives_distinct_errors(store):

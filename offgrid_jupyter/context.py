@@ -1,0 +1,119 @@
+"""What one kernel talks to: the engine, the store and its current session.
+
+The cell magic and the chat panel share one ``Context`` per kernel, so they
+share the engine, the store and the notion of "this notebook's session".
+
+A notebook's session is found again after a kernel restart through the
+notebook's path, which the kernel learns from Jupyter (``JPY_SESSION_NAME``,
+exposed by ipykernel as ``__session__``) or VS Code (``__vsc_ipynb_file__``).
+Without a path (plain IPython, ``jupyter execute``) a kernel starts a fresh,
+generated session; ``%offgrid use NAME`` picks any existing one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from pathlib import PurePath
+from typing import Any
+
+from .engine import Engine, get_engine
+from .errors import DuplicateNameError, SessionNotFoundError
+from .store import Session, Store, get_store
+
+
+def _notebook_stem(path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", PurePath(path).stem).strip("-._")
+    return stem[:56] or "notebook"
+
+
+class Context:
+    """One engine, one store and the current session of one kernel."""
+
+    def __init__(self, shell: Any = None, *, engine: Engine | None = None, store: Store | None = None):
+        self.shell = shell
+        self._engine = engine
+        self._store = store
+        self._current: str | None = None  # session id
+        self._current_spec: dict[str, Any] = {}  # name/system prompt, to re-create a pruned empty session
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = get_engine()
+        return self._engine
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = get_store()
+        return self._store
+
+    @property
+    def where(self) -> str:
+        return "in this kernel"
+
+    # -- the notebook ----------------------------------------------------------------
+    def notebook_path(self) -> str | None:
+        ns = getattr(self.shell, "user_ns", None) or {}
+        for value in (ns.get("__vsc_ipynb_file__"), ns.get("__session__"), os.environ.get("JPY_SESSION_NAME")):
+            if isinstance(value, str) and value.endswith(".ipynb"):
+                return value
+        return None
+
+    # -- the current session --------------------------------------------------------------
+    def current_session(self, *, create: bool = True, system_prompt: str | None = None) -> Session | None:
+        """This kernel's session: the one in use, else the notebook's last one, else a new one."""
+        store = self.store
+        if self._current is not None:
+            try:
+                return store.get(self._current, messages=False)
+            except SessionNotFoundError:  # deleted elsewhere, or pruned while still empty
+                self._current = None
+                if create and self._current_spec:
+                    return self._adopt(self._create(**self._current_spec))
+        notebook = self.notebook_path()
+        if notebook:
+            found = store.notebook_session(notebook)
+            if found is not None:
+                return self._adopt(found)
+        if not create:
+            return None
+        return self.new_session(None, system_prompt=system_prompt)
+
+    def use(self, ref: str) -> Session:
+        return self._adopt(self.store.get(ref, messages=False))
+
+    def new_session(self, name: str | None, *, system_prompt: str | None = None) -> Session:
+        """Create a session and make it current (named after the notebook when known)."""
+        if name is not None:
+            return self._adopt(self._create(name=name, system_prompt=system_prompt))
+        notebook = self.notebook_path()
+        base = _notebook_stem(notebook) if notebook else time.strftime("chat-%Y%m%d-%H%M%S")
+        candidates = [base] + [f"{base}-{i}" for i in range(2, 10)] + [f"{base}-{secrets.token_hex(3)}"]
+        for candidate in candidates:
+            try:
+                return self._adopt(self._create(name=candidate, system_prompt=system_prompt))
+            except DuplicateNameError:
+                continue
+        raise DuplicateNameError(f"Could not find a free session name starting with {base!r}.")
+
+    def forget(self, session_id: str) -> None:
+        """A session was deleted: stop using it."""
+        if self._current == session_id:
+            self._current, self._current_spec = None, {}
+
+    def _create(self, name: str | None, system_prompt: str | None) -> Session:
+        notebook = self.notebook_path()
+        return self.store.create(name, system_prompt=system_prompt,
+                                 metadata={"notebook": notebook} if notebook else None)
+
+    def _adopt(self, session: Session) -> Session:
+        self._current = session.id
+        self._current_spec = {"name": session.name, "system_prompt": session.system_prompt}
+        notebook = self.notebook_path()
+        if notebook:
+            self.store.bind_notebook(notebook, session.id)
+        return session

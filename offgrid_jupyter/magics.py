@@ -1,0 +1,462 @@
+"""``%%offgrid`` (the cell is the prompt) and ``%offgrid SUBCOMMAND``.
+
+Options are parsed with ``shlex`` and ``argparse``: quoting works, and a bad
+option is a short usage message (IPython's ``UsageError``). Expected failures
+(no model, unknown session, queue timeout, an interrupt) are one line, through
+IPython's ``_render_traceback_`` hook; the cell still fails, so "Run all" stops
+there as it should.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import keyword
+import re
+import shlex
+import string
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import display
+from traitlets import Bool, Enum, Float, Int, Unicode
+
+from .context import Context
+from .errors import OffgridError, SessionNotFoundError
+from .render import Conversation, Note, Reply, Table
+from .turns import ChatTurn, TurnResult
+
+FORMATS = ("markdown", "text", "code", "json")
+MB = 1 << 20
+
+
+class OffgridMagicError(Exception):
+    """An expected failure, shown as one line instead of a traceback."""
+
+    label = "offgrid"
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[1;31m{self.label}:\x1b[0m {self}"]
+
+
+class Interrupted(OffgridMagicError):
+    label = "interrupted"
+
+
+# -- interpolation ------------------------------------------------------------------
+_FIELD = re.compile(r"\{\{|\}\}|\{([^{}\n]+)\}")
+_formatter = string.Formatter()
+
+
+def interpolate(text: str, namespace: dict[str, Any]) -> str:
+    """Replace ``{expr}`` fields (``{df.shape}``, ``{In[3]}``, ``{x:.2f}``) from
+    *namespace*; a field that does not resolve is left as written, and
+    ``{{``/``}}`` give literal braces."""
+
+    def field(match: re.Match) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        try:
+            return _formatter.vformat(token, (), namespace)
+        except Exception:  # noqa: BLE001 - any unresolvable field stays as the user wrote it
+            return token
+
+    return _FIELD.sub(field, text)
+
+
+# -- reply post-processing ---------------------------------------------------------------
+_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def extract_code(text: str) -> str:
+    """The fenced code blocks of a reply joined together, else the whole reply."""
+    blocks = [body.strip("\n") for _lang, body in _FENCE.findall(text)]
+    return "\n\n".join(b for b in blocks if b.strip()) or text.strip()
+
+
+def parse_json(text: str) -> Any:
+    """Parse a reply as JSON (inside a code fence or not)."""
+    candidates = [text.strip()]
+    fenced = _FENCE.findall(text)
+    if fenced:
+        candidates.insert(0, fenced[0][1].strip())
+    first = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
+    last = max(text.rfind("}"), text.rfind("]"))
+    if 0 <= first < last:
+        candidates.append(text[first:last + 1])
+    error: json.JSONDecodeError | None = None
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except json.JSONDecodeError as exc:
+            error = error or exc
+    raise ValueError(f"{error.msg} (line {error.lineno} column {error.colno})" if error else "empty reply")
+
+
+# -- argument parsing ----------------------------------------------------------------
+class _HelpShown(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message}. `{self.prog} -h` lists the options.")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise _HelpShown
+
+
+def _identifier(value: str) -> str:
+    if not value.isidentifier() or keyword.iskeyword(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a valid Python variable name")
+    return value
+
+
+def _cell_parser() -> _Parser:
+    p = _Parser(prog="%%offgrid", description="The cell body is the prompt.")
+    p.add_argument("-s", "--session", metavar="NAME", help="session to use for this cell (id or name)")
+    p.add_argument("--new", action="store_true", help="start a new session (named by -s) and keep using it")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (stored on the session)")
+    p.add_argument("-t", "--temperature", type=float, help="sampling temperature, 0 = greedy")
+    p.add_argument("-n", "--max-tokens", type=int, help="longest reply, in tokens")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("-f", "--format", choices=FORMATS, help="how to show and return the reply")
+    p.add_argument("-o", "--output", metavar="VAR", type=_identifier, help="store the reply text in VAR")
+    p.add_argument("--no-stream", action="store_true", help="show the reply only when it is complete")
+    p.add_argument("--no-history", action="store_true", help="one-shot: no memory, nothing stored")
+    p.add_argument("--model", metavar="PATH", help="a GGUF file to answer this cell with")
+    p.add_argument("--no-interpolate", action="store_true", help="leave {name} fields as written")
+    return p
+
+
+SUBCOMMANDS = {
+    "help": "this help",
+    "status": "model, where it runs, queue, current session",
+    "sessions": "all sessions, newest first, as a DataFrame",
+    "use": "use session NAME for the following cells",
+    "new": "start a new session [NAME] [--system TEXT]",
+    "history": "show a session as a chat [NAME] [--last N]",
+    "rename": "rename session OLD to NEW",
+    "fork": "copy session NAME [as NEW]",
+    "delete": "delete session NAME",
+    "end": "mark session NAME as ended",
+    "export": "write NAME (or --all) as JSON into PATH",
+    "import": "read sessions from a JSON file or directory PATH",
+    "model": "show the model, or switch to the GGUF at PATH",
+    "stats": "queue and cache figures",
+    "chat": "open the chat panel (arrives with the panel)",
+    "connect": "use a Jupyter server's shared model (arrives with the server extension)",
+    "disconnect": "go back to the in-kernel model (arrives with the server extension)",
+}
+
+
+def _line_parser() -> _Parser:
+    p = _Parser(prog="%offgrid", add_help=False)
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, text in SUBCOMMANDS.items()}
+    parsers["sessions"].add_argument("--limit", type=int, default=None)
+    parsers["use"].add_argument("name")
+    parsers["new"].add_argument("name", nargs="?")
+    parsers["new"].add_argument("--system", metavar="TEXT")
+    parsers["history"].add_argument("name", nargs="?")
+    parsers["history"].add_argument("--last", type=int, metavar="N")
+    parsers["rename"].add_argument("old")
+    parsers["rename"].add_argument("new")
+    parsers["fork"].add_argument("name")
+    parsers["fork"].add_argument("new", nargs="?")
+    parsers["delete"].add_argument("name")
+    parsers["end"].add_argument("name")
+    parsers["export"].add_argument("--all", action="store_true")
+    parsers["export"].add_argument("args", nargs="+", metavar="NAME PATH")
+    parsers["import"].add_argument("path")
+    parsers["model"].add_argument("path", nargs="?")
+    parsers["chat"].add_argument("name", nargs="?")
+    parsers["connect"].add_argument("url", nargs="?")
+    parsers["connect"].add_argument("--token")
+    return p
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"Could not read the options ({exc}); check the quotes.") from None
+
+
+HELP = """**offgrid** — a local LLM in your notebook.
+
+```
+%%offgrid [-s NAME] [--new] [--system TEXT] [-t TEMP] [-n MAX_TOKENS] [--seed N]
+          [-f markdown|text|code|json] [-o VAR] [--no-stream] [--no-history]
+          [--model PATH] [--no-interpolate]
+<prompt; {name} is replaced from your variables, {{ and }} are literal braces>
+```
+
+| `%offgrid …` | |
+|---|---|
+""" + "\n".join(f"| `{k}` | {v} |" for k, v in SUBCOMMANDS.items())
+
+
+@magics_class
+class OffgridMagics(Magics):
+    """The magics; settings come from traitlets config (``c.OffgridMagics.…``)."""
+
+    max_tokens = Int(None, allow_none=True, help="Longest reply in tokens (None: the engine default, 512)."
+                     ).tag(config=True)
+    temperature = Float(None, allow_none=True, help="Sampling temperature (None: the engine default, 0.2)."
+                        ).tag(config=True)
+    system_prompt = Unicode(None, allow_none=True, help="System prompt for sessions the magic creates."
+                            ).tag(config=True)
+    format = Enum(FORMATS, default_value="markdown", help="Default reply format.").tag(config=True)
+    update_interval = Float(0.1, help="Seconds between redraws of a streaming reply.").tag(config=True)
+    rerun = Enum(("replace", "append"), default_value="replace",
+                 help="What re-running a cell does: replace the turn it made before, or append a new one."
+                 ).tag(config=True)
+    interpolate = Bool(True, help="Replace {name} fields in prompts from the user namespace.").tag(config=True)
+
+    def __init__(self, shell=None, context: Context | None = None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self.context = context or Context(shell)
+        self._cell_id: str | None = None
+        self._cell_parser, self._line_parser = _cell_parser(), _line_parser()
+
+    def pre_run_cell(self, info) -> None:
+        """IPython event: remember which notebook cell is running (for re-runs)."""
+        self._cell_id = getattr(info, "cell_id", None)
+
+    @line_cell_magic
+    def offgrid(self, line: str, cell: str | None = None):
+        """%%offgrid: ask the model (the cell is the prompt). %offgrid help: subcommands."""
+        try:
+            if cell is None:
+                return self._subcommand(line)
+            return self._ask(line, cell)
+        except _HelpShown:
+            return None
+        except OffgridError as exc:
+            raise OffgridMagicError(str(exc)) from None
+
+    # -- %%offgrid -------------------------------------------------------------------------
+    def _ask(self, line: str, cell: str) -> Any:
+        args = self._cell_parser.parse_args(_split(line))
+        if args.no_history and (args.session or args.new):
+            raise UsageError("--no-history keeps nothing, so it cannot be combined with -s/--session or --new.")
+        prompt = cell if args.no_interpolate or not self.interpolate else interpolate(cell, self.shell.user_ns)
+        prompt = prompt.strip()
+        if not prompt:
+            raise UsageError("The cell is empty: write the prompt on the lines below %%offgrid.")
+        fmt = args.format or self.format
+        params = {"max_tokens": args.max_tokens if args.max_tokens is not None else self.max_tokens,
+                  "temperature": args.temperature if args.temperature is not None else self.temperature,
+                  "seed": args.seed}
+        store = self.context.store
+        session_id = replace = None
+        if not args.no_history:
+            session = self._target_session(args)
+            session_id = session.id
+            if args.system is not None and args.system != session.system_prompt:
+                store.update(session_id, system_prompt=args.system)
+            if self._cell_id and self.rerun == "replace":
+                replace = store.cell_turn(session_id, self._cell_id)
+        turn = ChatTurn(self.context.engine, store, session_id, prompt, source="magic", params=params,
+                        system_prompt=args.system or self.system_prompt, model=args.model,
+                        metadata={"cell_id": self._cell_id} if self._cell_id else None,
+                        replace=replace, history=not args.no_history)
+        outcome = self._run(turn, fmt, stream=not args.no_stream)
+        return self._deliver(outcome, fmt, args.output)
+
+    def _target_session(self, args: argparse.Namespace):
+        ctx = self.context
+        if args.new:
+            return ctx.new_session(args.session, system_prompt=args.system or self.system_prompt)
+        if args.session:
+            try:
+                return ctx.store.get(args.session, messages=False)
+            except SessionNotFoundError:
+                raise SessionNotFoundError(
+                    f"No session {args.session!r}. `%offgrid sessions` lists them; "
+                    f"`%%offgrid --new -s {args.session}` starts one.") from None
+        return ctx.current_session(system_prompt=self.system_prompt)
+
+    def _run(self, turn: ChatTurn, fmt: str, *, stream: bool) -> TurnResult:
+        handle = display(Reply(format=fmt, status="waiting for the model…"), display_id=True) if stream else None
+        try:
+            if handle is not None:
+                self._stream(turn, fmt, handle)
+            outcome = turn.finish()
+        except KeyboardInterrupt:  # the kernel's Stop button: keep what was generated
+            turn.cancel()
+            outcome = turn.finish()
+        except BaseException:
+            turn.abort()
+            raise
+        final = self._final(outcome, fmt)
+        if handle is not None:
+            handle.update(final)
+        else:
+            display(final)
+        return outcome
+
+    def _stream(self, turn: ChatTurn, fmt: str, handle) -> None:
+        parts: list[str] = []
+        status: str | None = "waiting for the model…"
+        for batch in turn.generation.batches(self.update_interval):
+            for kind, payload in batch:
+                if kind == "token":
+                    parts.append(payload)
+                    status = None
+                elif kind == "queued":
+                    status = f"queued: position {payload} (another generation is running)" if payload else status
+                elif kind == "loading":
+                    status = f"loading {payload['model']} ({payload['size_bytes'] / MB:.0f} MB)…"
+                elif kind == "start":
+                    status = "thinking…"
+            if kind != "complete":
+                handle.update(Reply("".join(parts), format=fmt, status=status))
+
+    @staticmethod
+    def _final(outcome: TurnResult, fmt: str) -> Reply:
+        r = outcome.result
+        status = None
+        if r.finish_reason == "cancelled":
+            status = f"⏹ interrupted after {r.usage['completion_tokens']} tokens"
+        elif r.finish_reason == "length":
+            status = f"stopped at the {r.params['max_tokens']}-token limit (raise it with -n)"
+        elif not r.text.strip():
+            status = "the model returned an empty reply"
+        return Reply(r.text, format=fmt, status=status, done=True, metadata=outcome.provenance())
+
+    def _deliver(self, outcome: TurnResult, fmt: str, output: str | None) -> Any:
+        r = outcome.result
+        if output:
+            self.shell.user_ns[output] = r.text
+        if r.finish_reason == "cancelled":
+            where = (f"the partial reply is kept in session {outcome.session_name or outcome.session_id!r}"
+                     if outcome.reply else "nothing was generated, so the turn was not stored")
+            raise Interrupted(f"generation stopped after {r.usage['completion_tokens']} tokens; {where}.")
+        if fmt == "code" and r.text.strip():
+            self.shell.set_next_input(extract_code(r.text), replace=False)
+        if fmt == "json":
+            try:
+                return parse_json(r.text)
+            except ValueError as exc:
+                kept = f" The text is in {output}." if output else " Use -o VAR to keep the text."
+                raise OffgridMagicError(f"The reply is not valid JSON: {exc}.{kept}") from None
+        return None
+
+    # -- %offgrid SUBCOMMAND ---------------------------------------------------------------------
+    def _subcommand(self, line: str) -> Any:
+        words = _split(line)
+        if not words:
+            words = ["status"]
+        if words[0] not in SUBCOMMANDS and words[0] not in ("-h", "--help"):
+            raise UsageError(f"Unknown subcommand {words[0]!r}. Use one of: {', '.join(SUBCOMMANDS)}. "
+                             "To ask the model, use the cell magic %%offgrid.")
+        if words[0] in ("-h", "--help"):
+            words = ["help"]
+        args = self._line_parser.parse_args(words)
+        return getattr(self, "_cmd_" + args.command)(args)
+
+    def _cmd_help(self, args) -> Note:
+        return Note(HELP)
+
+    def _cmd_status(self, args) -> Table:
+        ctx = self.context
+        desc = ctx.engine.describe()
+        status = ctx.engine.status()
+        current = ctx.current_session(create=False)
+        rows: list[tuple[str, Any]] = []
+        if "error" in desc:
+            rows.append(("model", f"not available: {desc['error']}"))
+        else:
+            rows += [("model", desc["name"]), ("model file", f"{desc['path']} ({desc['size_bytes'] / MB:.0f} MB, "
+                                                            f"{desc['source']})"),
+                     ("loaded", "yes" if desc["loaded"] else "no (loads on the first prompt)"),
+                     ("runs", f"{ctx.where}: llama.cpp on CPU, {desc['n_threads']} threads, "
+                              f"{desc['n_ctx']}-token context")]
+        rows += [("generating", status["generating_session_id"] or "nothing"),
+                 ("queued", len(status["queued_session_ids"])),
+                 ("session", f"{current.name or current.id} ({current.message_count} messages)" if current
+                  else "none yet (created by the first %%offgrid cell)"),
+                 ("notebook", ctx.notebook_path() or "unknown to this kernel"),
+                 ("store", str(ctx.store.path))]
+        return Table("offgrid status", rows)
+
+    def _cmd_sessions(self, args):
+        frame = self.context.store.sessions_frame()
+        current = self.context.current_session(create=False)
+        frame.insert(2, "current", frame["id"] == (current.id if current else None))
+        return frame.head(args.limit) if args.limit else frame
+
+    def _cmd_use(self, args) -> Note:
+        s = self.context.use(args.name)
+        return Note(f"Using session `{s.name or s.id}` ({s.message_count} messages) for the following cells.")
+
+    def _cmd_new(self, args) -> Note:
+        s = self.context.new_session(args.name, system_prompt=args.system or self.system_prompt)
+        return Note(f"Started session `{s.name or s.id}`; the following cells go to it.")
+
+    def _cmd_history(self, args) -> Conversation | Note:
+        ctx = self.context
+        if args.name:
+            return Conversation(ctx.store.get(args.name), args.last)
+        current = ctx.current_session(create=False)
+        if current is None:
+            return Note("No session yet: the first `%%offgrid` cell starts one.")
+        return Conversation(ctx.store.get(current.id), args.last)
+
+    def _cmd_rename(self, args) -> Note:
+        s = self.context.store.rename(args.old, args.new)
+        return Note(f"Renamed `{args.old}` to `{s.name}`.")
+
+    def _cmd_fork(self, args) -> Note:
+        s = self.context.store.fork(args.name, name=args.new)
+        return Note(f"Forked `{args.name}` as `{s.name or s.id}` ({s.message_count} messages). "
+                    f"`%offgrid use {s.name or s.id}` to continue it.")
+
+    def _cmd_delete(self, args) -> Note:
+        store = self.context.store
+        sid = store.get(args.name, messages=False).id
+        store.delete(sid)
+        self.context.forget(sid)
+        return Note(f"Deleted session `{args.name}`.")
+
+    def _cmd_end(self, args) -> Note:
+        s = self.context.store.end(args.name)
+        return Note(f"Ended session `{s.name or s.id}`; it stays readable.")
+
+    def _cmd_export(self, args) -> Note:
+        if args.all != (len(args.args) == 1) or len(args.args) > 2:
+            raise UsageError("Usage: %offgrid export NAME PATH, or %offgrid export --all PATH.")
+        *refs, path = args.args
+        paths = self.context.store.export(path, None if args.all else refs)
+        return Note(f"Exported {len(paths)} session(s) to `{path}`.")
+
+    def _cmd_import(self, args) -> Note:
+        sessions = self.context.store.import_(args.path)
+        names = ", ".join(f"`{s.name or s.id}`" for s in sessions) or "nothing"
+        return Note(f"Imported {len(sessions)} session(s): {names}.")
+
+    def _cmd_model(self, args) -> Table | Note:
+        engine = self.context.engine
+        if args.path:
+            info = engine.switch_model(args.path)
+            return Note(f"Switched to `{info.name}` ({info.size_bytes / MB:.0f} MB); it loads on the next prompt.")
+        desc = engine.describe()
+        if "error" in desc:
+            raise OffgridMagicError(desc["error"])
+        return Table("model", [(k, v) for k, v in desc.items()])
+
+    def _cmd_stats(self, args) -> Table:
+        st = self.context.engine.stats()
+        rows = [(f"queue {k}", v) for k, v in st["queue"].items()]
+        rows += [(f"cache {k}", v) for k, v in st["cache"].items()]
+        return Table("offgrid stats (this kernel)", rows)
+
+    def _unavailable(self, args) -> None:
+        raise OffgridMagicError(f"`%offgrid {args.command}` is not available in this version: "
+                                f"{SUBCOMMANDS[args.command]}.")
+
+    _cmd_chat = _cmd_connect = _cmd_disconnect = _unavailable

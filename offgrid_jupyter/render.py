@@ -1,0 +1,114 @@
+"""Display objects for notebooks: a reply, a conversation, a key/value table, a note.
+
+Each one renders as Markdown (with a plain-text fallback) through IPython's
+rich display protocol; a reply carries its provenance in the output metadata.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from typing import Any
+
+from .store import Session
+
+CURSOR = "▌"
+
+
+def _blockquote(text: str) -> str:
+    return "\n".join("> " + html.escape(line) if line else ">" for line in text.splitlines())
+
+
+class Reply:
+    """A reply as it streams and when it is done (``format`` markdown, text, code or json)."""
+
+    def __init__(self, text: str = "", *, format: str = "markdown", status: str | None = None,
+                 done: bool = False, metadata: dict | None = None):
+        self.text, self.format, self.status, self.done = text, format, status, done
+        self.metadata = metadata
+
+    def _body(self) -> str:
+        text = self.text
+        if self.format == "json" and text and not text.lstrip().startswith("```"):
+            text = f"```json\n{text}\n```"
+        if not self.done and text:
+            text += CURSOR
+        return text
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        status = f"*{self.status}*" if self.status else ""
+        plain = "\n\n".join(p for p in (self.text, f"[{self.status}]" if self.status else "") if p)
+        data = {"text/plain": plain or "…"}
+        if self.format != "text":
+            data["text/markdown"] = "\n\n".join(p for p in (self._body(), status) if p) or "…"
+        return (data, {"offgrid": self.metadata}) if self.metadata else data
+
+
+class Conversation:
+    """A session rendered as a readable chat."""
+
+    def __init__(self, session: Session, last: int | None = None):
+        self.session = session
+        self.messages = list(session.messages or [])[-last:] if last else list(session.messages or [])
+
+    def _header(self) -> str:
+        s = self.session
+        label = s.name or s.id
+        extra = f" — {s.title}" if s.title and s.title != s.name else ""
+        shown = "" if len(self.messages) == s.message_count else f", last {len(self.messages)} shown"
+        return f"**Session `{label}`**{extra} · {s.message_count} messages{shown}" + (" · ended" if s.ended else "")
+
+    def _repr_markdown_(self) -> str:
+        parts = [self._header()]
+        if self.session.system_prompt:
+            parts.append(f"*System:* {html.escape(self.session.system_prompt)}")
+        for m in self.messages:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.timestamp))
+            if m.role == "user":
+                parts.append(f"**You** · {when}\n\n{_blockquote(m.content)}")
+            else:
+                model = m.metadata.get("model", m.role)
+                note = " · *interrupted*" if m.finish_reason == "cancelled" else ""
+                parts.append(f"**{model}** · {when}{note}\n\n{m.content}")
+        if not self.messages:
+            parts.append("*No messages yet.*")
+        return "\n\n---\n\n".join(parts)
+
+    def __repr__(self) -> str:
+        lines = [re.sub(r"[*`]", "", self._header())]
+        for m in self.messages:
+            lines.append(f"[{m.role}] {m.content}")
+        return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+class Table:
+    """A small key/value table (status, settings)."""
+
+    def __init__(self, title: str, rows: list[tuple[str, Any]]):
+        self.title, self.rows = title, rows
+
+    def _repr_markdown_(self) -> str:
+        body = "\n".join(f"| {k} | {_cell(v)} |" for k, v in self.rows)
+        return f"**{self.title}**\n\n| | |\n|---|---|\n{body}"
+
+    def __repr__(self) -> str:
+        width = max((len(k) for k, _ in self.rows), default=0)
+        return "\n".join([self.title] + [f"  {k.ljust(width)}  {v}" for k, v in self.rows])
+
+
+class Note:
+    """A one-line confirmation (``renamed a to b``)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def _repr_markdown_(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return re.sub(r"[*`]", "", self.text)
