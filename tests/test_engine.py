@@ -234,3 +234,25 @@ def test_threads_default_to_all_cores():
 
 def test_params_validation_defaults():
     assert GenerationParams().validate().max_tokens == 512
+
+
+def test_batches_group_tokens_and_end_with_the_result(engine):
+    gen = engine.generate(user("Count from one to twenty in words."), session_id="batch-1", max_tokens=60, **GREEDY)
+    batches = list(gen.batches(interval=0.2))
+    kinds = [k for batch in batches for k, _ in batch]
+    tokens = [p for batch in batches for k, p in batch if k == "token"]
+    assert kinds[-1] == "complete" and "start" in kinds
+    assert "".join(tokens) == gen.result.text
+    assert len(batches) < len(tokens)  # woken per interval, not per token
+
+
+def test_a_request_can_name_another_model_and_the_engine_switches_back(tmp_path, make_engine):
+    eng = make_engine()
+    other = tmp_path / "other-copy.gguf"
+    other.write_bytes(eng.model.path.read_bytes())
+    runs = [eng.generate(user("Hi."), max_tokens=4, model=model, **GREEDY) for model in (None, other, None)]
+    events = [list(gen.events()) for gen in runs]
+    assert [gen.result.model for gen in runs] == [eng.model.name, "other-copy", eng.model.name]
+    assert all(any(kind == "loading" for kind, _ in evs) for evs in events)  # each switch reloads
+    again = list(eng.generate(user("Hi."), max_tokens=4, **GREEDY).events())
+    assert not any(kind == "loading" for kind, _ in again) and eng.loaded
