@@ -350,6 +350,17 @@ class _CaptureLlama:
         raise _PromptCaptured(kwargs)
 
 
+class _NoRedirect:
+    def __init__(self, disable: bool = True):
+        pass
+
+    def __enter__(self) -> "_NoRedirect":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     if n == 0:
@@ -588,7 +599,16 @@ class Engine:
         if self._llm is not None and self._loaded == info:
             return self._llm
         import llama_cpp
+        import llama_cpp._internals
+        import llama_cpp.llama
 
+        # llama-cpp-python's quiet mode (verbose=False) swaps sys.stdout/stderr and
+        # file descriptors 1/2 for the whole process while it loads a model. From the
+        # engine thread that would swallow the kernel's own output meanwhile, and undo
+        # a redirect the user's code makes meanwhile. Its log messages are still
+        # filtered by level (verbose=False), which is all the quiet we need.
+        llama_cpp.llama.suppress_stdout_stderr = _NoRedirect
+        llama_cpp._internals.suppress_stdout_stderr = _NoRedirect
         self._unload()
         try:
             llm = llama_cpp.Llama(

@@ -256,3 +256,21 @@ def test_a_request_can_name_another_model_and_the_engine_switches_back(tmp_path,
     assert all(any(kind == "loading" for kind, _ in evs) for evs in events)  # each switch reloads
     again = list(eng.generate(user("Hi."), max_tokens=4, **GREEDY).events())
     assert not any(kind == "loading" for kind, _ in again) and eng.loaded
+
+
+def test_loading_a_model_leaves_the_callers_stdout_alone(make_engine):
+    # llama-cpp-python's quiet mode swaps sys.stdout (and fd 1) for the whole process
+    # while a model loads; done from the engine thread, that swallows the notebook's
+    # output meanwhile and undoes a redirect made meanwhile. After an engine load, its
+    # quiet-mode context manager must leave the streams alone.
+    import sys
+
+    import llama_cpp._internals
+    import llama_cpp.llama
+
+    eng = make_engine()
+    eng.complete(user("Hi."), max_tokens=2)
+    before_out, before_err = sys.stdout, sys.stderr
+    for module in (llama_cpp.llama, llama_cpp._internals):
+        with module.suppress_stdout_stderr(disable=False):
+            assert sys.stdout is before_out and sys.stderr is before_err

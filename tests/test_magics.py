@@ -283,3 +283,21 @@ def test_every_subcommand(sh, tmp_path):
     one_line_error(result, cap, "nosuch")
     result, cap = run("%offgrid export alpha")
     one_line_error(result, cap, "export NAME PATH")
+
+
+def test_a_queue_timeout_shows_the_wait_then_one_line_and_stores_nothing(make_engine, store):
+    from .test_engine import occupy
+
+    busy_engine = make_engine(queue_timeout=0.5)
+    shell = Shell(busy_engine, store)
+    try:
+        blocker, events = occupy(busy_engine)
+        session = shell.magics.context.current_session()
+        result, cap = shell.run("%%offgrid -n 5\nHi.")
+        events.close()
+        blocker.wait()
+        one_line_error(result, cap, "Waited 0 s in the generation queue")
+        assert any("queued: position 1" in o.data.get("text/markdown", "") for o in cap.outputs)
+        assert store.messages(session.id) == []
+    finally:
+        shell.close()
