@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .engine import Engine, Generation, GenerationParams, GenerationResult, get_engine
 from .errors import OffgridError
 from .models import resolve_model
+from .stats import stats, stats_frame
 from .store import Store, get_store
 
 try:
@@ -14,7 +15,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError", "Store",
-    "get_engine", "get_store", "load_ipython_extension", "resolve_model", "unload_ipython_extension",
+    "get_engine", "get_store", "load_ipython_extension", "resolve_model", "stats", "stats_frame",
+    "unload_ipython_extension",
     "__version__",
 ]
 
@@ -37,6 +39,7 @@ def load_ipython_extension(ipython) -> None:
 def unload_ipython_extension(ipython) -> None:
     global _magics
     if _magics is not None:
+        _magics.context.close()
         try:
             ipython.events.unregister("pre_run_cell", _magics.pre_run_cell)
         except ValueError:

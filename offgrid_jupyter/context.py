@@ -21,6 +21,7 @@ from typing import Any
 
 from .engine import Engine, get_engine
 from .errors import DuplicateNameError, SessionNotFoundError
+from .stats import RequestLog, attach
 from .store import Session, Store, get_store
 
 
@@ -36,13 +37,17 @@ class Context:
         self.shell = shell
         self._engine = engine
         self._store = store
+        self._log: RequestLog | None = None
         self._current: str | None = None  # session id
         self._current_spec: dict[str, Any] = {}  # name/system prompt, to re-create a pruned empty session
 
     @property
     def engine(self) -> Engine:
+        """The engine, with every request it serves recorded in the store (the stats)."""
         if self._engine is None:
             self._engine = get_engine()
+        if self._log is None:
+            self._log = attach(self._engine, self.store)
         return self._engine
 
     @property
@@ -50,6 +55,12 @@ class Context:
         if self._store is None:
             self._store = get_store()
         return self._store
+
+    def close(self) -> None:
+        """Stop recording this context's requests (tests; unloading the extension)."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     @property
     def where(self) -> str:

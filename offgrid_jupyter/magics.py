@@ -25,6 +25,7 @@ from traitlets import Bool, Enum, Float, Int, Unicode
 from .context import Context
 from .errors import OffgridError, SessionNotFoundError
 from .render import Conversation, Note, Reply, Table
+from .stats import stats_frame, summarize
 from .turns import ChatTurn, TurnResult
 
 FORMATS = ("markdown", "text", "code", "json")
@@ -145,7 +146,7 @@ SUBCOMMANDS = {
     "export": "write NAME (or --all) as JSON into PATH",
     "import": "read sessions from a JSON file or directory PATH",
     "model": "show the model, or switch to the GGUF at PATH",
-    "stats": "queue and cache figures",
+    "stats": "usage per model and session [--by session|model|hour|source] [-o VAR] [--since WHEN]",
     "chat": "open the chat panel (arrives with the panel)",
     "connect": "use a Jupyter server's shared model (arrives with the server extension)",
     "disconnect": "go back to the in-kernel model (arrives with the server extension)",
@@ -172,6 +173,12 @@ def _line_parser() -> _Parser:
     parsers["export"].add_argument("args", nargs="+", metavar="NAME PATH")
     parsers["import"].add_argument("path")
     parsers["model"].add_argument("path", nargs="?")
+    parsers["stats"].add_argument("--by", action="append", choices=("session", "model", "hour", "source"))
+    parsers["stats"].add_argument("-o", "--output", metavar="VAR", type=_identifier,
+                                  help="keep the per-request DataFrame in VAR")
+    parsers["stats"].add_argument("--since", metavar="WHEN", help="e.g. 2026-11-01 or '2026-11-23 09:00'")
+    parsers["stats"].add_argument("--session", metavar="NAME")
+    parsers["stats"].add_argument("--model", metavar="NAME")
     parsers["chat"].add_argument("name", nargs="?")
     parsers["connect"].add_argument("url", nargs="?")
     parsers["connect"].add_argument("--token")
@@ -449,11 +456,18 @@ class OffgridMagics(Magics):
             raise OffgridMagicError(desc["error"])
         return Table("model", [(k, v) for k, v in desc.items()])
 
-    def _cmd_stats(self, args) -> Table:
-        st = self.context.engine.stats()
-        rows = [(f"queue {k}", v) for k, v in st["queue"].items()]
-        rows += [(f"cache {k}", v) for k, v in st["cache"].items()]
-        return Table("offgrid stats (this kernel)", rows)
+    def _cmd_stats(self, args):
+        self.context.engine  # noqa: B018 - make sure this kernel's requests are being recorded
+        try:
+            frame = stats_frame(since=args.since, session=args.session, model=args.model, store=self.context.store)
+        except ValueError as exc:  # an unreadable --since
+            raise UsageError(f"--since {args.since!r}: {exc}") from None
+        if args.output:
+            self.shell.user_ns[args.output] = frame
+        if frame.empty:
+            return Note("No requests recorded yet" + (" for that selection." if args.since or args.session
+                                                      or args.model else ": the first `%%offgrid` cell makes one."))
+        return summarize(frame, args.by or ["model", "session"])
 
     def _unavailable(self, args) -> None:
         raise OffgridMagicError(f"`%offgrid {args.command}` is not available in this version: "

@@ -121,9 +121,13 @@ class Session:
 # -- migrations: named functions, applied once, recorded -------------------------------
 def _statements(conn: sqlite3.Connection, script: str) -> None:
     # not executescript(): it commits, and a migration must stay inside its transaction
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    statement = ""
+    for piece in script.split(";"):
+        statement += piece + ";"
+        if sqlite3.complete_statement(statement):  # a trigger body holds ';' of its own
+            if statement.strip(" \n;"):
+                conn.execute(statement)
+            statement = ""
 
 
 def m001_initial(conn: sqlite3.Connection) -> None:
@@ -194,7 +198,75 @@ def m003_notebook_sessions(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_busy_sessions, m003_notebook_sessions]
+def m004_requests(conn: sqlite3.Connection) -> None:
+    """One row per generation request (the stats), and running totals per model kept
+    by a trigger, so the stats document never scans the rows."""
+    _statements(conn,
+        """
+        CREATE TABLE requests (
+            request_id TEXT PRIMARY KEY,
+            started_at REAL NOT NULL,
+            session_id TEXT,
+            model TEXT NOT NULL,
+            source TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            queue_wait_ms REAL NOT NULL,
+            ttft_ms REAL,
+            total_ms REAL NOT NULL,
+            decode_ms REAL NOT NULL,
+            tokens_per_second REAL NOT NULL,
+            finish_reason TEXT NOT NULL,
+            error_type TEXT
+        );
+        CREATE INDEX requests_time ON requests(started_at);
+        CREATE INDEX requests_session ON requests(session_id, started_at);
+        CREATE INDEX requests_model_time ON requests(model, started_at);
+        CREATE INDEX requests_completed_total ON requests(model, total_ms, finish_reason)
+            WHERE finish_reason IN ('stop', 'length');
+        CREATE TABLE request_totals (
+            model TEXT PRIMARY KEY,
+            total_requests INTEGER NOT NULL DEFAULT 0,
+            completed INTEGER NOT NULL DEFAULT 0,
+            cancelled INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            completed_total_ms REAL NOT NULL DEFAULT 0,
+            ttft_count INTEGER NOT NULL DEFAULT 0,
+            ttft_ms REAL NOT NULL DEFAULT 0,
+            decode_tokens INTEGER NOT NULL DEFAULT 0,
+            decode_ms REAL NOT NULL DEFAULT 0,
+            last_used REAL
+        );
+        CREATE TRIGGER requests_totals AFTER INSERT ON requests BEGIN
+            INSERT OR IGNORE INTO request_totals (model) VALUES (NEW.model);
+            UPDATE request_totals SET
+                total_requests = total_requests + 1,
+                completed = completed + (NEW.finish_reason IN ('stop', 'length')),
+                cancelled = cancelled + (NEW.finish_reason = 'cancelled'),
+                errors = errors + (NEW.finish_reason = 'error'),
+                prompt_tokens = prompt_tokens + NEW.prompt_tokens,
+                cached_tokens = cached_tokens + NEW.cached_tokens,
+                completion_tokens = completion_tokens + NEW.completion_tokens,
+                completed_total_ms = completed_total_ms
+                    + CASE WHEN NEW.finish_reason IN ('stop', 'length') THEN NEW.total_ms ELSE 0 END,
+                ttft_count = ttft_count + (NEW.ttft_ms IS NOT NULL),
+                ttft_ms = ttft_ms + coalesce(NEW.ttft_ms, 0),
+                decode_tokens = decode_tokens + max(NEW.completion_tokens - 1, 0) * (NEW.decode_ms > 0),
+                decode_ms = decode_ms + NEW.decode_ms,
+                last_used = max(coalesce(last_used, 0), NEW.started_at)
+            WHERE model = NEW.model;
+        END;
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests,
+]
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -317,6 +389,14 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"Session database {self.path} is corrupt or unreadable: {exc}. "
                              "It was left untouched; restore a backup or move it aside.") from exc
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (for read queries of other modules, e.g. stats)."""
+        return self._conn()
+
+    def transaction(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run *fn(conn)* in one write transaction, retried while the database is locked."""
+        return self._tx(fn)
 
     def migrations(self) -> list[str]:
         return [r[0] for r in self._conn().execute("SELECT name FROM migrations ORDER BY rowid")]

@@ -10,6 +10,7 @@ from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
+from offgrid_jupyter.stats import requests_frame
 from offgrid_jupyter.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,9 @@ def test_streaming_through_a_kernel_and_rerun_by_cell_id(kernel, home):
     store = Store(home / "offgrid.sqlite3")
     session = store.get(meta["session_id"])
     assert len(session.messages) == 2 and "baker" in session.messages[0].content
+    requests = requests_frame(store)  # the kernel recorded both runs in the shared database
+    assert len(requests) == 2 and meta["request_id"] in set(requests["request_id"])
+    assert set(requests["source"]) == {"magic"}
 
 
 def test_interrupt_stops_generation_keeps_the_partial_reply_and_the_next_cell_runs(kernel, home):

@@ -31,6 +31,7 @@ class Shell:
         return result, cap
 
     def close(self):
+        self.magics.context.close()
         if self.magics.pre_run_cell in self.ip.events.callbacks["pre_run_cell"]:
             self.ip.events.unregister("pre_run_cell", self.magics.pre_run_cell)
         self.ip.config.OffgridMagics = type(self.ip.config)()
@@ -275,7 +276,15 @@ def test_every_subcommand(sh, tmp_path):
     result, cap = run("%offgrid model /nonexistent.gguf")
     one_line_error(result, cap, "Model file not found")
     result, _ = run("%offgrid stats")
-    assert dict(result.result.rows)["queue requests"] >= 1
+    summary = result.result
+    assert summary.index.names == ["model", "session"] and summary.loc[(slice(None), "alpha"), "requests"].sum() == 1
+    result, _ = run("%offgrid stats --by source -o reqs")
+    reqs = sh.ip.user_ns["reqs"]
+    assert list(result.result.index) == ["magic"] and result.result.loc["magic", "requests"] == len(reqs) == 1
+    result, cap = run("%offgrid stats --since yesterday-ish")
+    one_line_error(result, cap, "--since")
+    result, _ = run("%offgrid stats --model no-such-model")
+    assert "No requests recorded yet for that selection" in repr(result.result)
     for command in ("chat", "connect", "disconnect"):
         result, cap = run(f"%offgrid {command}")
         one_line_error(result, cap, "not available in this version")

@@ -49,9 +49,9 @@ def cstore(tmp_path, clock):
 def test_database_is_wal_with_recorded_migrations(store):
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions"]
+    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests"]
     Store(store.path)  # reopening applies nothing twice
-    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions"]
+    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests"]
 
 
 def test_data_dir_honours_offgrid_home(tmp_path, monkeypatch):

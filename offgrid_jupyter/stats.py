@@ -1,0 +1,394 @@
+"""Usage statistics: every request persisted, the stats document, DataFrames, Prometheus.
+
+Every generation request becomes one row of the ``requests`` table in the
+store's database, so the history survives restarts and the server and every
+kernel see the same data. A trigger keeps running totals per model, so the
+stats document reads a handful of rows (plus two index seeks per model for the
+percentiles) however many requests were recorded.
+
+Rows are written by a background thread, never by the engine thread (which
+must not wait on a database another process may be writing).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .engine import Engine
+from .store import SESSION_ID_RE, Store
+
+log = logging.getLogger(__name__)
+
+MB = 1 << 20
+START_TIME = time.time()  # this process's start, for the server section
+COLUMNS = ("request_id", "started_at", "session_id", "model", "source", "prompt_tokens", "cached_tokens",
+           "completion_tokens", "queue_wait_ms", "ttft_ms", "total_ms", "decode_ms", "tokens_per_second",
+           "finish_reason", "error_type")
+COMPLETED = "finish_reason IN ('stop', 'length')"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+psutil.cpu_percent(interval=None)  # start the CPU sampling window: later calls never block
+
+
+def _row(record: dict[str, Any]) -> tuple:
+    tps, completion = record["tokens_per_second"] or 0.0, record["completion_tokens"]
+    decode_ms = (completion - 1) / tps * 1000 if tps > 0 and completion > 1 else 0.0
+    values = {**record, "decode_ms": round(decode_ms, 3)}
+    return tuple(values[c] for c in COLUMNS)
+
+
+class _EngineCollector:
+    """Queue and KV-cache figures read from the engine at scrape time."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        st = self.engine.stats()
+        q, c = st["queue"], st["cache"]
+        yield GaugeMetricFamily("offgrid_queue_generating", "1 while a generation runs", value=int(q["generating"]))
+        yield GaugeMetricFamily("offgrid_queue_waiting", "Requests waiting in the queue", value=q["queued"])
+        yield GaugeMetricFamily("offgrid_kv_cache_entries", "Per-session KV snapshots held", value=c["entries"])
+        yield GaugeMetricFamily("offgrid_kv_cache_bytes", "Bytes held by KV snapshots", value=c["bytes"])
+        yield CounterMetricFamily("offgrid_kv_cache_hits", "Session switches that found a snapshot", value=c["hits"])
+        yield CounterMetricFamily("offgrid_kv_cache_misses", "Session switches without a snapshot",
+                                  value=c["misses"])
+        yield CounterMetricFamily("offgrid_kv_tokens_reused", "Prompt tokens not re-evaluated",
+                                  value=c["tokens_reused"])
+
+
+class RequestLog:
+    """An engine recorder: persists every request and feeds the Prometheus metrics."""
+
+    def __init__(self, engine: Engine, store: Store):
+        self.engine, self.store = engine, store
+        self.registry = CollectorRegistry()
+        self.requests = Counter("offgrid_requests", "Generation requests", ["model", "source", "finish_reason"],
+                                registry=self.registry)
+        self.tokens = Counter("offgrid_tokens", "Tokens processed", ["model", "kind"], registry=self.registry)
+        self.duration = Histogram("offgrid_request_duration_seconds", "Generation time of completed requests",
+                                  ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("offgrid_ttft_seconds", "Time to first token", ["model"], buckets=LATENCY_BUCKETS,
+                              registry=self.registry)
+        self.queue_wait = Histogram("offgrid_queue_wait_seconds", "Time spent waiting in the queue",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engine))
+        self._cv = threading.Condition()
+        self._buffer: list[tuple] = []
+        self._writing = 0
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        model = record["model"]
+        self.requests.labels(model, record["source"], record["finish_reason"]).inc()
+        for kind in ("prompt", "cached", "completion"):
+            self.tokens.labels(model, kind).inc(record[f"{kind}_tokens"])
+        if record["finish_reason"] in ("stop", "length"):
+            self.duration.labels(model).observe(record["total_ms"] / 1000)
+        if record["ttft_ms"] is not None:
+            self.ttft.labels(model).observe(record["ttft_ms"] / 1000)
+        self.queue_wait.observe(record["queue_wait_ms"] / 1000)
+        with self._cv:
+            self._buffer.append(_row(record))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="offgrid-stats", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        """Stop recording (what is recorded so far is written first)."""
+        self.flush()
+        with _attach_lock:
+            if self in self.engine.recorders:
+                self.engine.recorders.remove(self)
+            if self in _logs:
+                _logs.remove(self)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every recorded request is in the database."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._buffer and not self._writing, timeout)
+
+    def _run(self) -> None:
+        sql = f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._buffer)
+                batch, self._buffer = self._buffer, []
+                self._writing = len(batch)
+            try:
+                self.store.transaction(lambda conn: conn.executemany(sql, batch))
+            except Exception:  # the stats must never take the engine down
+                log.exception("offgrid stats: could not record %d request(s)", len(batch))
+            with self._cv:
+                self._writing = 0
+                self._cv.notify_all()
+
+    def metrics(self) -> bytes:
+        """The Prometheus text exposition of this process's engine."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+_attach_lock = threading.Lock()
+_logs: list[RequestLog] = []
+
+
+def attach(engine: Engine, store: Store) -> RequestLog:
+    """The engine's request log into *store* (created and registered once)."""
+    with _attach_lock:
+        for recorder in engine.recorders:
+            if isinstance(recorder, RequestLog) and recorder.store is store:
+                return recorder
+        request_log = RequestLog(engine, store)
+        engine.recorders.append(request_log)
+        _logs.append(request_log)
+        return request_log
+
+
+def flush(store: Store) -> None:
+    """Wait until this process's recorded requests are in *store*'s database."""
+    for request_log in list(_logs):
+        if request_log.store.path == store.path:
+            request_log.flush()
+
+
+# -- the public, in-process API ----------------------------------------------------------
+def stats(engine: Engine | None = None, store: Store | None = None) -> dict[str, Any]:
+    """``offgrid_jupyter.stats()``: the stats document of this process's engine."""
+    from .engine import get_engine
+    from .store import get_store
+
+    return stats_document(engine or get_engine(), store or get_store())
+
+
+def stats_frame(since: Any = None, until: Any = None, session: str | None = None, model: str | None = None, *,
+                store: Store | None = None):
+    """``offgrid_jupyter.stats_frame()``: one row per recorded request (all processes)."""
+    from .store import get_store
+
+    store = store or get_store()
+    flush(store)
+    return requests_frame(store, since=since, until=until, session=session, model=model)
+
+
+# -- the stats document -------------------------------------------------------------
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds") if ts else None
+
+
+def _human(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + [f"{minutes}m"] * bool(
+        days or hours or minutes)
+    return " ".join(parts + [f"{s}s"])
+
+
+PERCENTILE_SQL = ("SELECT total_ms FROM requests INDEXED BY requests_completed_total WHERE model = ? "
+                  f"AND {COMPLETED} ORDER BY total_ms {{order}} LIMIT 1 OFFSET ?")
+
+
+def _percentile(conn, model: str, n: int, p: float) -> float | None:
+    """Nearest-rank percentile of completed requests' total_ms, read from the index
+    (it steps over at most the rank's entries, from whichever end is closer)."""
+    if n == 0:
+        return None
+    rank = max(1, math.ceil(p * n)) - 1
+    order, offset = ("ASC", rank) if rank < n / 2 else ("DESC", n - 1 - rank)
+    row = conn.execute(PERCENTILE_SQL.format(order=order), (model, offset)).fetchone()
+    return round(row[0], 3) if row else None
+
+
+def inference_section(store: Store) -> dict[str, Any]:
+    conn = store.connection()
+    models: dict[str, Any] = {}
+    total_requests = total_tokens = completed = 0
+    completed_ms = 0.0
+    for r in conn.execute("SELECT * FROM request_totals ORDER BY model"):
+        n = r["completed"]
+        models[r["model"]] = {
+            "total_requests": r["total_requests"], "completed": n, "cancelled": r["cancelled"],
+            "errors": r["errors"], "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+            "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+            "cached_tokens": r["cached_tokens"],
+            "avg_response_ms": round(r["completed_total_ms"] / n, 3) if n else None,
+            "p50_response_ms": _percentile(conn, r["model"], n, 0.50),
+            "p95_response_ms": _percentile(conn, r["model"], n, 0.95),
+            "avg_ttft_ms": round(r["ttft_ms"] / r["ttft_count"], 3) if r["ttft_count"] else None,
+            "tokens_per_second": round(r["decode_tokens"] / (r["decode_ms"] / 1000), 3) if r["decode_ms"] else None,
+            "last_used": _iso(r["last_used"]),
+        }
+        total_requests += r["total_requests"]
+        total_tokens += r["prompt_tokens"] + r["completion_tokens"]
+        completed += n
+        completed_ms += r["completed_total_ms"]
+    return {"models": models, "aggregate": {
+        "total_requests": total_requests, "total_tokens": total_tokens,
+        "avg_response_ms": round(completed_ms / completed, 3) if completed else None, "model_count": len(models)}}
+
+
+def system_section() -> dict[str, Any]:
+    return {"os": f"{platform.system()} {platform.release()}", "arch": platform.machine(),
+            "cpu_cores": psutil.cpu_count(logical=True), "physical_cores": psutil.cpu_count(logical=False),
+            "total_memory_gb": round(psutil.virtual_memory().total / 1e9, 2),
+            "python": platform.python_version()}
+
+
+def resources_section() -> dict[str, Any]:
+    vm = psutil.virtual_memory()
+    return {"cpu_usage_percent": psutil.cpu_percent(interval=None),  # since the previous call: never blocks
+            "memory_used_mb": round(vm.used / MB, 1), "memory_usage_percent": vm.percent,
+            "process_rss_mb": round(psutil.Process().memory_info().rss / MB, 1)}
+
+
+def stats_document(engine: Engine, store: Store) -> dict[str, Any]:
+    """The OffGrid stats document for this process's engine and the shared store."""
+    from . import __version__
+
+    attach(engine, store).flush()
+    engine_stats = engine.stats()
+    q = engine_stats["queue"]
+    uptime = time.time() - START_TIME
+    try:
+        current_model = engine.model.name
+    except Exception:  # noqa: BLE001 - no model configured: the document still answers
+        current_model = None
+    return {
+        "server": {"uptime": _human(uptime), "uptime_seconds": round(uptime, 3), "start_time": _iso(START_TIME),
+                   "version": __version__, "current_model": current_model, "model_loaded": engine.loaded},
+        "inference": inference_section(store),
+        "system": system_section(),
+        "resources": resources_section(),
+        "cache": engine_stats["cache"],
+        "queue": {"generating": q["generating"], "queued": q["queued"], "total_waits": q["total_waits"],
+                  "requests": q["requests"], "avg_queue_wait_ms": q["avg_queue_wait_ms"],
+                  "max_queue_wait_ms": q["max_queue_wait_ms"]},
+        "sessions": store.session_stats(),
+        "rag": {"enabled": False},
+    }
+
+
+# -- DataFrames ----------------------------------------------------------------------------
+def _epoch(value: Any) -> float:
+    import pandas as pd
+
+    if isinstance(value, (int, float)):
+        return float(value)
+    ts = pd.Timestamp(value)
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return ts.timestamp()
+
+
+def requests_frame(store: Store, *, since: Any = None, until: Any = None, session: str | None = None,
+                   model: str | None = None):
+    """One row per recorded request, typed: UTC datetimes, int64 counts, float64
+    timings (NaN when there was no first token), categorical labels."""
+    import numpy as np
+    import pandas as pd
+
+    where, params = [], []
+    if since is not None:
+        where.append("started_at >= ?")
+        params.append(_epoch(since))
+    if until is not None:
+        where.append("started_at < ?")
+        params.append(_epoch(until))
+    if session is not None:
+        where.append("session_id = ?")
+        params.append(session if SESSION_ID_RE.match(session) else store.get(session, messages=False).id)
+    if model is not None:
+        where.append("model = ?")
+        params.append(model)
+    # Building one Python object per cell is the whole cost here, so: plain tuples, no
+    # JOIN, no ORDER BY, labels fetched as small integer codes (which Python does not
+    # allocate), and what can be derived (names, decode time, order) done in pandas.
+    cursor = store.connection().cursor()
+    cursor.row_factory = None
+    filters = (" WHERE " + " AND ".join(where)) if where else ""
+    labels = {c: [r[0] for r in cursor.execute(f"SELECT DISTINCT {c} FROM requests{filters}", params)]
+              for c in ("model", "source")}
+    labels["finish_reason"] = ["stop", "length", "cancelled", "error"]
+
+    def code(column: str) -> tuple[str, list]:
+        cases = " ".join(f"WHEN ? THEN {i}" for i in range(len(labels[column])))
+        return f"CASE {column} {cases} ELSE -1 END", labels[column]
+
+    coded = [code(c) for c in ("model", "source", "finish_reason")]
+    plain = ("request_id", "started_at", "session_id", "prompt_tokens", "cached_tokens", "completion_tokens",
+             "queue_wait_ms", "ttft_ms", "total_ms", "tokens_per_second", "error_type")
+    sql = f"SELECT {', '.join(plain)}, {', '.join(expr for expr, _ in coded)} FROM requests{filters}"
+    rows = cursor.execute(sql, [v for _, values in coded for v in values] + params).fetchall()
+    names = plain + ("model", "source", "finish_reason")
+    table = np.array(rows, dtype=object).reshape(len(rows), len(names))
+    col = {name: table[:, i] for i, name in enumerate(names)}
+    session_names = dict(cursor.execute("SELECT id, name FROM sessions WHERE name IS NOT NULL").fetchall())
+    session_ids = pd.array(col["session_id"], dtype="string")
+    ints = {c: col[c].astype("int64") for c in ("prompt_tokens", "cached_tokens", "completion_tokens")}
+    # float64 turns the None of a request without a first token into NaN
+    floats = {c: col[c].astype("float64") for c in ("queue_wait_ms", "ttft_ms", "total_ms", "tokens_per_second")}
+    completion, tps = ints["completion_tokens"], floats["tokens_per_second"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        decode_ms = np.where((tps > 0) & (completion > 1), (completion - 1) / tps * 1000, 0.0).round(3)
+
+    def categorical(column: str):
+        return pd.Categorical.from_codes(col[column].astype("int64"), categories=labels[column])
+
+    frame = pd.DataFrame({
+        "request_id": pd.array(col["request_id"], dtype="string"),
+        "started_at": pd.to_datetime(col["started_at"].astype("float64"), unit="s", utc=True),
+        "session_id": session_ids,
+        "session_name": pd.array(pd.Series(session_ids).map(session_names), dtype="string"),
+        "model": categorical("model"),
+        "source": categorical("source"),
+        **ints,
+        "queue_wait_ms": floats["queue_wait_ms"], "ttft_ms": floats["ttft_ms"], "total_ms": floats["total_ms"],
+        "decode_ms": decode_ms, "tokens_per_second": tps,
+        "finish_reason": categorical("finish_reason"),
+        "error_type": pd.Categorical(col["error_type"]),
+    })
+    if not frame["started_at"].is_monotonic_increasing:
+        frame = frame.sort_values("started_at", kind="stable", ignore_index=True)
+    return frame
+
+
+def summarize(frame, by: list[str] | str = ("model", "session")):
+    """Per-group figures of a requests frame: counts, tokens, latency, speed, waits."""
+    import pandas as pd
+
+    by = [by] if isinstance(by, str) else list(by)
+    f = frame.assign(
+        session=frame["session_name"].fillna(frame["session_id"]).fillna("(none)").astype(str),
+        hour=frame["started_at"].dt.floor("h"),
+        completed=frame["finish_reason"].isin(["stop", "length"]),
+        cancelled=frame["finish_reason"] == "cancelled",
+        errors=frame["finish_reason"] == "error",
+        decode_tokens=(frame["completion_tokens"] - 1).clip(lower=0).where(frame["decode_ms"] > 0, 0),
+    )
+    f["response_ms"] = f["total_ms"].where(f["completed"])
+    groups = f.groupby(by, observed=True, dropna=False)
+    out = groups.agg(
+        requests=("request_id", "size"), completed=("completed", "sum"), cancelled=("cancelled", "sum"),
+        errors=("errors", "sum"), prompt_tokens=("prompt_tokens", "sum"),
+        completion_tokens=("completion_tokens", "sum"), cached_tokens=("cached_tokens", "sum"),
+        avg_response_ms=("response_ms", "mean"), p50_response_ms=("response_ms", "median"),
+        p95_response_ms=("response_ms", lambda s: s.quantile(0.95)), avg_ttft_ms=("ttft_ms", "mean"),
+        avg_queue_wait_ms=("queue_wait_ms", "mean"), max_queue_wait_ms=("queue_wait_ms", "max"),
+        decode_tokens=("decode_tokens", "sum"), decode_ms=("decode_ms", "sum"),
+    )
+    out["tokens_per_second"] = (out.pop("decode_tokens") / (out.pop("decode_ms") / 1000)).where(
+        lambda s: s.notna() & (s != float("inf")))
+    return out.round(2) if not out.empty else pd.DataFrame(out)
