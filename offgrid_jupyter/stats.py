@@ -324,6 +324,8 @@ def requests_frame(store: Store, *, since: Any = None, until: Any = None, sessio
     labels["finish_reason"] = ["stop", "length", "cancelled", "error"]
 
     def code(column: str) -> tuple[str, list]:
+        if not labels[column]:  # no rows selected
+            return "-1", []
         cases = " ".join(f"WHEN ? THEN {i}" for i in range(len(labels[column])))
         return f"CASE {column} {cases} ELSE -1 END", labels[column]
 
