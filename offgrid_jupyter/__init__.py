@@ -23,6 +23,13 @@ __all__ = [
 _magics = None
 
 
+def _jupyter_server_extension_points():
+    """jupyter-server discovers the extension here (enabled by jupyter-config/)."""
+    from .server import OffgridApp
+
+    return [{"module": "offgrid_jupyter.server", "app": OffgridApp}]
+
+
 def load_ipython_extension(ipython) -> None:
     """``%load_ext offgrid_jupyter`` (or ``c.InteractiveShellApp.extensions``).
 
@@ -45,3 +52,10 @@ def unload_ipython_extension(ipython) -> None:
         except ValueError:
             pass
         _magics = None
+
+
+def _jupyter_server_extension_points():
+    """jupyter-server discovers the extension here (enabled by jupyter-config/)."""
+    from .server import OffgridApp
+
+    return [{"module": "offgrid_jupyter.server", "app": OffgridApp}]

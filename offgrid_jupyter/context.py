@@ -3,6 +3,12 @@
 The cell magic and the chat panel share one ``Context`` per kernel, so they
 share the engine, the store and the notion of "this notebook's session".
 
+Where the model runs: in this kernel (an in-process engine), or on the Jupyter
+server that started the kernel. Such a server puts ``OFFGRID_URL`` and a key in
+the environment its kernels inherit; a kernel then sends its turns there instead
+of loading a model of its own (``%offgrid disconnect`` or ``--local`` opt out,
+``%offgrid connect URL`` opts in). Either way the sessions are the same database.
+
 A notebook's session is found again after a kernel restart through the
 notebook's path, which the kernel learns from Jupyter (``JPY_SESSION_NAME``,
 exposed by ipykernel as ``__session__``) or VS Code (``__vsc_ipynb_file__``).
@@ -19,10 +25,13 @@ import time
 from pathlib import PurePath
 from typing import Any
 
+from .client import Client
 from .engine import Engine, get_engine
-from .errors import DuplicateNameError, SessionNotFoundError
+from .errors import DuplicateNameError, InvalidRequestError, SessionNotFoundError
+from .remote import RemoteTurn
 from .stats import RequestLog, attach
 from .store import Session, Store, get_store
+from .turns import ChatTurn
 
 
 def _notebook_stem(path: str) -> str:
@@ -33,10 +42,13 @@ def _notebook_stem(path: str) -> str:
 class Context:
     """One engine, one store and the current session of one kernel."""
 
-    def __init__(self, shell: Any = None, *, engine: Engine | None = None, store: Store | None = None):
+    def __init__(self, shell: Any = None, *, engine: Engine | None = None, store: Store | None = None,
+                 client: Client | None = None):
         self.shell = shell
         self._engine = engine
         self._store = store
+        self._client = client
+        self._local = False  # %offgrid disconnect: ignore the server from the environment
         self._log: RequestLog | None = None
         self._current: str | None = None  # session id
         self._current_spec: dict[str, Any] = {}  # name/system prompt, to re-create a pruned empty session
@@ -62,9 +74,45 @@ class Context:
             self._log.close()
             self._log = None
 
+    # -- where the model runs ----------------------------------------------------------
+    @property
+    def client(self) -> Client | None:
+        """The server this kernel's turns go to, or None for the in-kernel engine."""
+        if self._client is None and not self._local and os.environ.get("OFFGRID_URL"):
+            self._client = Client()
+        return self._client
+
+    def connect(self, url: str | None = None, token: str | None = None) -> Client:
+        with Client(url, token, max_retries=0) as probe:
+            probe.health()  # fail now, clearly, if it is not there or refuses the key
+        client = Client(url, token)
+        self._client, self._local = client, False
+        return client
+
+    def disconnect(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client, self._local = None, True
+
     @property
     def where(self) -> str:
-        return "in this kernel"
+        client = self.client
+        return f"on the Jupyter server ({client.base_url})" if client else "in this kernel"
+
+    def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], local: bool = False,
+                   system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
+                   replace: str | None = None) -> ChatTurn | RemoteTurn:
+        """A turn on the server's model when connected (unless *local*), else in this kernel."""
+        client = None if local else self.client
+        if client is not None:
+            if model:
+                raise InvalidRequestError("--model needs the in-kernel engine: the server's model is set by its "
+                                          "configuration. Add --local to load it in this kernel.")
+            return RemoteTurn(client, session_id, content, params=params, metadata=metadata, replace=replace,
+                              system_prompt=system_prompt)
+        return ChatTurn(self.engine, self.store, session_id, content, source="magic", params=params,
+                        system_prompt=system_prompt, model=model, metadata=metadata, replace=replace,
+                        history=session_id is not None)
 
     # -- the notebook ----------------------------------------------------------------
     def notebook_path(self) -> str | None:

@@ -155,13 +155,15 @@ class Generation:
         self._cancel.set()
         self.engine._withdraw(self, "cancelled")
 
-    def events(self, poll_interval: float = 0.5) -> Iterator[tuple[str, Any]]:
+    def events(self, poll_interval: float = 0.5, *, repeat_queued: bool = False) -> Iterator[tuple[str, Any]]:
+        """See the class docstring; *repeat_queued* repeats ``("queued", position)``
+        every *poll_interval* while waiting (a keep-alive for streaming clients)."""
         finished = False
         try:
             last_pos = None
             while True:  # waiting in the queue
                 pos = self.position
-                if self.state == "queued" and pos != last_pos:
+                if self.state == "queued" and (pos != last_pos or repeat_queued):
                     last_pos = pos
                     yield ("queued", pos)
                 try:

@@ -90,3 +90,34 @@ class DuplicateNameError(OffgridError):
 class ContentTooLargeError(OffgridError):
     code = "content_too_large"
     status = 413
+
+
+class ServerError(OffgridError):
+    """The offgrid server could not be reached, or answered with an error we have no class for."""
+
+    code = "server_error"
+    status = 502
+
+
+def from_response(status: int, payload: object) -> OffgridError:
+    """The error a server's ``{"error": {"message", "type", "code"}}`` body describes,
+    as the same class the server raised (so callers catch what they would locally)."""
+    err = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(err, dict):
+        return ServerError(f"The server answered HTTP {status} without an error body.")
+    message = str(err.get("message") or f"HTTP {status}")
+    cls = next((c for c in _all_errors() if c.__name__ == err.get("type")), None)
+    if cls is None:
+        exc = ServerError(message)
+        exc.status = status
+        return exc
+    return cls(message)
+
+
+def _all_errors() -> list[type]:
+    out, todo = [], [OffgridError]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out

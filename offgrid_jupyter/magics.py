@@ -26,6 +26,7 @@ from .context import Context
 from .errors import OffgridError, SessionNotFoundError
 from .render import Conversation, Note, Reply, Table
 from .stats import stats_frame, summarize
+from .remote import RemoteTurn
 from .turns import ChatTurn, TurnResult
 
 FORMATS = ("markdown", "text", "code", "json")
@@ -129,6 +130,7 @@ def _cell_parser() -> _Parser:
     p.add_argument("--no-history", action="store_true", help="one-shot: no memory, nothing stored")
     p.add_argument("--model", metavar="PATH", help="a GGUF file to answer this cell with")
     p.add_argument("--no-interpolate", action="store_true", help="leave {name} fields as written")
+    p.add_argument("--local", action="store_true", help="use the in-kernel model even when a server is connected")
     return p
 
 
@@ -148,8 +150,8 @@ SUBCOMMANDS = {
     "model": "show the model, or switch to the GGUF at PATH",
     "stats": "usage per model and session [--by session|model|hour|source] [-o VAR] [--since WHEN]",
     "chat": "open the chat panel (arrives with the panel)",
-    "connect": "use a Jupyter server's shared model (arrives with the server extension)",
-    "disconnect": "go back to the in-kernel model (arrives with the server extension)",
+    "connect": "use a Jupyter server's shared model [URL] [--token KEY] (default: OFFGRID_URL)",
+    "disconnect": "use a model loaded in this kernel instead of the server's",
 }
 
 
@@ -267,10 +269,10 @@ class OffgridMagics(Magics):
                 store.update(session_id, system_prompt=args.system)
             if self._cell_id and self.rerun == "replace":
                 replace = store.cell_turn(session_id, self._cell_id)
-        turn = ChatTurn(self.context.engine, store, session_id, prompt, source="magic", params=params,
-                        system_prompt=args.system or self.system_prompt, model=args.model,
-                        metadata={"cell_id": self._cell_id} if self._cell_id else None,
-                        replace=replace, history=not args.no_history)
+        turn = self.context.start_turn(session_id, prompt, params=params, local=args.local,
+                                       system_prompt=args.system or self.system_prompt, model=args.model,
+                                       metadata={"cell_id": self._cell_id} if self._cell_id else None,
+                                       replace=replace)
         outcome = self._run(turn, fmt, stream=not args.no_stream)
         return self._deliver(outcome, fmt, args.output)
 
@@ -287,7 +289,7 @@ class OffgridMagics(Magics):
                     f"`%%offgrid --new -s {args.session}` starts one.") from None
         return ctx.current_session(system_prompt=self.system_prompt)
 
-    def _run(self, turn: ChatTurn, fmt: str, *, stream: bool) -> TurnResult:
+    def _run(self, turn: ChatTurn | RemoteTurn, fmt: str, *, stream: bool) -> TurnResult:
         handle = display(Reply(format=fmt, status="waiting for the model…"), display_id=True) if stream else None
         try:
             if handle is not None:
@@ -306,7 +308,7 @@ class OffgridMagics(Magics):
             display(final)
         return outcome
 
-    def _stream(self, turn: ChatTurn, fmt: str, handle) -> None:
+    def _stream(self, turn: ChatTurn | RemoteTurn, fmt: str, handle) -> None:
         parts: list[str] = []
         status: str | None = "waiting for the model…"
         for batch in turn.generation.batches(self.update_interval):
@@ -369,10 +371,15 @@ class OffgridMagics(Magics):
     def _cmd_help(self, args) -> Note:
         return Note(HELP)
 
+    def _model_status(self) -> tuple[dict, dict]:
+        client = self.context.client
+        if client is not None:
+            return client.models()["current"], client.generation_status()
+        return self.context.engine.describe(), self.context.engine.status()
+
     def _cmd_status(self, args) -> Table:
         ctx = self.context
-        desc = ctx.engine.describe()
-        status = ctx.engine.status()
+        desc, status = self._model_status()
         current = ctx.current_session(create=False)
         rows: list[tuple[str, Any]] = []
         if "error" in desc:
@@ -447,11 +454,14 @@ class OffgridMagics(Magics):
         return Note(f"Imported {len(sessions)} session(s): {names}.")
 
     def _cmd_model(self, args) -> Table | Note:
-        engine = self.context.engine
         if args.path:
-            info = engine.switch_model(args.path)
+            if self.context.client is not None:
+                raise OffgridMagicError("This kernel uses the Jupyter server's model, which its configuration "
+                                        "sets (c.OffgridApp.model_path). `%offgrid disconnect` to use a model "
+                                        "of your own in this kernel.")
+            info = self.context.engine.switch_model(args.path)
             return Note(f"Switched to `{info.name}` ({info.size_bytes / MB:.0f} MB); it loads on the next prompt.")
-        desc = engine.describe()
+        desc, _ = self._model_status()
         if "error" in desc:
             raise OffgridMagicError(desc["error"])
         return Table("model", [(k, v) for k, v in desc.items()])
@@ -473,4 +483,12 @@ class OffgridMagics(Magics):
         raise OffgridMagicError(f"`%offgrid {args.command}` is not available in this version: "
                                 f"{SUBCOMMANDS[args.command]}.")
 
-    _cmd_chat = _cmd_connect = _cmd_disconnect = _unavailable
+    _cmd_chat = _unavailable
+
+    def _cmd_connect(self, args) -> Note:
+        client = self.context.connect(args.url, args.token)
+        return Note(f"Connected: `%%offgrid` cells now use the model of the server at {client.base_url}.")
+
+    def _cmd_disconnect(self, args) -> Note:
+        self.context.disconnect()
+        return Note("Disconnected: `%%offgrid` cells use a model loaded in this kernel.")

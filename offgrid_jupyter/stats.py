@@ -35,6 +35,10 @@ COLUMNS = ("request_id", "started_at", "session_id", "model", "source", "prompt_
            "completion_tokens", "queue_wait_ms", "ttft_ms", "total_ms", "decode_ms", "tokens_per_second",
            "finish_reason", "error_type")
 COMPLETED = "finish_reason IN ('stop', 'length')"
+FINISH_REASONS = ["stop", "length", "cancelled", "error"]
+STRING_COLUMNS = ("request_id", "session_id", "session_name")
+INT_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens")
+FLOAT_COLUMNS = ("queue_wait_ms", "ttft_ms", "total_ms", "decode_ms", "tokens_per_second")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 psutil.cpu_percent(interval=None)  # start the CPU sampling window: later calls never block
@@ -321,7 +325,7 @@ def requests_frame(store: Store, *, since: Any = None, until: Any = None, sessio
     filters = (" WHERE " + " AND ".join(where)) if where else ""
     labels = {c: [r[0] for r in cursor.execute(f"SELECT DISTINCT {c} FROM requests{filters}", params)]
               for c in ("model", "source")}
-    labels["finish_reason"] = ["stop", "length", "cancelled", "error"]
+    labels["finish_reason"] = FINISH_REASONS
 
     def code(column: str) -> tuple[str, list]:
         if not labels[column]:  # no rows selected
@@ -365,6 +369,28 @@ def requests_frame(store: Store, *, since: Any = None, until: Any = None, sessio
     if not frame["started_at"].is_monotonic_increasing:
         frame = frame.sort_values("started_at", kind="stable", ignore_index=True)
     return frame
+
+
+def typed_frame(columns: list[str], data: list[list]):
+    """A requests frame rebuilt from JSON rows (what the server's route sends)."""
+    import pandas as pd
+
+    raw = pd.DataFrame(data, columns=columns)
+    out = {}
+    for c in columns:
+        if c == "started_at":
+            out[c] = pd.to_datetime(raw[c], utc=True, format="ISO8601")
+        elif c in STRING_COLUMNS:
+            out[c] = raw[c].astype("string")
+        elif c in INT_COLUMNS:
+            out[c] = raw[c].astype("int64")
+        elif c in FLOAT_COLUMNS:
+            out[c] = raw[c].astype("float64")
+        elif c == "finish_reason":
+            out[c] = pd.Categorical(raw[c], categories=FINISH_REASONS)
+        else:
+            out[c] = pd.Categorical(raw[c])
+    return pd.DataFrame(out, columns=columns)
 
 
 def summarize(frame, by: list[str] | str = ("model", "session")):

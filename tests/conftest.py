@@ -1,5 +1,7 @@
 import pytest
 
+pytest_plugins = ["pytest_jupyter.jupyter_server"]  # jp_fetch and a real in-process Jupyter server
+
 from offgrid_jupyter.engine import Engine
 from offgrid_jupyter.store import Store
 

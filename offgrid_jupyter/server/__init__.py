@@ -1,0 +1,81 @@
+"""The jupyter-server extension: one engine and one store for every notebook on a server.
+
+Enabled on install by ``jupyter-config/jupyter_server_config.d/offgrid_jupyter.json``.
+Kernels started by this server inherit ``OFFGRID_URL``, ``OFFGRID_API_KEY`` (a key
+made for this server start) and ``OFFGRID_HOME``, so their ``%%offgrid`` cells use
+the server's model and the same session database instead of loading their own.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.utils import url_path_join
+from traitlets import Bool, Float, Int, Unicode, default
+
+from ..engine import MB, Engine
+from ..stats import attach
+from ..store import DB_FILENAME, Store, data_dir
+from .handlers import handlers
+from .state import ServerState
+
+
+class OffgridApp(ExtensionApp):
+    """offgrid-jupyter's server extension (``c.OffgridApp.…``)."""
+
+    name = "offgrid_jupyter"
+    load_other_extensions = True
+
+    model_path = Unicode(None, allow_none=True, help="GGUF file (default: OFFGRID_MODEL, else the embedded "
+                         "SmolLM2-135M-Instruct).").tag(config=True)
+    n_ctx = Int(4096, help="Context size in tokens.").tag(config=True)
+    n_threads = Int(None, allow_none=True, help="CPU threads (default: every core the server may use)."
+                    ).tag(config=True)
+    queue_timeout = Float(1800.0, help="Seconds a request may wait in the queue (then 503).").tag(config=True)
+    max_queue = Int(64, help="Requests that may wait at once (then 503).").tag(config=True)
+    kv_cache_mb = Float(512.0, help="Memory for per-session KV snapshots, MB.").tag(config=True)
+    api_key = Unicode(None, allow_none=True, help="Also accept `Authorization: Bearer <key>` "
+                      "(default: OFFGRID_API_KEY). Jupyter's own authentication always works.").tag(config=True)
+    data_dir = Unicode(help="Where the session database lives (default: OFFGRID_HOME, else "
+                       "<jupyter data dir>/offgrid).").tag(config=True)
+    preload = Bool(False, help="Load the model at start-up instead of on the first chat.").tag(config=True)
+    share_with_kernels = Bool(True, help="Kernels started by this server use its model.").tag(config=True)
+    max_body_bytes = Int(2 * MB, help="Largest request body accepted (then 413).").tag(config=True)
+
+    @default("api_key")
+    def _default_api_key(self):
+        return os.environ.get("OFFGRID_API_KEY") or None
+
+    @default("data_dir")
+    def _default_data_dir(self):
+        return str(data_dir())
+
+    def initialize_settings(self) -> None:
+        home = Path(self.data_dir).expanduser()
+        engine = Engine(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                        queue_timeout=self.queue_timeout, max_queue=self.max_queue,
+                        kv_cache_bytes=int(self.kv_cache_mb * MB))
+        store = Store(home / DB_FILENAME, busy_sessions=engine.busy_session_ids)
+        kernel_key = secrets.token_urlsafe(32)
+        self.state = ServerState(engine=engine, store=store, request_log=attach(engine, store),
+                                 api_key=self.api_key, kernel_key=kernel_key, max_body_bytes=self.max_body_bytes,
+                                 log=self.log)
+        self.settings["offgrid_state"] = self.state
+        if self.share_with_kernels:
+            # kernels copy the server's environment when they start
+            os.environ["OFFGRID_URL"] = url_path_join(self.serverapp.connection_url, "offgrid/v1/")
+            os.environ["OFFGRID_API_KEY"] = kernel_key
+            os.environ["OFFGRID_HOME"] = str(home)
+        if self.preload:
+            engine.complete([{"role": "user", "content": "Hi."}], max_tokens=1, source="preload")
+        self.log.info("offgrid: model %s, sessions in %s", engine.describe().get("path"), store.path)
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(handlers())
+
+    async def stop_extension(self) -> None:
+        self.state.request_log.close()
+        self.state.engine.close()

@@ -1,0 +1,223 @@
+"""The /offgrid/v1 routes through a real in-process Jupyter server (pytest-jupyter's jp_fetch)."""
+
+import asyncio
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tornado.httpclient import HTTPClientError
+
+from offgrid_jupyter.stats import stats_document
+
+API_KEY = "test-api-key-0123456789"
+GREEDY = {"temperature": 0, "seed": 42}
+
+
+@pytest.fixture
+def jp_server_config(tmp_path):
+    return {
+        "ServerApp": {"jpserver_extensions": {"offgrid_jupyter": True}},
+        # share_with_kernels=False: this server runs inside pytest; its environment must stay ours
+        "OffgridApp": {"data_dir": str(tmp_path / "offgrid"), "n_ctx": 2048, "api_key": API_KEY,
+                       "share_with_kernels": False, "max_body_bytes": 64 * 1024},
+    }
+
+
+@pytest.fixture
+def state(jp_serverapp):
+    return jp_serverapp.web_app.settings["offgrid_state"]
+
+
+@pytest.fixture
+def api(jp_fetch):
+    """Call a route; returns (status, decoded body) for errors too."""
+
+    async def call(method, path, body=None, headers=None, raw=None, expect_json=True, **params):
+        kwargs = {"method": method, "headers": headers or {}, "params": params or None}
+        if method in ("POST", "PUT", "PATCH"):
+            kwargs["body"] = raw if raw is not None else json.dumps(body if body is not None else {})
+        try:
+            response = await jp_fetch("offgrid", *path.split("/"), **kwargs)
+        except HTTPClientError as exc:
+            response = exc.response
+        text = response.body.decode() if response.body else ""
+        return response.code, (json.loads(text) if text and expect_json else text), response.headers
+
+    return call
+
+
+def sse_events(text):
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields.get("event"), json.loads(fields["data"]) if fields["data"] != "[DONE]" else None))
+    return events
+
+
+async def test_health_models_and_openapi(api):
+    code, body, _ = await api("GET", "v1/health")
+    assert code == 200 and body["status"] == "ok" and body["model_loaded"] is False  # lazy
+    code, body, _ = await api("GET", "v1/models")
+    assert code == 200 and body["current"]["name"] == body["default"]["name"] == "SmolLM2-135M-Instruct.Q4_1"
+    code, doc, _ = await api("GET", "v1/openapi.json")
+    assert code == 200 and doc["openapi"].startswith("3.")
+    assert {"/sessions", "/sessions/{ref}/chat", "/chat/completions", "/stats"} <= set(doc["paths"])
+
+
+async def test_session_routes_and_their_errors(api):
+    code, body, _ = await api("GET", "v1/sessions")
+    assert (code, body["sessions"]) == (200, [])  # an empty list, never null
+    code, created, _ = await api("POST", "v1/sessions", {"name": "alpha", "system_prompt": "Be brief."})
+    assert code == 201 and created["name"] == "alpha" and created["messages"] == []
+    code, body, _ = await api("POST", "v1/sessions", {"name": "alpha"})
+    assert code == 409 and body["error"]["code"] == "duplicate_name"
+    for bad, kind in (({"name": "has space"}, "InvalidNameError"), ({"name": 5}, "InvalidRequestError"),
+                      ([1, 2], "InvalidRequestError")):
+        code, body, _ = await api("POST", "v1/sessions", bad)
+        assert code == 400 and body["error"]["type"] == kind and body["error"]["message"]
+    code, body, _ = await api("POST", "v1/sessions", raw="{not json")
+    assert code == 400 and "not valid JSON" in body["error"]["message"]
+    code, body, _ = await api("POST", "v1/sessions", raw=json.dumps({"name": "x" * 70_000}))
+    assert code == 413 and body["error"]["code"] == "content_too_large"
+    code, body, _ = await api("GET", "v1/sessions", limit="many")
+    assert code == 400
+    code, msg, _ = await api("POST", "v1/sessions/alpha/messages", {"role": "user", "content": "hello"})
+    assert code == 201 and msg["role"] == "user"
+    code, body, _ = await api("POST", "v1/sessions/alpha/messages", {"role": "robot", "content": "x"})
+    assert code == 400
+    code, session, _ = await api("GET", "v1/sessions/alpha")
+    assert code == 200 and [m["content"] for m in session["messages"]] == ["hello"]
+    code, body, _ = await api("GET", "v1/sessions", limit="1", offset="0")
+    assert [s["name"] for s in body["sessions"]] == ["alpha"] and "messages" not in body["sessions"][0]
+    code, _, _ = await api("DELETE", f"v1/sessions/{created['id']}")
+    assert code == 204
+    code, body, _ = await api("GET", "v1/sessions/alpha")
+    assert code == 404 and body["error"] == {"message": body["error"]["message"], "type": "SessionNotFoundError",
+                                             "code": "session_not_found"}
+    code, _, _ = await api("DELETE", "v1/sessions/alpha")
+    assert code == 404
+
+
+async def test_chat_is_one_atomic_turn_and_idempotent(api):
+    await api("POST", "v1/sessions", {"name": "talk"})
+    headers = {"Idempotency-Key": "key-1"}
+    code, turn, _ = await api("POST", "v1/sessions/talk/chat", {"message": "Name a colour.", "max_tokens": 12,
+                                                                **GREEDY}, headers=headers)
+    assert code == 200
+    assert turn["message"]["role"] == "user" and turn["response"]["role"] == "assistant"
+    assert turn["response"]["content"] == turn["text"] and turn["usage"]["completion_tokens"] > 0
+    assert set(turn["queue_stats"]) >= {"was_queued", "queue_wait_ms", "queue_position"}
+    code, again, _ = await api("POST", "v1/sessions/talk/chat", {"message": "Name a colour.", "max_tokens": 12,
+                                                                 **GREEDY}, headers=headers)
+    assert code == 200 and again["response"]["id"] == turn["response"]["id"]  # replayed, not stored twice
+    code, session, _ = await api("GET", "v1/sessions/talk")
+    assert len(session["messages"]) == 2
+    code, body, _ = await api("POST", "v1/sessions/talk/chat", {"message": "Hi", "temperature": "hot"})
+    assert code == 400 and "temperature" in body["error"]["message"]
+    code, body, _ = await api("POST", "v1/sessions/talk/chat", {"max_tokens": 5})
+    assert code == 400 and "'message' is required" in body["error"]["message"]
+    code, body, _ = await api("POST", "v1/sessions/nosuch/chat", {"message": "Hi"})
+    assert code == 404
+    code, session, _ = await api("GET", "v1/sessions/talk")
+    assert len(session["messages"]) == 2  # failed requests stored nothing
+
+
+async def test_streamed_chat_sends_events_in_order(api):
+    await api("POST", "v1/sessions", {"name": "stream"})
+    code, text, headers = await api("POST", "v1/sessions/stream/chat",
+                                    {"message": "Count to five.", "max_tokens": 16, "stream": True, **GREEDY},
+                                    expect_json=False)
+    assert code == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(text)
+    kinds = [k for k, _ in events]
+    assert kinds[0] in ("queued", "start") and kinds[-1] == "complete" and "token" in kinds
+    assert kinds.index("start") < kinds.index("token")
+    deltas = "".join(d["delta"] for k, d in events if k == "token")
+    complete = events[-1][1]
+    assert complete["text"] == deltas == complete["response"]["content"]
+    assert {"usage", "timings", "queue_stats", "request_id"} <= set(complete)
+
+
+async def test_openai_compatible_route(api):
+    body = {"model": "anything", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, **GREEDY}
+    code, out, _ = await api("POST", "v1/chat/completions", body)
+    assert code == 200 and out["object"] == "chat.completion"
+    assert out["choices"][0]["message"]["role"] == "assistant" and out["choices"][0]["message"]["content"]
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+    code, text, _ = await api("POST", "v1/chat/completions", {**body, "stream": True}, expect_json=False)
+    chunks = [d for _, d in sse_events(text)]
+    assert chunks[-1] is None  # data: [DONE]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"])
+    assert content and chunks[-2]["usage"]["completion_tokens"] > 0
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-2]][-1] in ("stop", "length")
+    code, out, _ = await api("POST", "v1/chat/completions", {"messages": "hi"})
+    assert code == 400
+
+
+async def test_stats_route_agrees_with_the_in_process_document(api, state):
+    await api("POST", "v1/sessions", {"name": "s"})
+    await api("POST", "v1/sessions/s/chat", {"message": "Hi.", "max_tokens": 6, **GREEDY})
+    code, doc, _ = await api("GET", "v1/stats")
+    local = stats_document(state.engine, state.store)
+    assert code == 200 and doc["inference"] == local["inference"] and doc["sessions"]["total_sessions"] == 1
+    assert set(doc) == set(local) and doc["rag"] == {"enabled": False}
+    code, rows, _ = await api("GET", "v1/stats/requests")
+    assert code == 200 and len(rows["data"]) == doc["inference"]["aggregate"]["total_requests"] == 1
+    code, text, headers = await api("GET", "metrics", expect_json=False)
+    assert code == 200 and headers["Content-Type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert sum(s.value for s in families["offgrid_requests"].samples if s.name.endswith("_total")) == 1
+    code, status, _ = await api("GET", "v1/generation/status")
+    assert status == {"generating_session_id": None, "queued_session_ids": []}
+
+
+async def test_other_routes_answer_while_a_turn_generates(api, state):
+    created = (await api("POST", "v1/sessions", {"name": "busy"}))[1]
+    long_turn = asyncio.ensure_future(api("POST", "v1/sessions/busy/chat",
+                                          {"message": "Write a long story about the sea.", "max_tokens": 200}))
+    seen = None
+    while not long_turn.done():  # answers arrive while the engine thread generates
+        code, status, _ = await api("GET", "v1/generation/status")
+        assert code == 200
+        if status["generating_session_id"] == created["id"]:
+            seen = status
+            code, _, _ = await api("GET", "v1/sessions")
+            assert code == 200
+            break
+    assert seen is not None, "the turn finished before any other route answered"
+    code, turn, _ = await long_turn
+    assert code == 200
+
+
+async def test_a_full_queue_is_503_with_retry_after_and_stores_nothing(api, state):
+    await api("POST", "v1/sessions", {"name": "q"})
+    state.engine.max_queue = 0  # nothing may wait: every request is refused
+    code, body, headers = await api("POST", "v1/sessions/q/chat", {"message": "Hi."})
+    assert code == 503 and body["error"]["code"] == "queue_full" and headers["Retry-After"]
+    code, session, _ = await api("GET", "v1/sessions/q")
+    assert session["messages"] == []
+
+
+ROUTES = [("GET", "v1/sessions"), ("POST", "v1/sessions"), ("GET", "v1/sessions/x"), ("DELETE", "v1/sessions/x"),
+          ("POST", "v1/sessions/x/messages"), ("POST", "v1/sessions/x/chat"), ("GET", "v1/generation/status"),
+          ("POST", "v1/generation/cancel"), ("GET", "v1/stats"), ("GET", "v1/stats/requests"), ("GET", "v1/models"),
+          ("GET", "v1/health"), ("POST", "v1/chat/completions"), ("GET", "v1/openapi.json"), ("GET", "metrics")]
+
+
+@pytest.mark.parametrize("method, path", ROUTES)
+async def test_every_route_requires_authentication(jp_fetch, method, path):
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "token nope"}):
+        with pytest.raises(HTTPClientError) as info:
+            await jp_fetch("offgrid", *path.split("/"), method=method, headers=headers,
+                           body="{}" if method == "POST" else None)
+        assert info.value.code == 403
+        assert json.loads(info.value.response.body)["error"]["code"] == "forbidden"
+    try:  # the API key is accepted (whatever the route then says about the request itself)
+        response = await jp_fetch("offgrid", *path.split("/"), method=method,
+                                  headers={"Authorization": f"Bearer {API_KEY}"},
+                                  body="{}" if method == "POST" else None)
+        code = response.code
+    except HTTPClientError as exc:
+        code = exc.code
+    assert code not in (401, 403)
