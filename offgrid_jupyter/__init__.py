@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .client import Client
 from .engine import Engine, Generation, GenerationParams, GenerationResult, get_engine
 from .errors import OffgridError
 from .models import resolve_model
@@ -14,7 +15,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError", "Store",
+    "Client", "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError", "Store",
     "get_engine", "get_store", "load_ipython_extension", "resolve_model", "stats", "stats_frame",
     "unload_ipython_extension",
     "__version__",

@@ -379,7 +379,7 @@ def typed_frame(columns: list[str], data: list[list]):
     out = {}
     for c in columns:
         if c == "started_at":
-            out[c] = pd.to_datetime(raw[c], utc=True, format="ISO8601")
+            out[c] = pd.to_datetime(raw[c], utc=True, format="ISO8601").astype("datetime64[ns, UTC]")
         elif c in STRING_COLUMNS:
             out[c] = raw[c].astype("string")
         elif c in INT_COLUMNS:

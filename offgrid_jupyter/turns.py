@@ -2,7 +2,8 @@
 
 A turn is atomic as far as the conversation is concerned: the user message is
 stored first, then the reply is generated, then the reply is stored with its
-usage and provenance. If generation fails, or is stopped before it produced any
+usage and provenance. Turns on one session take turns: a second turn waits until
+the first has stored its reply, so two askers never interleave their messages. If generation fails, or is stopped before it produced any
 text, the user message is taken back out, so a session never keeps a question
 without an answer. A stopped reply that has text is kept, with finish_reason
 ``cancelled``.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Engine, Generation, GenerationResult
+from .errors import QueueTimeoutError
 from .models import ModelInfo
 from .store import Message, Store
 
@@ -40,6 +42,15 @@ class TurnResult:
         }
 
 
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _session_lock(session_ref: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(session_ref, threading.Lock())
+
+
 def _hash_soon(model: ModelInfo) -> None:
     # the digest is needed when the reply is stored; computing it while the model
     # generates keeps a large GGUF's first turn from waiting seconds for it
@@ -60,16 +71,26 @@ class ChatTurn:
                  history: bool = True):
         self.engine, self.store = engine, store
         engine.params(**(params or {}))  # a bad parameter fails before anything is stored
-        self._busy = ExitStack()
+        self._busy = ExitStack()  # released when the turn is over: the session's lock, its busy mark
         self.user_message: Message | None = None
         self.session_id = self.session_name = None
         if history:
             if session is None:
                 raise ValueError("a turn with history needs a session")
-            if replace:
-                self.user_message = store.replace_last_turn(session, content, message_id=replace, metadata=metadata)
-            else:
-                self.user_message = store.add_message(session, "user", content, metadata=metadata)
+            lock = _session_lock(store.get(session, messages=False).id)
+            if not lock.acquire(timeout=engine.queue_timeout):
+                raise QueueTimeoutError(f"Another turn in session {session!r} is still running after "
+                                        f"{engine.queue_timeout:.0f} s. Try again later.")
+            self._busy.callback(lock.release)
+            try:
+                if replace:
+                    self.user_message = store.replace_last_turn(session, content, message_id=replace,
+                                                                metadata=metadata)
+                else:
+                    self.user_message = store.add_message(session, "user", content, metadata=metadata)
+            except BaseException:
+                self._busy.close()
+                raise
             sess = store.get(self.user_message.session_id)
             self.session_id, self.session_name = sess.id, sess.name
             messages = sess.chat_messages()

@@ -236,18 +236,22 @@ class ChatHandler(OffgridHandler):
                             params=self.params(data), metadata=self.field(data, "metadata", dict),
                             replace=self.field(data, "replace_message_id", str))
 
+        # starting a turn may wait for the session's previous turn: off the event loop
         if stream:
-            await self.state.once(key, lambda: self._stream(start()))
+            await self.state.once(key, lambda: self._stream(_off_loop(start)))
         else:
-            self.send(200, await self.state.once(key, lambda: self._complete(start(), cancel_on_close=not key)))
+            self.send(200, await self.state.once(key, lambda: self._complete(_off_loop(start),
+                                                                             cancel_on_close=not key)))
 
-    async def _complete(self, turn: ChatTurn, *, cancel_on_close: bool) -> dict[str, Any]:
+    async def _complete(self, starting, *, cancel_on_close: bool) -> dict[str, Any]:
         # with an idempotency key the turn finishes even if the client went away, so
         # that its retry gets the answer instead of a second turn
+        turn = await starting
         self._turn = turn if cancel_on_close else None
         return turn_payload(await _off_loop(turn.finish))
 
-    async def _stream(self, turn: ChatTurn) -> None:
+    async def _stream(self, starting) -> None:
+        turn = await starting
         self._turn = turn
         self.start_events()
         gen = turn.generation
@@ -315,8 +319,8 @@ class RequestsHandler(OffgridHandler):
             frame = await _off_loop(lambda: stats_frame(**args, store=self.state.store))
         except ValueError as exc:
             raise InvalidRequestError(f"Bad filter: {exc}.") from None
-        frame = frame.assign(started_at=frame["started_at"].map(lambda t: t.isoformat()))
-        self.send(200, {"columns": list(frame.columns), "data": json.loads(frame.to_json(orient="values"))})
+        data = json.loads(frame.to_json(orient="values", date_format="iso", date_unit="us"))
+        self.send(200, {"columns": list(frame.columns), "data": data})
 
 
 class ModelsHandler(OffgridHandler):

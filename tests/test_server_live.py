@@ -1,0 +1,254 @@
+"""A real `jupyter server` on a loopback port: the SDK, streaming, disconnects, and a kernel
+the server started that uses the server's model instead of loading its own."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+from offgrid_jupyter import Client
+from offgrid_jupyter.errors import DuplicateNameError, ServerError, SessionNotFoundError
+from offgrid_jupyter.stats import requests_frame
+from offgrid_jupyter.store import Store
+
+TOKEN = "jupyter-token-for-tests"
+GREEDY = {"temperature": 0, "seed": 42}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`jupyter server` with the extension enabled by its jupyter-config file (as installed)."""
+    root = tmp_path_factory.mktemp("live")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
+    env["OFFGRID_HOME"] = str(root / "home")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
+         "--ServerApp.port_retries=0"],
+        env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # the server says when it is listening
+        lines.append(line)
+        if "is running at" in line:
+            break
+    else:
+        pytest.fail("jupyter server did not start:\n" + "".join(lines))
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+    yield {"url": f"http://127.0.0.1:{port}/", "home": root / "home", "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    with Client(server["url"] + "offgrid/v1/", api_key=None, max_retries=0) as c:
+        c.http.headers["Authorization"] = f"token {TOKEN}"  # Jupyter's own token works like an API key
+        c._home = server["home"]
+        yield c
+
+
+def test_the_extension_is_enabled_on_install():
+    out = subprocess.run([sys.executable, "-m", "jupyter", "server", "extension", "list"], capture_output=True,
+                         text=True, timeout=60)
+    text = out.stdout + out.stderr
+    assert "offgrid_jupyter" in text and "enabled" in text.split("offgrid_jupyter", 1)[1][:40]
+
+
+def test_sdk_sessions_chat_stream_and_stats(client):
+    name = "sdk-" + uuid.uuid4().hex[:6]
+    created = client.sessions.create(name, system_prompt="Be brief.")
+    assert created["name"] == name
+    with pytest.raises(DuplicateNameError):
+        client.sessions.create(name)
+    assert name in [s["name"] for s in client.sessions.list()]
+    client.sessions.add_message(name, "user", "Remember: the code word is heron.")
+    turn = client.sessions.chat(name, "What is the code word?", max_tokens=12, **GREEDY)
+    assert turn["response"]["role"] == "assistant" and turn["usage"]["prompt_tokens"] > 20
+    events = list(client.sessions.stream(name, "Say it again.", max_tokens=12, **GREEDY))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "complete" and "token" in kinds and "start" in kinds
+    assert events[-1][1]["text"] == "".join(d["delta"] for k, d in events if k == "token")
+    assert len(client.sessions.get(name)["messages"]) == 5
+    one_shot = client.chat("Say hi.", max_tokens=5, **GREEDY)
+    assert one_shot["text"] and one_shot["usage"]["completion_tokens"] > 0
+    other = "with-" + uuid.uuid4().hex[:6]
+    client.sessions.chat_with_session(other, "Hello!", max_tokens=5)  # created on first use
+    assert len(client.sessions.get(other)["messages"]) == 2
+    stats = client.stats()
+    assert stats["inference"]["aggregate"]["total_requests"] >= 4
+    assert set(client.generation_status()) == {"generating_session_id", "queued_session_ids"}
+    frame = client.stats_frame(session=name)
+    assert len(frame) == 2 and set(frame["source"]) == {"server"}
+    assert str(frame["started_at"].dtype) == "datetime64[ns, UTC]" and frame["completion_tokens"].dtype == "int64"
+    assert isinstance(frame["finish_reason"].dtype, pd.CategoricalDtype)
+    local = requests_frame(Store(server_home(client)))  # the same frame as in-process, column for column
+    assert list(frame.columns) == list(local.columns)
+    assert [str(t) for t in frame.dtypes if str(t) != "category"] == \
+        [str(t) for t in local.dtypes if str(t) != "category"]
+    client.sessions.delete(name)
+    with pytest.raises(SessionNotFoundError):
+        client.sessions.get(name)
+
+
+def server_home(client):
+    return client._home / "offgrid.sqlite3"
+
+
+def test_names_are_url_encoded(client):
+    with pytest.raises(SessionNotFoundError):
+        client.sessions.get("../../api/contents")  # stays a session name: never a path on the server
+
+
+def test_a_disconnecting_stream_cancels_its_generation(client):
+    name = "drop-" + uuid.uuid4().hex[:6]
+    client.sessions.create(name)
+    stream = client.sessions.stream(name, "Write a long essay about rivers.", max_tokens=400, **GREEDY)
+    for kind, _ in stream:
+        if kind == "token":
+            break
+    stream.close()  # the client goes away mid-generation
+    after = client.sessions.chat(name, "Hi.", max_tokens=4, **GREEDY)  # queued behind it: served once it stopped
+    assert after["response"]
+    messages = client.sessions.get(name)["messages"]
+    cancelled = messages[1]
+    assert cancelled["role"] == "assistant" and cancelled["finish_reason"] == "cancelled"
+    assert 0 < cancelled["usage"]["completion_tokens"] < 400
+
+
+async def _run_in_server_kernel(base, code_cells):
+    """Start a kernel through the server's REST API and run cells over its websocket."""
+    import httpx
+
+    headers = {"Authorization": f"token {TOKEN}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
+        kernel = (await http.post("api/kernels", json={"name": "python3"})).json()
+        ws_url = base.replace("http", "ws") + f"api/kernels/{kernel['id']}/channels"
+        ws = await websocket_connect(HTTPRequest(ws_url, headers=headers))
+        outputs = []
+        try:
+            for code in code_cells:
+                msg_id = uuid.uuid4().hex
+                ws.write_message(json.dumps({
+                    "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": "s",
+                               "version": "5.3"},
+                    "parent_header": {}, "metadata": {}, "channel": "shell",
+                    "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                                "allow_stdin": False, "stop_on_error": True}}))
+                cell, reply, idle = [], None, False
+                while reply is None or not idle:  # iopub output may come after the shell reply
+                    msg = json.loads(await asyncio.wait_for(ws.read_message(), 120))
+                    if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                        continue
+                    if msg["channel"] == "shell":
+                        reply = msg
+                    else:
+                        cell.append(msg)
+                        idle |= msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+                outputs.append(cell + [reply])
+        finally:
+            ws.close()
+            await http.delete(f"api/kernels/{kernel['id']}")
+        return outputs
+
+
+def test_a_kernel_started_by_the_server_uses_the_servers_model(server, client):
+    cells = ["%load_ext offgrid_jupyter",
+             "%%offgrid -t 0 --seed 42 -n 12\nSay hello.",
+             "import sys, json; m = get_ipython().magics_manager.registry['OffgridMagics']; "
+             "print(json.dumps({'llama_cpp': 'llama_cpp' in sys.modules, 'engine': m.context._engine is not None, "
+             "'where': m.context.where}))"]
+    outputs = asyncio.run(_run_in_server_kernel(server["url"], cells))
+    assert all(cell[-1]["content"]["status"] == "ok" for cell in outputs), outputs
+    shown = [m for m in outputs[1] if m["msg_type"] in ("display_data", "update_display_data")]
+    meta = shown[-1]["content"]["metadata"]["offgrid"]
+    assert meta["usage"]["completion_tokens"] > 0
+    printed = json.loads(next(m for m in outputs[2] if m["msg_type"] == "stream")["content"]["text"])
+    assert printed == {"llama_cpp": False, "engine": False, "where": printed["where"]}  # no model in the kernel
+    assert "on the Jupyter server" in printed["where"]
+    # one store: the kernel's turn is in the server's database, recorded as served by the server
+    store = Store(server["home"] / "offgrid.sqlite3")
+    session = store.get(meta["session_id"])
+    assert [m.role for m in session.messages] == ["user", "assistant"]
+    assert session.messages[1].id == meta["message_id"]
+    assert meta["request_id"] in set(requests_frame(store)["request_id"])
+    assert client.sessions.get(meta["session_id"])["messages"][1]["content"] == session.messages[1].content
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers 503 (Retry-After: 0) to the first request of each path, then 200."""
+
+    seen: dict = {}
+
+    def _answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        calls = self.seen.setdefault(self.path, [])
+        calls.append(dict(self.headers))
+        if self.path.endswith("/boom"):
+            status, body = 500, {"error": {"message": "broken", "type": "StoreError", "code": "store_error"}}
+        elif len(calls) == 1:
+            status, body = 503, {"error": {"message": "busy", "type": "EngineBusyError", "code": "queue_full"}}
+        else:
+            status, body = 200, {"status": "ok", "text": "fine"}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        if status == 503:
+            self.send_header("Retry-After", "0")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky():
+    _Flaky.seen = {}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/offgrid/v1/", _Flaky.seen
+    httpd.shutdown()
+
+
+def test_retries_503_then_succeeds_with_one_idempotency_key(flaky):
+    url, seen = flaky
+    with Client(url, api_key="k") as c:
+        assert c.health() == {"status": "ok", "text": "fine"}
+        assert len(seen["/offgrid/v1/health"]) == 2
+        c.sessions.chat("s", "hello")
+        chat_calls = seen["/offgrid/v1/sessions/s/chat"]
+        assert len(chat_calls) == 2 and chat_calls[0]["Idempotency-Key"] == chat_calls[1]["Idempotency-Key"]
+        assert chat_calls[0]["Authorization"] == "Bearer k"
+        from offgrid_jupyter.errors import StoreError
+
+        with pytest.raises(StoreError, match="broken"):
+            c.request("GET", "boom")
+        assert len(seen["/offgrid/v1/boom"]) == 1  # a 500 is not retried
+
+
+def test_connection_failures_are_retried_then_reported(flaky):
+    port = free_port()  # nothing listens there
+    with Client(f"http://127.0.0.1:{port}/offgrid/v1/", max_retries=1) as c:
+        with pytest.raises(ServerError, match="Could not reach the offgrid server"):
+            c.health()
