@@ -3,8 +3,6 @@ the server started that uses the server's model instead of loading its own."""
 
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -13,47 +11,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
 
 from offgrid_jupyter import Client
 from offgrid_jupyter.errors import DuplicateNameError, ServerError, SessionNotFoundError
 from offgrid_jupyter.stats import requests_frame
 from offgrid_jupyter.store import Store
 
-TOKEN = "jupyter-token-for-tests"
+from .kernels import TOKEN, ServerKernel, free_port, jupyter_server
 GREEDY = {"temperature": 0, "seed": 42}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`jupyter server` with the extension enabled by its jupyter-config file (as installed)."""
-    root = tmp_path_factory.mktemp("live")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
-    env["OFFGRID_HOME"] = str(root / "home")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
-         "--ServerApp.port_retries=0"],
-        env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:  # the server says when it is listening
-        lines.append(line)
-        if "is running at" in line:
-            break
-    else:
-        pytest.fail("jupyter server did not start:\n" + "".join(lines))
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
-    yield {"url": f"http://127.0.0.1:{port}/", "home": root / "home", "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=30)
+    with jupyter_server(tmp_path_factory.mktemp("live")) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -133,39 +104,8 @@ def test_a_disconnecting_stream_cancels_its_generation(client):
 
 
 async def _run_in_server_kernel(base, code_cells):
-    """Start a kernel through the server's REST API and run cells over its websocket."""
-    import httpx
-
-    headers = {"Authorization": f"token {TOKEN}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
-        kernel = (await http.post("api/kernels", json={"name": "python3"})).json()
-        ws_url = base.replace("http", "ws") + f"api/kernels/{kernel['id']}/channels"
-        ws = await websocket_connect(HTTPRequest(ws_url, headers=headers))
-        outputs = []
-        try:
-            for code in code_cells:
-                msg_id = uuid.uuid4().hex
-                ws.write_message(json.dumps({
-                    "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": "s",
-                               "version": "5.3"},
-                    "parent_header": {}, "metadata": {}, "channel": "shell",
-                    "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                                "allow_stdin": False, "stop_on_error": True}}))
-                cell, reply, idle = [], None, False
-                while reply is None or not idle:  # iopub output may come after the shell reply
-                    msg = json.loads(await asyncio.wait_for(ws.read_message(), 120))
-                    if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                        continue
-                    if msg["channel"] == "shell":
-                        reply = msg
-                    else:
-                        cell.append(msg)
-                        idle |= msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
-                outputs.append(cell + [reply])
-        finally:
-            ws.close()
-            await http.delete(f"api/kernels/{kernel['id']}")
-        return outputs
+    async with ServerKernel(base) as kernel:
+        return [await kernel.run(code) for code in code_cells]
 
 
 def test_a_kernel_started_by_the_server_uses_the_servers_model(server, client):

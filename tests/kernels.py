@@ -1,0 +1,98 @@
+"""Real Jupyter servers and server-started kernels, for the tests and the benchmarks."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+TOKEN = "jupyter-token-for-tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def jupyter_server(root: Path, *args: str):
+    """`jupyter server` on a loopback port, with the extension enabled by its installed
+    jupyter-config file; yields {url, home, proc} once the server says it is listening."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_") and k != "JPY_SESSION_NAME"}
+    env["OFFGRID_HOME"] = str(root / "home")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
+         "--ServerApp.port_retries=0", *args],
+        env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "is running at" in line:
+            break
+    else:
+        raise RuntimeError("jupyter server did not start:\n" + "".join(lines))
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+    try:
+        yield {"url": f"http://127.0.0.1:{port}/", "home": root / "home", "proc": proc}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class ServerKernel:
+    """A kernel started through a server's REST API, driven over its websocket."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.headers = {"Authorization": f"token {TOKEN}"}
+
+    async def __aenter__(self) -> "ServerKernel":
+        import httpx
+
+        self.http = httpx.AsyncClient(base_url=self.base, headers=self.headers, timeout=60)
+        self.id = (await self.http.post("api/kernels", json={"name": "python3"})).json()["id"]
+        url = self.base.replace("http", "ws") + f"api/kernels/{self.id}/channels"
+        self.ws = await websocket_connect(HTTPRequest(url, headers=self.headers))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.ws.close()
+        await self.http.delete(f"api/kernels/{self.id}")
+        await self.http.aclose()
+
+    async def run(self, code: str) -> list[dict]:
+        """Execute one cell; its iopub messages, then its execute_reply."""
+        msg_id = uuid.uuid4().hex
+        self.ws.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": "s",
+                       "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell",
+            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True}}))
+        cell, reply, idle = [], None, False
+        while reply is None or not idle:  # iopub output may come after the shell reply
+            msg = json.loads(await asyncio.wait_for(self.ws.read_message(), 120))
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["channel"] == "shell":
+                reply = msg
+            else:
+                cell.append(msg)
+                idle |= msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+        return cell + [reply]
+
+    async def printed(self, code: str) -> str:
+        """Run a cell and return what it printed."""
+        out = await self.run(code)
+        return "".join(m["content"]["text"] for m in out if m.get("msg_type") == "stream")
