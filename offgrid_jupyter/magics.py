@@ -467,7 +467,8 @@ class OffgridMagics(Magics):
         return Table("model", [(k, v) for k, v in desc.items()])
 
     def _cmd_stats(self, args):
-        self.context.engine  # noqa: B018 - make sure this kernel's requests are being recorded
+        if self.context.client is None:
+            self.context.engine  # noqa: B018 - make sure this kernel's own requests are being recorded
         try:
             frame = stats_frame(since=args.since, session=args.session, model=args.model, store=self.context.store)
         except ValueError as exc:  # an unreadable --since

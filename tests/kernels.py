@@ -71,8 +71,12 @@ class ServerKernel:
         await self.http.delete(f"api/kernels/{self.id}")
         await self.http.aclose()
 
-    async def run(self, code: str) -> list[dict]:
-        """Execute one cell; its iopub messages, then its execute_reply."""
+    async def interrupt(self) -> None:
+        await self.http.post(f"api/kernels/{self.id}/interrupt")
+
+    async def run(self, code: str, on_message=None) -> list[dict]:
+        """Execute one cell; its iopub messages, then its execute_reply. *on_message(msg)*
+        sees each iopub message as it arrives (and may return a coroutine to await)."""
         msg_id = uuid.uuid4().hex
         self.ws.write_message(json.dumps({
             "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": "s",
@@ -89,6 +93,8 @@ class ServerKernel:
                 reply = msg
             else:
                 cell.append(msg)
+                if on_message is not None and (pending := on_message(msg)) is not None:
+                    await pending
                 idle |= msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
         return cell + [reply]
 

@@ -131,6 +131,33 @@ def test_a_kernel_started_by_the_server_uses_the_servers_model(server, client):
     assert client.sessions.get(meta["session_id"])["messages"][1]["content"] == session.messages[1].content
 
 
+def test_interrupting_a_server_kernel_stops_the_servers_generation(server, client):
+    async def scenario():
+        async with ServerKernel(server["url"]) as kernel:
+            await kernel.run("%load_ext offgrid_jupyter")
+            state = {}
+
+            def on_message(msg):
+                if (msg["msg_type"] == "update_display_data" and "sent" not in state
+                        and msg["content"]["data"].get("text/markdown", "").endswith("▌")):
+                    state["sent"] = True
+                    return kernel.interrupt()  # the Stop button
+                return None
+
+            out = await kernel.run("%%offgrid -t 0 -n 400\nWrite a long essay about maps.", on_message)
+            after = await kernel.run("%%offgrid -t 0 -n 4\nSay hi.")
+            return state, out, after
+
+    state, out, after = asyncio.run(scenario())
+    assert state.get("sent") and out[-1]["content"]["ename"] == "Interrupted"
+    final = [m for m in out if m["msg_type"] == "update_display_data"][-1]["content"]["metadata"]["offgrid"]
+    assert final["finish_reason"] == "cancelled"
+    kept = client.sessions.get(final["session_id"])["messages"]
+    assert kept[1]["finish_reason"] == "cancelled" and kept[1]["id"] == final["message_id"]
+    assert 0 < kept[1]["usage"]["completion_tokens"] < 400
+    assert after[-1]["content"]["status"] == "ok"  # the next cell works at once
+
+
 class _Flaky(BaseHTTPRequestHandler):
     """Answers 503 (Retry-After: 0) to the first request of each path, then 200."""
 
