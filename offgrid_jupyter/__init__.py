@@ -15,13 +15,21 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "Client", "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError", "Store",
+    "ChatPanel", "Client", "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError", "Store",
     "get_engine", "get_store", "load_ipython_extension", "resolve_model", "stats", "stats_frame",
     "unload_ipython_extension",
     "__version__",
 ]
 
 _magics = None
+
+
+def __getattr__(name: str):
+    if name == "ChatPanel":  # imported on first use: widgets are not needed to load the extension
+        from .widget import ChatPanel
+
+        return ChatPanel
+    raise AttributeError(f"module 'offgrid_jupyter' has no attribute {name!r}")
 
 
 def _jupyter_server_extension_points():
@@ -53,6 +61,14 @@ def unload_ipython_extension(ipython) -> None:
         except ValueError:
             pass
         _magics = None
+
+
+def __getattr__(name: str):
+    if name == "ChatPanel":  # imported on first use: widgets are not needed to load the extension
+        from .widget import ChatPanel
+
+        return ChatPanel
+    raise AttributeError(f"module 'offgrid_jupyter' has no attribute {name!r}")
 
 
 def _jupyter_server_extension_points():

@@ -18,12 +18,14 @@ generated session; ``%offgrid use NAME`` picks any existing one.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
 import time
+import weakref
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Callable
 
 from .client import Client
 from .engine import Engine, get_engine
@@ -32,6 +34,9 @@ from .remote import RemoteTurn
 from .stats import RequestLog, attach
 from .store import Session, Store, get_store
 from .turns import ChatTurn
+
+
+log = logging.getLogger(__name__)
 
 
 def _notebook_stem(path: str) -> str:
@@ -49,6 +54,7 @@ class Context:
         self._store = store
         self._client = client
         self._local = False  # %offgrid disconnect: ignore the server from the environment
+        self._watchers: list[Callable[[], Callable | None]] = []  # weak: a closed panel goes away
         self._log: RequestLog | None = None
         self._current: str | None = None  # session id
         self._current_spec: dict[str, Any] = {}  # name/system prompt, to re-create a pruned empty session
@@ -100,6 +106,7 @@ class Context:
         return f"on the Jupyter server ({client.base_url})" if client else "in this kernel"
 
     def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], local: bool = False,
+                   source: str = "magic",
                    system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
                    replace: str | None = None) -> ChatTurn | RemoteTurn:
         """A turn on the server's model when connected (unless *local*), else in this kernel."""
@@ -110,7 +117,7 @@ class Context:
                                           "configuration. Add --local to load it in this kernel.")
             return RemoteTurn(client, session_id, content, params=params, metadata=metadata, replace=replace,
                               system_prompt=system_prompt)
-        return ChatTurn(self.engine, self.store, session_id, content, source="magic", params=params,
+        return ChatTurn(self.engine, self.store, session_id, content, source=source, params=params,
                         system_prompt=system_prompt, model=model, metadata=metadata, replace=replace,
                         history=session_id is not None)
 
@@ -145,19 +152,37 @@ class Context:
     def use(self, ref: str) -> Session:
         return self._adopt(self.store.get(ref, messages=False))
 
-    def new_session(self, name: str | None, *, system_prompt: str | None = None) -> Session:
-        """Create a session and make it current (named after the notebook when known)."""
+    def new_session(self, name: str | None, *, system_prompt: str | None = None, adopt: bool = True) -> Session:
+        """Create a session (named after the notebook when known) and, if *adopt*, make it current."""
+        keep = self._adopt if adopt else (lambda s: s)
         if name is not None:
-            return self._adopt(self._create(name=name, system_prompt=system_prompt))
+            return keep(self._create(name=name, system_prompt=system_prompt))
         notebook = self.notebook_path()
         base = _notebook_stem(notebook) if notebook else time.strftime("chat-%Y%m%d-%H%M%S")
         candidates = [base] + [f"{base}-{i}" for i in range(2, 10)] + [f"{base}-{secrets.token_hex(3)}"]
         for candidate in candidates:
             try:
-                return self._adopt(self._create(name=candidate, system_prompt=system_prompt))
+                return keep(self._create(name=candidate, system_prompt=system_prompt))
             except DuplicateNameError:
                 continue
         raise DuplicateNameError(f"Could not find a free session name starting with {base!r}.")
+
+    # -- who wants to know about turns (chat panels showing a session) ---------------------------
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call *callback(session_id)* after every turn made through this context."""
+        self._watchers.append(weakref.WeakMethod(callback) if hasattr(callback, "__self__")
+                              else (lambda: callback))
+
+    def turn_done(self, session_id: str | None) -> None:
+        for ref in list(self._watchers):
+            callback = ref()
+            if callback is None:
+                self._watchers.remove(ref)
+                continue
+            try:
+                callback(session_id)
+            except Exception:  # a broken panel must not break a cell
+                log.exception("offgrid: a turn watcher failed")
 
     def forget(self, session_id: str) -> None:
         """A session was deleted: stop using it."""

@@ -149,7 +149,7 @@ SUBCOMMANDS = {
     "import": "read sessions from a JSON file or directory PATH",
     "model": "show the model, or switch to the GGUF at PATH",
     "stats": "usage per model and session [--by session|model|hour|source] [-o VAR] [--since WHEN]",
-    "chat": "open the chat panel (arrives with the panel)",
+    "chat": "open the chat panel [NAME]",
     "connect": "use a Jupyter server's shared model [URL] [--token KEY] (default: OFFGRID_URL)",
     "disconnect": "use a model loaded in this kernel instead of the server's",
 }
@@ -274,6 +274,7 @@ class OffgridMagics(Magics):
                                        metadata={"cell_id": self._cell_id} if self._cell_id else None,
                                        replace=replace)
         outcome = self._run(turn, fmt, stream=not args.no_stream)
+        self.context.turn_done(outcome.session_id)  # chat panels on this session show the turn
         return self._deliver(outcome, fmt, args.output)
 
     def _target_session(self, args: argparse.Namespace):
@@ -480,11 +481,10 @@ class OffgridMagics(Magics):
                                                       or args.model else ": the first `%%offgrid` cell makes one."))
         return summarize(frame, args.by or ["model", "session"])
 
-    def _unavailable(self, args) -> None:
-        raise OffgridMagicError(f"`%offgrid {args.command}` is not available in this version: "
-                                f"{SUBCOMMANDS[args.command]}.")
+    def _cmd_chat(self, args):
+        from .widget import ChatPanel
 
-    _cmd_chat = _unavailable
+        return ChatPanel(args.name, context=self.context)
 
     def _cmd_connect(self, args) -> Note:
         client = self.context.connect(args.url, args.token)

@@ -285,8 +285,8 @@ def test_every_subcommand(sh, tmp_path):
     one_line_error(result, cap, "--since")
     result, _ = run("%offgrid stats --model no-such-model")
     assert "No requests recorded yet for that selection" in repr(result.result)
-    result, cap = run("%offgrid chat")
-    one_line_error(result, cap, "not available in this version")
+    result, _ = run("%offgrid chat alpha")
+    assert type(result.result).__name__ == "ChatPanel" and result.result.session_id == sh.store.get("alpha").id
     result, cap = run("%offgrid connect http://127.0.0.1:9/offgrid/v1/")  # nothing listens on port 9
     one_line_error(result, cap, "Could not reach the offgrid server")
     assert sh.magics.context.client is None
