@@ -111,21 +111,29 @@ async def _run_in_server_kernel(base, code_cells):
 def test_a_kernel_started_by_the_server_uses_the_servers_model(server, client):
     cells = ["%load_ext offgrid_jupyter",
              "%%offgrid -t 0 --seed 42 -n 12\nSay hello.",
+             "from offgrid_jupyter import ChatPanel\n"
+             "panel = ChatPanel(max_tokens=8, temperature=0.0)\npanel.send('Hello from the panel.')\n"
+             "assert panel.join(120), 'the panel did not finish'\n",
              "import sys, json; m = get_ipython().magics_manager.registry['OffgridMagics']; "
              "print(json.dumps({'llama_cpp': 'llama_cpp' in sys.modules, 'engine': m.context._engine is not None, "
-             "'where': m.context.where}))"]
+             "'where': m.context.where, 'panel': panel.status.value, 'error': panel.error.value, "
+             "'panel_session': panel.session_id}))"]
     outputs = asyncio.run(_run_in_server_kernel(server["url"], cells))
     assert all(cell[-1]["content"]["status"] == "ok" for cell in outputs), outputs
     shown = [m for m in outputs[1] if m["msg_type"] in ("display_data", "update_display_data")]
     meta = shown[-1]["content"]["metadata"]["offgrid"]
     assert meta["usage"]["completion_tokens"] > 0
-    printed = json.loads(next(m for m in outputs[2] if m["msg_type"] == "stream")["content"]["text"])
-    assert printed == {"llama_cpp": False, "engine": False, "where": printed["where"]}  # no model in the kernel
-    assert "on the Jupyter server" in printed["where"]
+    printed = json.loads(next(m for m in outputs[3] if m["msg_type"] == "stream")["content"]["text"])
+    assert not printed["llama_cpp"] and not printed["engine"]  # no model in the kernel, panel included
+    assert "on the Jupyter server" in printed["where"] and "server" in printed["panel"] and not printed["error"]
+    assert printed["panel_session"] == meta["session_id"]  # the panel opens on the notebook's session
+    panel_turn = client.sessions.get(printed["panel_session"])["messages"][-2:]
+    assert [m["role"] for m in panel_turn] == ["user", "assistant"]
+    assert panel_turn[0]["content"] == "Hello from the panel."
     # one store: the kernel's turn is in the server's database, recorded as served by the server
     store = Store(server["home"] / "offgrid.sqlite3")
     session = store.get(meta["session_id"])
-    assert [m.role for m in session.messages] == ["user", "assistant"]
+    assert [m.role for m in session.messages][:2] == ["user", "assistant"]
     assert session.messages[1].id == meta["message_id"]
     assert meta["request_id"] in set(requests_frame(store)["request_id"])
     assert client.sessions.get(meta["session_id"])["messages"][1]["content"] == session.messages[1].content
