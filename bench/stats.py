@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from offgrid_jupyter.engine import Engine
-from offgrid_jupyter.stats import COLUMNS, _row, stats_document, stats_frame
+from offgrid_jupyter.stats import COLUMNS, request_row, stats_document, stats_frame
 from offgrid_jupyter.store import Store
 
 MODELS = ("SmolLM2-135M-Instruct.Q4_1", "qwen2.5-1.5b-instruct-q4_k_m")
@@ -47,7 +47,7 @@ def synthetic(n: int, rng: random.Random) -> list[tuple]:
         ttft = None if finish == "error" else rng.uniform(20, 900)
         tps = rng.uniform(30, 110) if completion > 1 else 0.0
         total = (ttft or 0) + (completion / tps * 1000 if tps else 0)
-        rows.append(_row({
+        rows.append(request_row({
             "request_id": f"req-{i:012x}", "started_at": t0 + i * 25.0, "session_id": f"session-{i % 200:012x}",
             "model": MODELS[i % 7 == 0], "source": rng.choice(SOURCES), "prompt_tokens": rng.randint(10, 3000),
             "cached_tokens": rng.randint(0, 2000), "completion_tokens": completion,

@@ -61,18 +61,3 @@ def unload_ipython_extension(ipython) -> None:
         except ValueError:
             pass
         _magics = None
-
-
-def __getattr__(name: str):
-    if name == "ChatPanel":  # imported on first use: widgets are not needed to load the extension
-        from .widget import ChatPanel
-
-        return ChatPanel
-    raise AttributeError(f"module 'offgrid_jupyter' has no attribute {name!r}")
-
-
-def _jupyter_server_extension_points():
-    """jupyter-server discovers the extension here (enabled by jupyter-config/)."""
-    from .server import OffgridApp
-
-    return [{"module": "offgrid_jupyter.server", "app": OffgridApp}]

@@ -109,6 +109,16 @@ class GenerationResult:
         }
 
 
+def drain(q: queue.SimpleQueue) -> list:
+    """Everything waiting in *q* now, without blocking."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
 class Generation:
     """Handle on one queued/running request. Iterate it for text deltas.
 
@@ -203,12 +213,7 @@ class Generation:
                     last_pos = pos
                     yield [("queued", pos)]
                 self._done.wait(self._queue_wait(interval))
-                batch = []
-                while True:
-                    try:
-                        batch.append(self._events.get_nowait())
-                    except queue.Empty:
-                        break
+                batch = drain(self._events)
                 if not batch:
                     finished = self._check_deadline()
                     continue

@@ -13,7 +13,7 @@ import threading
 from typing import Any, Iterator
 
 from .client import Client
-from .engine import GenerationResult
+from .engine import GenerationResult, drain
 from .errors import OffgridError
 from .store import Message
 from .turns import TurnResult
@@ -69,12 +69,7 @@ class RemoteGeneration:
         try:
             while True:
                 self._done.wait(interval)
-                batch = []
-                while True:
-                    try:
-                        batch.append(self._events.get_nowait())
-                    except queue.Empty:
-                        break
+                batch = drain(self._events)
                 for kind, payload in batch:
                     if kind == "error":
                         finished = True

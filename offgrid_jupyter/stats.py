@@ -44,7 +44,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 psutil.cpu_percent(interval=None)  # start the CPU sampling window: later calls never block
 
 
-def _row(record: dict[str, Any]) -> tuple:
+def request_row(record: dict[str, Any]) -> tuple:
     tps, completion = record["tokens_per_second"] or 0.0, record["completion_tokens"]
     decode_ms = (completion - 1) / tps * 1000 if tps > 0 and completion > 1 else 0.0
     values = {**record, "decode_ms": round(decode_ms, 3)}
@@ -103,7 +103,7 @@ class RequestLog:
             self.ttft.labels(model).observe(record["ttft_ms"] / 1000)
         self.queue_wait.observe(record["queue_wait_ms"] / 1000)
         with self._cv:
-            self._buffer.append(_row(record))
+            self._buffer.append(request_row(record))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="offgrid-stats", daemon=True)
                 self._thread.start()

@@ -71,7 +71,7 @@ class ChatTurn:
                  history: bool = True):
         self.engine, self.store = engine, store
         engine.params(**(params or {}))  # a bad parameter fails before anything is stored
-        self._busy = ExitStack()  # released when the turn is over: the session's lock, its busy mark
+        self._held = ExitStack()  # released when the turn is over: the session's lock, its busy mark
         self.user_message: Message | None = None
         self.session_id = self.session_name = None
         if history:
@@ -81,7 +81,7 @@ class ChatTurn:
             if not lock.acquire(timeout=engine.queue_timeout):
                 raise QueueTimeoutError(f"Another turn in session {session!r} is still running after "
                                         f"{engine.queue_timeout:.0f} s. Try again later.")
-            self._busy.callback(lock.release)
+            self._held.callback(lock.release)
             try:
                 if replace:
                     self.user_message = store.replace_last_turn(session, content, message_id=replace,
@@ -89,7 +89,7 @@ class ChatTurn:
                 else:
                     self.user_message = store.add_message(session, "user", content, metadata=metadata)
             except BaseException:
-                self._busy.close()
+                self._held.close()
                 raise
             sess = store.get(self.user_message.session_id)
             self.session_id, self.session_name = sess.id, sess.name
@@ -99,7 +99,7 @@ class ChatTurn:
                 {"role": "user", "content": content}]
         try:
             if self.session_id:
-                self._busy.enter_context(store.busy(self.session_id))
+                self._held.enter_context(store.busy(self.session_id))
             self.generation: Generation = engine.generate(
                 messages, session_id=self.session_id, source=source, model=model, **(params or {}))
         except BaseException:
@@ -141,7 +141,7 @@ class ChatTurn:
             elif self.session_id:
                 self._rollback()
         finally:
-            self._busy.close()
+            self._held.close()
         return TurnResult(self.session_id, self.session_name, self.user_message, reply, result,
                           self.generation.model.sha256())
 
@@ -151,4 +151,4 @@ class ChatTurn:
                 self.store.delete_turn(self.user_message.session_id, self.user_message.id)
                 self.user_message = None
         finally:
-            self._busy.close()
+            self._held.close()

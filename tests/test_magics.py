@@ -1,6 +1,5 @@
 """The magics through a real IPython InteractiveShell on the real default model."""
 
-import json
 
 import pandas as pd
 import pytest
