@@ -36,7 +36,6 @@ COLUMNS = ("request_id", "started_at", "session_id", "model", "source", "prompt_
            "finish_reason", "error_type")
 COMPLETED = "finish_reason IN ('stop', 'length')"
 FINISH_REASONS = ["stop", "length", "cancelled", "error"]
-STRING_COLUMNS = ("request_id", "session_id", "session_name")
 INT_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens")
 FLOAT_COLUMNS = ("queue_wait_ms", "ttft_ms", "total_ms", "decode_ms", "tokens_per_second")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -300,7 +299,8 @@ def _epoch(value: Any) -> float:
 def requests_frame(store: Store, *, since: Any = None, until: Any = None, session: str | None = None,
                    model: str | None = None):
     """One row per recorded request, typed: UTC datetimes, int64 counts, float64
-    timings (NaN when there was no first token), categorical labels."""
+    timings (NaN when there was no first token), categorical labels (model, source,
+    finish reason, error type, session id and name)."""
     import numpy as np
     import pandas as pd
 
@@ -342,7 +342,7 @@ def requests_frame(store: Store, *, since: Any = None, until: Any = None, sessio
     table = np.array(rows, dtype=object).reshape(len(rows), len(names))
     col = {name: table[:, i] for i, name in enumerate(names)}
     session_names = dict(cursor.execute("SELECT id, name FROM sessions WHERE name IS NOT NULL").fetchall())
-    session_ids = pd.array(col["session_id"], dtype="string")
+    session_ids = pd.Series(pd.Categorical(col["session_id"]))  # a few hundred sessions, many requests
     ints = {c: col[c].astype("int64") for c in ("prompt_tokens", "cached_tokens", "completion_tokens")}
     # float64 turns the None of a request without a first token into NaN
     floats = {c: col[c].astype("float64") for c in ("queue_wait_ms", "ttft_ms", "total_ms", "tokens_per_second")}
@@ -354,10 +354,10 @@ def requests_frame(store: Store, *, since: Any = None, until: Any = None, sessio
         return pd.Categorical.from_codes(col[column].astype("int64"), categories=labels[column])
 
     frame = pd.DataFrame({
-        "request_id": pd.array(col["request_id"], dtype="string"),
+        "request_id": col["request_id"],
         "started_at": pd.to_datetime(col["started_at"].astype("float64"), unit="s", utc=True),
         "session_id": session_ids,
-        "session_name": pd.array(pd.Series(session_ids).map(session_names), dtype="string"),
+        "session_name": pd.Categorical(session_ids.map(session_names)),  # maps the categories, not the rows
         "model": categorical("model"),
         "source": categorical("source"),
         **ints,
@@ -380,8 +380,8 @@ def typed_frame(columns: list[str], data: list[list]):
     for c in columns:
         if c == "started_at":
             out[c] = pd.to_datetime(raw[c], utc=True, format="ISO8601").astype("datetime64[ns, UTC]")
-        elif c in STRING_COLUMNS:
-            out[c] = raw[c].astype("string")
+        elif c == "request_id":
+            out[c] = raw[c]  # pandas' default string type, as in requests_frame()
         elif c in INT_COLUMNS:
             out[c] = raw[c].astype("int64")
         elif c in FLOAT_COLUMNS:
@@ -399,7 +399,8 @@ def summarize(frame, by: list[str] | str = ("model", "session")):
 
     by = [by] if isinstance(by, str) else list(by)
     f = frame.assign(
-        session=frame["session_name"].fillna(frame["session_id"]).fillna("(none)").astype(str),
+        session=frame["session_name"].astype(object).fillna(frame["session_id"].astype(object))
+        .fillna("(none)").astype(str),
         hour=frame["started_at"].dt.floor("h"),
         completed=frame["finish_reason"].isin(["stop", "length"]),
         cancelled=frame["finish_reason"] == "cancelled",
