@@ -109,14 +109,19 @@ class GenerationResult:
         }
 
 
-def drain(q: queue.SimpleQueue) -> list:
-    """Everything waiting in *q* now, without blocking."""
+def take_batch(q: queue.SimpleQueue) -> list:
+    """Every event waiting in *q* now, without blocking; an ``("error", exc)``
+    event is raised as *exc*."""
     items = []
     while True:
         try:
             items.append(q.get_nowait())
         except queue.Empty:
-            return items
+            break
+    for kind, payload in items:
+        if kind == "error":
+            raise payload
+    return items
 
 
 class Generation:
@@ -213,14 +218,14 @@ class Generation:
                     last_pos = pos
                     yield [("queued", pos)]
                 self._done.wait(self._queue_wait(interval))
-                batch = drain(self._events)
+                try:
+                    batch = take_batch(self._events)
+                except BaseException:
+                    finished = True
+                    raise
                 if not batch:
                     finished = self._check_deadline()
                     continue
-                for kind, payload in batch:
-                    if kind == "error":
-                        finished = True
-                        raise payload
                 finished = batch[-1][0] == "complete"
                 yield batch
                 if finished:

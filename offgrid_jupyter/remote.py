@@ -13,7 +13,7 @@ import threading
 from typing import Any, Iterator
 
 from .client import Client
-from .engine import GenerationResult, drain
+from .engine import GenerationResult, take_batch
 from .errors import OffgridError
 from .store import Message
 from .turns import TurnResult
@@ -69,11 +69,11 @@ class RemoteGeneration:
         try:
             while True:
                 self._done.wait(interval)
-                batch = drain(self._events)
-                for kind, payload in batch:
-                    if kind == "error":
-                        finished = True
-                        raise payload
+                try:
+                    batch = take_batch(self._events)
+                except BaseException:
+                    finished = True
+                    raise
                 if batch:
                     finished = batch[-1][0] == "complete"
                     yield batch
