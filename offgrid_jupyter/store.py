@@ -38,10 +38,12 @@ from .errors import (
     SessionNotFoundError,
     StoreError,
 )
+from .validation import check_json, check_text
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SESSION_ID_RE = re.compile(r"^session-[0-9a-f]{12}$")
-MESSAGE_ID_RE = re.compile(r"^msg-[0-9a-f]{12}$")
+# always used with fullmatch(): "$" alone would also match before a trailing newline
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SESSION_ID_RE = re.compile(r"session-[0-9a-f]{12}")
+MESSAGE_ID_RE = re.compile(r"msg-[0-9a-f]{12}")
 ROLES = ("system", "user", "assistant", "tool")
 TITLE_LEN = 50
 DB_FILENAME = "offgrid.sqlite3"
@@ -66,6 +68,27 @@ def new_message_id() -> str:
     return "msg-" + uuid.uuid4().hex[:12]
 
 
+def _load_json(text: str | None, empty: Any) -> Any:
+    """A stored JSON column, never failing: a value this version cannot read back
+    (written by an older version without nesting bounds) becomes a note, so the
+    session it belongs to still reads and lists."""
+    if text is None or text in ("[]", "{}"):  # most rows hold the defaults: skip the parser
+        return empty
+    try:
+        return json.loads(text)
+    except (RecursionError, ValueError):
+        note = "unreadable: nested too deeply or not JSON"
+        return {"unreadable": note} if isinstance(empty, dict) or empty is None else [{"unreadable": note}]
+
+
+def _check_times(doc: dict, *keys: str) -> None:
+    for key in keys:
+        value = doc.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value < 1e11):
+            raise InvalidRequestError(f"{key} must be a time in epoch seconds, got {value!r}.")
+
+
 def make_title(content: str) -> str:
     text = " ".join(content.split())
     return text if len(text) <= TITLE_LEN else text[:TITLE_LEN] + "…"
@@ -86,6 +109,11 @@ class Message:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def interrupted(self) -> bool:
+        """A question left unanswered by a process that died (see ``Store.repair``)."""
+        return self.role == "user" and bool(self.metadata.get("interrupted"))
 
 
 @dataclass
@@ -114,7 +142,8 @@ class Session:
     def chat_messages(self) -> list[dict[str, str]]:
         """The conversation as ``[{role, content}]`` for the engine, system prompt first."""
         out = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        out += [{"role": m.role, "content": m.content} for m in self.messages or []]
+        out += [{"role": m.role, "content": m.content} for m in self.messages or []
+                if not m.interrupted]  # a question whose process died is not history
         return out
 
 
@@ -264,9 +293,38 @@ def m004_requests(conn: sqlite3.Connection) -> None:
     )
 
 
+def m005_turn_marks(conn: sqlite3.Connection) -> None:
+    """Busy marks name the question of the turn in flight and the process's start time
+    (so a reused pid is not mistaken for the process that died)."""
+    _statements(conn,
+        """
+        ALTER TABLE busy ADD COLUMN message_id TEXT;
+        ALTER TABLE busy ADD COLUMN pid_started REAL;
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests,
+    m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests, m005_turn_marks,
 ]
+
+
+def _started(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+_PROCESS_STARTED = _started(os.getpid())
+
+
+def _process_alive(pid: int, started: float | None) -> bool:
+    """Is the process that wrote a mark still running (the same process, not a reuse of its pid)?"""
+    now_started = _started(pid)
+    if now_started is None:
+        return False
+    return started is None or abs(now_started - started) < 1.0
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -317,6 +375,7 @@ class Store:
         self._cache: dict[str, _Cached] = {}
         self._cache_lock = threading.Lock()
         self._migrate()
+        self.repair()  # what a crashed process left: its marks, its unanswered questions
         self.prune()
 
     # -- connections ------------------------------------------------------------
@@ -404,20 +463,39 @@ class Store:
     # -- validation ------------------------------------------------------------------
     @staticmethod
     def check_name(name: Any) -> str:
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            shown = ascii(name) if isinstance(name, str) else repr(name)
             raise InvalidNameError(
-                f"Invalid session name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                f"Invalid session name {shown[:80]}: use 1-64 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit."
             )
-        if SESSION_ID_RE.match(name):
+        if SESSION_ID_RE.fullmatch(name):
             raise InvalidNameError(f"Invalid session name {name!r}: names may not look like session ids.")
         return name
+
+    @staticmethod
+    def _check_fields(**fields: Any) -> None:
+        """Optional text fields must be encodable strings; metadata-like fields plain, shallow JSON."""
+        for name, value in fields.items():
+            if value is None:
+                continue
+            if name in ("metadata", "context", "usage"):
+                if not isinstance(value, dict):
+                    raise InvalidRequestError(f"{name} must be a JSON object.")
+                check_json(value, name)
+            elif name in ("tool_calls", "tool_results"):
+                if not isinstance(value, list):
+                    raise InvalidRequestError(f"{name} must be a JSON array.")
+                check_json(value, name)
+            else:
+                check_text(value, name)
 
     def _check_content(self, role: Any, content: Any) -> None:
         if role not in ROLES:
             raise InvalidRequestError(f"Invalid role {role!r}: use one of {', '.join(ROLES)}.")
         if not isinstance(content, str) or not content.strip():
             raise InvalidRequestError("Message content must be a non-empty string.")
+        check_text(content, "Message content")
         size = len(content.encode("utf-8"))
         if size > self.max_content_bytes:
             raise ContentTooLargeError(
@@ -432,25 +510,26 @@ class Store:
             id=row["id"], name=row["name"], title=row["title"], system_prompt=row["system_prompt"],
             profile=row["profile"], model=row["model"], created_at=row["created_at"],
             updated_at=row["updated_at"], last_access_at=row["last_access_at"], ended=bool(row["ended"]),
-            metadata=json.loads(row["metadata"]), message_count=row["message_count"],
+            metadata=_load_json(row["metadata"], {}), message_count=row["message_count"],
         )
 
     @staticmethod
     def _message(row: sqlite3.Row) -> Message:
-        def load(text: str | None, empty: Any) -> Any:  # most rows hold the defaults: skip the parser
-            return empty if text is None or text in ("[]", "{}") else json.loads(text)
-
+        usage = _load_json(row["usage"], None)
         return Message(
             id=row["id"], session_id=row["session_id"], role=row["role"], content=row["content"],
-            timestamp=row["timestamp"], tool_calls=load(row["tool_calls"], []),
-            tool_results=load(row["tool_results"], []), usage=json.loads(row["usage"]) if row["usage"] else None,
-            finish_reason=row["finish_reason"], metadata=load(row["metadata"], {}),
+            timestamp=row["timestamp"], tool_calls=_load_json(row["tool_calls"], []),
+            tool_results=_load_json(row["tool_results"], []), usage=usage if isinstance(usage, dict) else None,
+            finish_reason=row["finish_reason"], metadata=_load_json(row["metadata"], {}),
         )
 
     def _row(self, conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
         if not isinstance(ref, str) or not ref:
             raise SessionNotFoundError(f"No session {ref!r}: give a session id or name.")
-        col = "id" if SESSION_ID_RE.match(ref) else "name"
+        if not (SESSION_ID_RE.fullmatch(ref) or NAME_RE.fullmatch(ref)):  # no such name can exist
+            raise SessionNotFoundError(f"No session {ascii(ref)[:80]}: that is not a valid session id or name. "
+                                       "`%offgrid sessions` lists them.")
+        col = "id" if SESSION_ID_RE.fullmatch(ref) else "name"
         row = conn.execute(f"SELECT * FROM sessions WHERE {col} = ?", (ref,)).fetchone()
         if row is None:
             raise SessionNotFoundError(f"No session with {col} {ref!r}. `%offgrid sessions` lists them.")
@@ -466,8 +545,8 @@ class Store:
                model: str | None = None, metadata: dict | None = None, title: str | None = None) -> Session:
         if name is not None:
             self.check_name(name)
-        if metadata is not None and not isinstance(metadata, dict):
-            raise InvalidRequestError("metadata must be a JSON object.")
+        self._check_fields(system_prompt=system_prompt, profile=profile, model=model, metadata=metadata, title=title)
+        self.prune()  # sessions left empty go before new ones arrive (reads never prune)
         sid, now = new_session_id(), self.clock()
 
         def insert(conn: sqlite3.Connection) -> None:
@@ -522,7 +601,6 @@ class Store:
             raise InvalidRequestError("limit must be an integer between 1 and 10000.")
         if not isinstance(offset, int) or offset < 0:
             raise InvalidRequestError("offset must be a non-negative integer.")
-        self.prune()
         rows = self._conn().execute(
             "SELECT * FROM sessions ORDER BY updated_at DESC, rowid DESC LIMIT ? OFFSET ?", (limit, offset))
         return [self._session(r) for r in rows]
@@ -555,11 +633,10 @@ class Store:
     def update(self, ref: str, *, system_prompt: str | None = None, model: str | None = None,
                profile: str | None = None, title: str | None = None, metadata: dict | None = None) -> Session:
         """Set the given fields (None leaves a field as it is)."""
+        self._check_fields(system_prompt=system_prompt, model=model, profile=profile, title=title, metadata=metadata)
         fields = {k: v for k, v in (("system_prompt", system_prompt), ("model", model), ("profile", profile),
                                     ("title", title)) if v is not None}
         if metadata is not None:
-            if not isinstance(metadata, dict):
-                raise InvalidRequestError("metadata must be a JSON object.")
             fields["metadata"] = json.dumps(metadata)
 
         def apply(conn: sqlite3.Connection) -> str:
@@ -633,6 +710,8 @@ class Store:
                     metadata: dict | None = None) -> Message:
         """Append one message atomically (it is durable when this returns)."""
         self._check_content(role, content)
+        self._check_fields(tool_calls=tool_calls, tool_results=tool_results, usage=usage, metadata=metadata,
+                           finish_reason=finish_reason)
         fields = dict(tool_calls=tool_calls, tool_results=tool_results, usage=usage, finish_reason=finish_reason,
                       metadata=metadata)
         now = self.clock()
@@ -661,17 +740,20 @@ class Store:
         end = next((i for i in users if i > start), len(rows))
         return rows[start:end]
 
+    def _drop_turn(self, conn: sqlite3.Connection, sid: str, message_id: str | None, now: float) -> int:
+        turn = self._last_turn(conn, sid, message_id)
+        conn.executemany("DELETE FROM messages WHERE seq = ?", [(r["seq"],) for r in turn])
+        if turn:
+            self._bump(conn, sid, now, -len(turn))
+        return len(turn)
+
     def delete_turn(self, ref: str, message_id: str | None = None) -> int:
         """Delete one turn (the last by default): its user message and the replies after it."""
         now = self.clock()
 
         def remove(conn: sqlite3.Connection) -> tuple[str, int]:
             sid = self._row(conn, ref)["id"]
-            turn = self._last_turn(conn, sid, message_id)
-            conn.executemany("DELETE FROM messages WHERE seq = ?", [(r["seq"],) for r in turn])
-            if turn:
-                self._bump(conn, sid, now, -len(turn))
-            return sid, len(turn)
+            return sid, self._drop_turn(conn, sid, message_id, now)
 
         sid, n = self._tx(remove)
         self._forget(sid)
@@ -685,10 +767,7 @@ class Store:
 
         def replace(conn: sqlite3.Connection) -> Message:
             sid = self._row(conn, ref)["id"]
-            turn = self._last_turn(conn, sid, message_id)
-            conn.executemany("DELETE FROM messages WHERE seq = ?", [(r["seq"],) for r in turn])
-            if turn:
-                self._bump(conn, sid, now, -len(turn))
+            self._drop_turn(conn, sid, message_id, now)
             return self._insert_message(conn, sid, "user", content, now, fields)
 
         msg = self._tx(replace)
@@ -782,8 +861,7 @@ class Store:
 
     def resume(self, ref: str, context: dict | None = None) -> Session:
         """Store *context* on the session (``metadata["context"]``), un-end it and mark it active."""
-        if context is not None and not isinstance(context, dict):
-            raise InvalidRequestError("context must be a JSON object.")
+        self._check_fields(context=context)
         now = self.clock()
 
         def apply(conn: sqlite3.Connection) -> str:
@@ -826,27 +904,127 @@ class Store:
             "retention_days": self.retention_days,
         }
 
-    # -- busy marks and pruning ----------------------------------------------------------------
+    # -- busy marks, turns in flight, repair after a crash ---------------------------------------
+    def _mark(self, conn: sqlite3.Connection, sid: str, message_id: str | None = None) -> str:
+        token = uuid.uuid4().hex
+        conn.execute("INSERT INTO busy (token, session_id, pid, since, message_id, pid_started) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", (token, sid, os.getpid(), self.clock(), message_id, _PROCESS_STARTED))
+        return token
+
     @contextmanager
     def busy(self, ref: str) -> Iterator[str]:
         """Mark a session as having a generation queued or running (pruning skips it)."""
-        token, sid = uuid.uuid4().hex, self._row(self._conn(), ref)["id"]
-        self._tx(lambda c: c.execute("INSERT INTO busy VALUES (?, ?, ?, ?)", (token, sid, os.getpid(), self.clock())))
+        sid = self._row(self._conn(), ref)["id"]
+        token = self._tx(lambda c: self._mark(c, sid))
         try:
             yield sid
         finally:
             self._tx(lambda c: c.execute("DELETE FROM busy WHERE token = ?", (token,)))
 
+    def begin_turn(self, ref: str, content: str, *, metadata: dict | None = None,
+                   replace: str | None = None) -> tuple[Message, str]:
+        """Store a turn's question and mark the turn in flight, in one transaction.
+
+        The mark names this process and the question, so if the process dies before
+        :meth:`end_turn`, :meth:`repair` finds the unanswered question and keeps it
+        out of later prompts. *replace* drops the turn that message started first (a
+        re-run cell). Returns the message and the mark's token."""
+        self._check_content("user", content)
+        self._check_fields(metadata=metadata)
+        now = self.clock()
+
+        def apply(conn: sqlite3.Connection) -> tuple[Message, str]:
+            sid = self._row(conn, ref)["id"]
+            self._repair(conn, self._dead_marks(conn, sid))
+            if replace is not None:
+                self._drop_turn(conn, sid, replace, now)
+            msg = self._insert_message(conn, sid, "user", content, now, {"metadata": metadata})
+            return msg, self._mark(conn, sid, msg.id)
+
+        msg, token = self._tx(apply)
+        self._forget(msg.session_id)
+        return msg, token
+
+    def end_turn(self, token: str, session_id: str, reply: str | None = None, **fields: Any) -> Message | None:
+        """Store a turn's reply (when there is one) and clear its mark, in one transaction.
+        Raises SessionNotFoundError (after clearing the mark) if the session was deleted meanwhile."""
+        if reply is not None:
+            self._check_content("assistant", reply)
+            self._check_fields(**fields)
+        now = self.clock()
+
+        def apply(conn: sqlite3.Connection) -> Message | bool | None:
+            conn.execute("DELETE FROM busy WHERE token = ?", (token,))
+            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
+                return False
+            return self._insert_message(conn, session_id, "assistant", reply, now, fields) if reply else None
+
+        out = self._tx(apply)
+        self._forget(session_id)
+        if out is False:
+            raise SessionNotFoundError(f"Session {session_id} was deleted while the reply was being generated; "
+                                       "the reply was not stored.")
+        return out
+
+    def abandon_turn(self, token: str, session_id: str, message_id: str) -> None:
+        """Take a turn's question back out and clear its mark (its generation failed or
+        was stopped before any text), in one transaction."""
+        now = self.clock()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM busy WHERE token = ?", (token,))
+            if conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone() is not None:
+                self._drop_turn(conn, session_id, message_id, now)  # unless deleted meanwhile
+
+        self._tx(apply)
+        self._forget(session_id)
+
+    def _dead_marks(self, conn: sqlite3.Connection, sid: str | None = None) -> list[sqlite3.Row]:
+        sql = "SELECT token, session_id, pid, pid_started, message_id FROM busy"
+        rows = conn.execute(sql + " WHERE session_id = ?", (sid,)) if sid else conn.execute(sql)
+        return [r for r in rows if not _process_alive(r["pid"], r["pid_started"])]
+
+    def _repair(self, conn: sqlite3.Connection, marks: list[sqlite3.Row]) -> int:
+        """Mark the questions of turns whose process died as interrupted, and clear
+        those marks. An interrupted question stays visible but out of prompts."""
+        repaired = 0
+        for mark in marks:
+            conn.execute("DELETE FROM busy WHERE token = ?", (mark["token"],))
+            if not mark["message_id"]:
+                continue
+            row = conn.execute("SELECT metadata FROM messages WHERE id = ? AND session_id = ? AND role = 'user'",
+                               (mark["message_id"], mark["session_id"])).fetchone()
+            if row is None:
+                continue
+            meta = _load_json(row["metadata"], {})
+            meta["interrupted"] = "the process answering it stopped before replying"
+            conn.execute("UPDATE messages SET metadata = ? WHERE id = ?", (json.dumps(meta), mark["message_id"]))
+            conn.execute("UPDATE sessions SET version = version + 1 WHERE id = ?", (mark["session_id"],))
+            repaired += 1
+        return repaired
+
+    def repair(self, ref: str | None = None) -> int:
+        """Repair what dead processes left (all sessions, or one): their busy marks go,
+        and the questions they never answered are marked interrupted. Runs when a store
+        opens and before every turn; returns how many questions it marked."""
+        conn = self._conn()
+        sid = self._row(conn, ref)["id"] if ref is not None else None
+        if not self._dead_marks(conn, sid):  # the usual case: a read, no write lock taken
+            return 0
+
+        def apply(c: sqlite3.Connection) -> tuple[int, set[str]]:
+            marks = self._dead_marks(c, sid)  # again, inside the write transaction
+            return self._repair(c, marks), {m["session_id"] for m in marks}
+
+        marked, touched = self._tx(apply)
+        for s in touched:
+            self._forget(s)
+        return marked
+
     def _busy_ids(self, conn: sqlite3.Connection) -> set[str]:
         ids: set[str] = set(self.busy_sessions() if self.busy_sessions else ())
-        stale = []
-        for row in conn.execute("SELECT token, session_id, pid FROM busy"):
-            if psutil.pid_exists(row["pid"]):
-                ids.add(row["session_id"])
-            else:
-                stale.append((row["token"],))
-        if stale:  # marks left by a process that died
-            conn.executemany("DELETE FROM busy WHERE token = ?", stale)
+        self._repair(conn, self._dead_marks(conn))
+        ids.update(r[0] for r in conn.execute("SELECT session_id FROM busy"))
         return ids
 
     def prune(self) -> int:
@@ -902,7 +1080,7 @@ class Store:
             [r[0] for r in self._conn().execute("SELECT id FROM sessions ORDER BY created_at")]
         paths = []
         for sid in ids:
-            assert SESSION_ID_RE.match(sid)  # ids, never names, become file names
+            assert SESSION_ID_RE.fullmatch(sid)  # ids, never names, become file names
             path = target / f"{sid}.json"
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self._export_doc(self.get(sid)), ensure_ascii=False, indent=1))
@@ -927,15 +1105,25 @@ class Store:
         if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
             raise InvalidRequestError(f"Cannot import {file}: expected an object with a 'messages' list.")
         sid = doc.get("id")
-        if not isinstance(sid, str) or not SESSION_ID_RE.match(sid):
+        if not isinstance(sid, str) or not SESSION_ID_RE.fullmatch(sid):
             raise InvalidRequestError(f"Cannot import {file}: 'id' must look like session-<12 hex>.")
         name = doc.get("name")
         if name is not None:
             self.check_name(name)
-        for i, m in enumerate(doc["messages"]):
-            if not isinstance(m, dict) or not MESSAGE_ID_RE.match(str(m.get("id", ""))):
-                raise InvalidRequestError(f"Cannot import {file}: messages[{i}] needs an id like msg-<12 hex>.")
-            self._check_content(m.get("role"), m.get("content"))
+        try:
+            self._check_fields(system_prompt=doc.get("system_prompt"), title=doc.get("title"),
+                               model=doc.get("model"), profile=doc.get("profile_name"), metadata=doc.get("metadata"))
+            _check_times(doc, "created_at", "updated_at")
+            for i, m in enumerate(doc["messages"]):
+                if not isinstance(m, dict) or not MESSAGE_ID_RE.fullmatch(str(m.get("id", ""))):
+                    raise InvalidRequestError(f"messages[{i}] needs an id like msg-<12 hex>.")
+                self._check_content(m.get("role"), m.get("content"))
+                self._check_fields(tool_calls=m.get("tool_calls"), tool_results=m.get("tool_results"),
+                                   usage=m.get("usage"), metadata=m.get("metadata"),
+                                   finish_reason=m.get("finish_reason"))
+                _check_times(m, "timestamp")
+        except InvalidRequestError as exc:
+            raise type(exc)(f"Cannot import {file}: {exc}") from None
         now = self.clock()
 
         def apply(conn: sqlite3.Connection) -> None:

@@ -49,9 +49,11 @@ def cstore(tmp_path, clock):
 def test_database_is_wal_with_recorded_migrations(store):
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests"]
+    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests",
+                                  "m005_turn_marks"]
     Store(store.path)  # reopening applies nothing twice
-    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests"]
+    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests",
+                                  "m005_turn_marks"]
 
 
 def test_data_dir_honours_offgrid_home(tmp_path, monkeypatch):
@@ -264,7 +266,8 @@ def test_pruning_empty_sessions_spares_busy_ones(tmp_path, clock):
     assert st.prune() == 0  # younger than 60 s
     clock.advance(31)
     with st.busy(marked.id):
-        assert len(st.list()) == 3  # list prunes: only `empty` goes
+        assert len(st.list()) == 4  # reading never prunes
+        assert st.prune() == 1  # only `empty` goes
     assert not st.exists(empty.id) and st.exists(queued.id) and st.exists(marked.id)
     busy_in_engine.clear()
     assert st.prune() == 2
@@ -274,7 +277,8 @@ def test_busy_mark_of_a_dead_process_does_not_protect(tmp_path, clock):
     st = Store(tmp_path / "db.sqlite3", clock=clock)
     s = st.create()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    st._tx(lambda c: c.execute("INSERT INTO busy VALUES ('t', ?, ?, 0)", (s.id, int(dead.stdout))))
+    st._tx(lambda c: c.execute("INSERT INTO busy (token, session_id, pid, since) VALUES ('t', ?, ?, 0)",
+                               (s.id, int(dead.stdout))))
     clock.advance(120)
     assert st.prune() == 1
 
@@ -377,3 +381,120 @@ def test_writer_killed_mid_write_leaves_a_consistent_database(tmp_path):
     assert len(msgs) >= 1 and len(msgs) == reopened.get(s.id).message_count
     assert all(m.content == f"k:{m.metadata['i']}:" + "x" * 20000 for m in msgs)  # no partial message
     reopened.add_message(s.id, "user", "still writable")
+
+
+# -- hostile input: the store refuses what it could not keep or read back ----------------------
+@pytest.mark.parametrize("name", ["abc\n", "abc\r\n", "\nabc", "a b", "ab\x00c", "é", "a" * 65, "", "-abc",
+                                  "session-0123456789ab", "x\ud800"])
+def test_names_are_matched_whole(store, name):
+    with pytest.raises(InvalidNameError):
+        store.create(name)
+    assert store.count() == 0
+
+
+def test_lone_surrogates_are_refused_everywhere_and_nothing_is_stored(store):
+    s = store.create("ok")
+    bad = "before \ud800 after"
+    for call in (lambda: store.create(None, system_prompt=bad), lambda: store.create(None, profile=bad),
+                 lambda: store.create(None, metadata={"k": bad}), lambda: store.create(None, metadata={bad: 1}),
+                 lambda: store.add_message(s.id, "user", bad),
+                 lambda: store.add_message(s.id, "user", "fine", metadata={"deep": [bad]}),
+                 lambda: store.update(s.id, system_prompt=bad), lambda: store.begin_turn(s.id, bad)):
+        with pytest.raises(InvalidRequestError, match="lone surrogate"):
+            call()
+    assert store.count() == 1 and store.get(s.id).messages == []
+
+
+def _nested(depth):
+    value = "leaf"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+def test_nesting_is_bounded_on_the_way_in(store):
+    s = store.create("n", metadata=_nested(32))  # 32 objects inside each other: the limit
+    with pytest.raises(InvalidRequestError, match="the limit is 32"):
+        store.create("too-deep", metadata=_nested(33))
+    with pytest.raises(InvalidRequestError, match="the limit is 32"):
+        store.add_message(s.id, "user", "hi", metadata={"a": [[[_nested(40)]]]})
+    with pytest.raises(InvalidRequestError, match="not a JSON number"):
+        store.create("nan", metadata={"x": float("nan")})
+    assert [x.name for x in store.list()] == ["n"]
+
+
+def test_a_session_stored_by_an_older_version_with_deep_json_still_reads_and_lists(store):
+    s = store.create("legacy")
+    store.add_message(s.id, "user", "hello")
+    deep = "[" * 5000 + "]" * 5000  # what the first wave let through: json.loads cannot read it back
+    store.transaction(lambda c: c.execute("UPDATE sessions SET metadata = ?, version = version + 1 WHERE id = ?",
+                                          (deep, s.id)))
+    fresh = Store(store.path)
+    assert fresh.list()[0].metadata == {"unreadable": "unreadable: nested too deeply or not JSON"}
+    session = fresh.get("legacy")
+    assert session.messages[0].content == "hello" and "unreadable" in session.metadata
+    assert len(fresh.sessions_frame()) == 1 and json.dumps(session.to_dict())
+
+
+def test_reading_has_no_side_effects(cstore, clock):
+    empty = cstore.create()
+    clock.advance(120)
+    assert [s.id for s in cstore.list()] == [empty.id]  # listing never prunes
+    assert cstore.exists(empty.id)
+    cstore.create("next")  # creating does: sessions left empty go first
+    assert not cstore.exists(empty.id)
+
+
+# -- a turn in flight, and what a crash leaves ------------------------------------------------
+def test_a_turn_stores_its_question_and_mark_then_its_reply_atomically(store):
+    s = store.create("t")
+    question, mark = store.begin_turn(s.id, "Why?", metadata={"cell_id": "c"})
+    assert store.transaction(lambda c: c.execute("SELECT message_id FROM busy").fetchall())[0][0] == question.id
+    reply = store.end_turn(mark, s.id, "Because.", finish_reason="stop", usage={"completion_tokens": 2})
+    assert [m.role for m in store.messages(s.id)] == ["user", "assistant"] and reply.finish_reason == "stop"
+    assert store.transaction(lambda c: c.execute("SELECT count(*) FROM busy").fetchone()[0]) == 0
+    q2, mark2 = store.begin_turn(s.id, "And?")
+    store.abandon_turn(mark2, s.id, q2.id)  # failed before any text: the question goes again
+    assert [m.content for m in store.messages(s.id)] == ["Why?", "Because."]
+    q3, mark3 = store.begin_turn(s.id, "Once more", replace=question.id)  # a re-run cell's turn replaces it
+    store.end_turn(mark3, s.id, None)
+    assert [m.content for m in store.messages(s.id)] == ["Once more"]
+    _, mark4 = store.begin_turn(s.id, "Deleted meanwhile?")
+    store.delete(s.id)
+    with pytest.raises(SessionNotFoundError, match="deleted while the reply"):
+        store.end_turn(mark4, s.id, "lost")
+    assert store.transaction(lambda c: c.execute("SELECT count(*) FROM busy").fetchone()[0]) == 0
+
+
+def test_a_killed_process_s_unanswered_question_is_repaired_on_open(tmp_path):
+    db = tmp_path / "db.sqlite3"
+    store = Store(db)
+    s = store.create("crash")
+    store.add_message(s.id, "user", "First question.")
+    store.add_message(s.id, "assistant", "First answer.")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from offgrid_jupyter.store import Store; "
+         "Store(sys.argv[1]).begin_turn('crash', 'Asked, then killed.'); print('ready', flush=True); time.sleep(60)",
+         str(db)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    alive = Store(db)  # the asker is alive: its turn is left alone
+    assert not alive.get(s.id).messages[-1].interrupted
+    proc.kill()
+    proc.wait(timeout=30)
+    reopened = Store(db)  # opening repairs: the question stays visible, marked, and out of the prompt
+    msgs = reopened.get(s.id).messages
+    assert [m.content for m in msgs][-1] == "Asked, then killed." and msgs[-1].interrupted
+    assert [m["content"] for m in reopened.get(s.id).chat_messages()] == ["First question.", "First answer."]
+    assert reopened.transaction(lambda c: c.execute("SELECT count(*) FROM busy").fetchone()[0]) == 0
+    question, mark = reopened.begin_turn(s.id, "Next question.")  # later turns stack nothing on it
+    reopened.end_turn(mark, s.id, "Next answer.")
+    roles = [m["role"] for m in reopened.get(s.id).chat_messages()]
+    assert roles == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_reused_pid_does_not_keep_a_dead_turn_alive(store):
+    s = store.create("pid")
+    question, _ = store.begin_turn(s.id, "Whose?")
+    # the mark claims this very pid, but a process started at another time: a reused pid
+    store.transaction(lambda c: c.execute("UPDATE busy SET pid_started = pid_started - 1000"))
+    assert store.repair() == 1 and store.get(s.id).messages[-1].interrupted
