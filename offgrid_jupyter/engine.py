@@ -14,14 +14,18 @@ llama-cpp-python's own prefix matching then evaluates only the new tokens.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import hashlib
 import logging
+import math
 import os
 import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
@@ -35,12 +39,17 @@ from .errors import (
     OffgridError,
     QueueTimeoutError,
 )
+from .llamacpp import LlamaModel
 from .models import ModelInfo, resolve_model
+from .threads import ThreadTuner
 
 log = logging.getLogger(__name__)
 
 QUEUED_THRESHOLD_MS = 10.0  # a request that waited longer than this "was queued"
 MB = 1 << 20
+MAX_TOKENS_LIMIT = 1_000_000  # the context ends a reply long before; a bound keeps numbers sane
+MAX_SEED = 2**32 - 2  # llama.cpp seeds are uint32; 2**32 - 1 means "random" to it
+TOKEN_COUNT_CACHE = 8192  # per-message token counts kept for fitting long histories
 
 
 def available_cores() -> int:
@@ -49,6 +58,10 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+def _num(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
 
 
 @dataclass
@@ -61,12 +74,22 @@ class GenerationParams:
     seed: int | None = None
 
     def validate(self) -> "GenerationParams":
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}.")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 5:
-            raise InvalidRequestError(f"temperature must be a number between 0 and 5, got {self.temperature!r}.")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise InvalidRequestError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        def number(name: str, low: float, high: float, *, integer: bool = False, low_open: bool = False) -> None:
+            value = getattr(self, name)
+            kind = "an integer" if integer else "a number"
+            ok = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+                  and math.isfinite(value) and (low < value if low_open else low <= value) and value <= high)
+            if not ok:
+                bounds = f"{'above' if low_open else 'from'} {_num(low)} {'up ' if low_open else ''}to {_num(high)}"
+                raise InvalidRequestError(f"{name} must be {kind} {bounds}, got {value!r}.")
+
+        number("max_tokens", 1, MAX_TOKENS_LIMIT, integer=True)
+        number("temperature", 0, 5)
+        number("top_p", 0, 1)
+        number("top_k", 0, 100_000, integer=True)
+        number("repeat_penalty", 0, 10, low_open=True)
+        if self.seed is not None:
+            number("seed", 0, MAX_SEED, integer=True)
         return self
 
 
@@ -133,6 +156,9 @@ class Generation:
     ``("token", delta)`` and finally ``("complete", GenerationResult)``. A failed
     request raises its error from the iterator after recording it. Closing the
     iterator early (or calling :meth:`cancel`) cancels the request.
+
+    ``aevents()`` and ``wait_async()`` are the same for asyncio code (the server):
+    they wait on the event loop, never in a thread of a bounded pool.
     """
 
     def __init__(self, engine: "Engine", messages: list[dict], session_id: str | None,
@@ -153,6 +179,8 @@ class Generation:
         self._cancel = threading.Event()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
+        self._finished: Future = Future()  # resolved with the result (or the error) when done
+        self._wakers: list[Callable[[], None]] = []  # called after every event (asyncio consumers)
         self._error: BaseException | None = None
 
     # -- consumer side -------------------------------------------------------
@@ -251,6 +279,73 @@ class Generation:
         assert self.result is not None
         return self.result
 
+    async def aevents(self, poll_interval: float = 0.5, *, repeat_queued: bool = False):
+        """:meth:`events` for asyncio: waits on the event loop (woken by the engine
+        thread), so any number of waiting requests hold no thread. Leaving the loop
+        early (or the task being cancelled) cancels the request."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def waker() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        self._wakers.append(waker)
+        finished = False
+        try:
+            last_pos = None
+            while True:
+                wake.clear()
+                try:
+                    batch = take_batch(self._events)
+                except BaseException:
+                    finished = True
+                    raise
+                for kind, payload in batch:
+                    if kind == "complete":
+                        finished = True
+                    yield kind, payload
+                    if finished:
+                        return
+                if batch:
+                    continue
+                if self.state == "queued":
+                    pos = self.position
+                    if pos != last_pos or repeat_queued:
+                        last_pos = pos
+                        yield "queued", pos
+                try:
+                    await asyncio.wait_for(wake.wait(), self._queue_wait(poll_interval))
+                except asyncio.TimeoutError:
+                    finished = self._check_deadline()
+        finally:
+            self._wakers.remove(waker)
+            if not finished:
+                self.cancel()
+
+    async def wait_async(self) -> GenerationResult:
+        """:meth:`wait` for asyncio: no thread is held while the request waits or runs."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def resolved(_f: Future) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        self._finished.add_done_callback(resolved)
+        try:
+            while not done.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), self._queue_wait(None))
+                except asyncio.TimeoutError:
+                    self._check_deadline()
+        except BaseException:  # cancelled (the client went away) or timed out in the queue
+            if not self._done.is_set():
+                self.cancel()
+            raise
+        if self._error is not None:
+            raise self._error
+        assert self.result is not None
+        return self.result
+
     def _queue_wait(self, interval: float | None) -> float | None:
         """How long a waiter may block: *interval*, but never past the queue
         deadline while queued. Past the deadline a request that has just
@@ -279,6 +374,12 @@ class Generation:
         self._events.put((kind, payload))
         if kind in ("complete", "error"):
             self._done.set()
+            if kind == "error":
+                self._finished.set_exception(payload)
+            else:
+                self._finished.set_result(payload)
+        for waker in tuple(self._wakers):
+            waker()
 
 
 class _KVSnapshot:
@@ -342,37 +443,6 @@ class KVCache:
         }
 
 
-class _PromptCaptured(Exception):
-    def __init__(self, kwargs: dict):
-        self.kwargs = kwargs
-
-
-class _CaptureLlama:
-    """Stands in for the Llama when running a chat handler, to capture the exact
-    ``create_completion`` call it would make (prompt tokens, stop strings,
-    stopping criteria) without generating. Everything else is the real Llama."""
-
-    def __init__(self, llm):
-        self._llm = llm
-
-    def __getattr__(self, name):
-        return getattr(self._llm, name)
-
-    def create_completion(self, **kwargs):
-        raise _PromptCaptured(kwargs)
-
-
-class _NoRedirect:
-    def __init__(self, disable: bool = True):
-        pass
-
-    def __enter__(self) -> "_NoRedirect":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     if n == 0:
@@ -408,14 +478,16 @@ class Engine:
         self.kv = KVCache(kv_cache_bytes)
         self.recorders: list[Callable[[dict], None]] = []
 
+        self.tuner = ThreadTuner(self.n_threads)
+
         self._model: ModelInfo | None = None
-        self._llm = None
+        self._llm: LlamaModel | None = None
         self._owner: str | None = None  # session whose conversation is in the context
         self._owner_dirty = False
         self._loaded: ModelInfo | None = None
-        self._abort_flag = False
-        self._abort_cb = None
-        self._no_abort_cb = None
+        self._abort_flag = False  # read by llama.cpp's abort callback during prompt evaluation
+        self._token_counts: OrderedDict[tuple[str, str], int] = OrderedDict()  # (model, message digest) -> tokens
+        self._overhead = 8.0  # template tokens per message, learnt from each fitted prompt
 
         self._cv = threading.Condition()
         self._pending: deque[Generation] = deque()
@@ -478,6 +550,7 @@ class Engine:
             current = self._current
             return {
                 "generating_session_id": current.session_id if current else None,
+                "generating_request_id": current.request_id if current else None,
                 "queued_session_ids": [g.session_id for g in self._pending],
             }
 
@@ -510,6 +583,7 @@ class Engine:
         return {
             "name": m.name, "path": str(m.path), "source": m.source, "size_bytes": m.size_bytes,
             "loaded": self.loaded, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
+            "decode_threads": self.tuner.current,
             "chat_format": getattr(self._llm, "chat_format", self.chat_format),
         }
 
@@ -607,117 +681,100 @@ class Engine:
                     self._abort_flag = False
 
     # -- the model ------------------------------------------------------------------
-    def _load(self, info: ModelInfo):
+    def _load(self, info: ModelInfo) -> LlamaModel:
         if self._llm is not None and self._loaded == info:
             return self._llm
-        import llama_cpp
-        import llama_cpp._internals
-        import llama_cpp.llama
-
-        # llama-cpp-python's quiet mode (verbose=False) swaps sys.stdout/stderr and
-        # file descriptors 1/2 for the whole process while it loads a model. From the
-        # engine thread that would swallow the kernel's own output meanwhile, and undo
-        # a redirect the user's code makes meanwhile. Its log messages are still
-        # filtered by level (verbose=False), which is all the quiet we need.
-        llama_cpp.llama.suppress_stdout_stderr = _NoRedirect
-        llama_cpp._internals.suppress_stdout_stderr = _NoRedirect
         self._unload()
-        try:
-            llm = llama_cpp.Llama(
-                model_path=str(info.path), n_ctx=self.n_ctx, n_batch=self.n_batch,
-                n_threads=self.n_threads, n_threads_batch=self.n_threads,
-                chat_format=self.chat_format, verbose=False,
-            )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise InvalidModelError(f"llama.cpp could not load the model {info.path}: {exc}. "
-                                    "The file may be truncated or of an unsupported architecture.") from exc
-        self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: self._abort_flag)
-        self._no_abort_cb = llama_cpp.ggml_abort_callback(0)
-        self._llm = llm
-        self._loaded = info
-        self._owner = None
+        llm = LlamaModel(str(info.path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
+                         chat_format=self.chat_format, should_abort=lambda: self._abort_flag)
+        self._llm, self._loaded, self._owner = llm, info, None
         return llm
 
     def _unload(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
         self._llm = None
         self._loaded = None
         self._owner = None
         self.kv.clear()
 
-    def _set_abort(self, on: bool) -> None:
-        import llama_cpp
+    def _count(self, llm: LlamaModel, message: dict) -> int:
+        """Tokens of one message's text (cached: a long history is tokenized once, not per turn)."""
+        key = (str(self._loaded.path) if self._loaded else "",
+               hashlib.blake2b(f"{message['role']}\0{message['content']}".encode("utf-8", "surrogatepass"),
+                               digest_size=16).hexdigest())
+        n = self._token_counts.get(key)
+        if n is None:
+            n = len(llm.tokenize(message["content"]))
+            self._token_counts[key] = n
+            if len(self._token_counts) > TOKEN_COUNT_CACHE:
+                self._token_counts.popitem(last=False)
+        else:
+            self._token_counts.move_to_end(key)
+        return n
 
-        llama_cpp.llama_set_abort_callback(self._llm.ctx, self._abort_cb if on else self._no_abort_cb, None)
+    def _fit(self, llm: LlamaModel, messages: list[dict], params: GenerationParams) -> dict:
+        """Format the prompt, dropping the oldest turns (never the system prompt or the
+        last message) until it leaves room for at least a short reply.
 
-    def _format(self, llm, messages: list[dict], params: GenerationParams) -> dict:
-        """Run the model's chat handler (its GGUF template, or the chat_format
-        override) exactly as create_chat_completion would, capturing the prompt."""
-        from llama_cpp import llama_chat_format
-
-        handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format)
-                   or llama_chat_format.get_chat_completion_handler(llm.chat_format))
-        try:
-            handler(llama=_CaptureLlama(llm), messages=messages, stream=True, max_tokens=params.max_tokens,
-                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    repeat_penalty=params.repeat_penalty, seed=params.seed)
-        except _PromptCaptured as captured:
-            return captured.kwargs
-        raise OffgridError("The chat handler did not produce a prompt.")  # pragma: no cover
-
-    def _fit(self, llm, messages: list[dict], params: GenerationParams) -> dict:
-        """Format the prompt, dropping the oldest turns (never the system prompt or
-        the last message) until it leaves room for at least a short reply."""
-        msgs = list(messages)
-        reserve = min(params.max_tokens, max(64, self.n_ctx // 8))
+        Linear, not quadratic: per-message token counts (cached) choose how many turns
+        to drop, and the chosen prompt is formatted once (rarely twice); a message that
+        cannot fit even alone is refused before the history is formatted at all."""
+        sampling = dict(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                        top_k=params.top_k, repeat_penalty=params.repeat_penalty, seed=params.seed)
+        budget = self.n_ctx - min(params.max_tokens, max(64, self.n_ctx // 8))
+        counts = [self._count(llm, m) + self._overhead for m in messages]
+        keep = [i == len(messages) - 1 or m["role"] == "system" for i, m in enumerate(messages)]
+        fixed = sum(c for c, k in zip(counts, keep) if k)
+        if fixed > budget:
+            raise self._overflow(int(fixed))
+        droppable = [i for i, k in enumerate(keep) if not k]  # oldest first
+        excess = sum(counts) - budget
         while True:
-            kwargs = self._format(llm, msgs, params)
-            if len(kwargs["prompt"]) + reserve <= self.n_ctx:
+            dropped = set()
+            for i in droppable:
+                if excess <= 0:
+                    break
+                dropped.add(i)
+                excess -= counts[i]
+            kept = [m for i, m in enumerate(messages) if i not in dropped]
+            kwargs = llm.format(kept, **sampling)
+            n = len(kwargs["prompt"])
+            self._overhead = max(0.0, (n - sum(self._count(llm, m) for m in kept)) / len(kept))
+            if n <= budget:
                 return kwargs
-            droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+            droppable = [i for i in droppable if i not in dropped]
             if not droppable:
-                raise ContextOverflowError(
-                    f"The prompt is {len(kwargs['prompt'])} tokens, more than the {self.n_ctx}-token context "
-                    f"allows with room for a reply. Shorten the message or raise n_ctx."
-                )
-            del msgs[droppable[0]]
+                raise self._overflow(n)
+            excess = max(n - budget, 1)  # the estimate was short: drop more, by the counts again
 
-    def _prepare_kv(self, llm, session_id: str | None, prompt: list[int]) -> int:
+    def _overflow(self, tokens: int) -> ContextOverflowError:
+        return ContextOverflowError(
+            f"The prompt is {tokens} tokens, more than the {self.n_ctx}-token context allows with room for a "
+            "reply. Shorten the message or raise n_ctx.")
+
+    def _prepare_kv(self, llm: LlamaModel, session_id: str | None, prompt: list[int]) -> int:
         """Put the best available KV state for this prompt in the context; return
         how many prompt tokens will be reused."""
-        import llama_cpp
-
         tokens = np.asarray(prompt, dtype=np.intc)
         if session_id != self._owner:
-            if self._owner is not None and self._owner_dirty and llm.n_tokens > 0:
-                llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
-                size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
-                buf = (ctypes.c_uint8 * size)()
-                llama_cpp.llama_state_seq_get_data(llm.ctx, buf, size, 0)
-                self.kv.put(self._owner, _KVSnapshot(llm.input_ids[: llm.n_tokens].copy(), buf))
+            if self._owner is not None and self._owner_dirty and len(llm.tokens) > 0:
+                self.kv.put(self._owner, _KVSnapshot(*llm.snapshot()))
             snap = self.kv.get(session_id) if session_id else None
             if snap is not None:
-                if _common_prefix(snap.tokens, tokens) > _common_prefix(llm.input_ids[: llm.n_tokens], tokens):
-                    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-                    if llama_cpp.llama_state_seq_set_data(llm.ctx, snap.data, len(snap.data), 0):
-                        n = len(snap.tokens)
-                        llm.input_ids[:n] = snap.tokens
-                        llm.n_tokens = n
-                    else:  # could not restore: start clean, correctness first
-                        llm.n_tokens = 0
-                    llm._requires_eval = True
+                if _common_prefix(snap.tokens, tokens) > _common_prefix(llm.tokens, tokens):
+                    llm.restore(snap.tokens, snap.data)  # on failure the context starts clean
                 self.kv.hits += 1
             elif session_id:
                 self.kv.misses += 1
             self._owner = session_id
         self._owner_dirty = True
-        reused = min(_common_prefix(llm.input_ids[: llm.n_tokens], tokens), max(0, len(prompt) - 1))
+        reused = min(_common_prefix(llm.tokens, tokens), max(0, len(prompt) - 1))
         self.kv.tokens_reused += reused
         return reused
 
     # -- one request -------------------------------------------------------------
     def _execute(self, gen: Generation) -> None:
-        import llama_cpp
-
         start = gen.started_mono
         wait_ms = (start - gen.submitted_mono) * 1000
         gen._emit("start")
@@ -732,28 +789,39 @@ class Engine:
             llm = self._load(gen.model)
             kwargs = self._fit(llm, gen.messages, gen.params)
             prompt_n = len(kwargs["prompt"])
+            # a reply stops where the context ends ("length"), never with llama.cpp out of KV cells
+            # (llama-cpp-python skips its own max_tokens check while a character is incomplete,
+            # so the hook below enforces the limit too)
+            limit = kwargs["max_tokens"] = max(1, min(gen.params.max_tokens, self.n_ctx - prompt_n))
+            at_limit = False
             cached = self._prepare_kv(llm, gen.session_id, kwargs["prompt"])
             sampled: list[int] = []
-            real_generate = llm.generate
+            tuner = self.tuner
 
-            def counting_generate(*args, **kw):
-                # Sees every sampled token: counts them, stamps time to first
-                # token, stops within one token on cancel.
-                nonlocal ttft
-                for tok in real_generate(*args, **kw):
-                    if ttft is None:
-                        ttft = time.monotonic()
-                        self._set_abort(False)  # prompt done: no per-node callback while decoding
-                    if gen.cancelled:
-                        return
-                    sampled.append(tok)
-                    yield tok
+            def on_token(tok: int) -> bool:
+                # Sees every sampled token: counts them, stamps time to first token,
+                # stops within one token on cancel, and lets the tuner pick threads.
+                nonlocal ttft, at_limit
+                now = time.monotonic()
+                if ttft is None:
+                    ttft = now
+                    llm.set_abort(False)  # prompt done: no per-node callback while decoding
+                if gen.cancelled:
+                    return False
+                if len(sampled) >= limit:
+                    at_limit = True
+                    return False
+                sampled.append(tok)
+                threads = tuner.token(now)
+                if threads is not None:
+                    llm.set_threads(threads, tuner.current)
+                return True
 
-            self._set_abort(True)
-            llm.generate = counting_generate
+            decode = tuner.start()
+            llm.set_threads(decode, tuner.current)
+            llm.set_abort(True)
             try:
-                stream = llm.create_completion(**{**kwargs, "stream": True})
-                for chunk in stream:
+                for chunk in llm.stream(kwargs, on_token):
                     choice = chunk["choices"][0]
                     if choice["text"]:
                         text_parts.append(choice["text"])
@@ -761,16 +829,16 @@ class Engine:
                     if choice["finish_reason"]:
                         finish = choice["finish_reason"]
                     if gen.cancelled:
-                        stream.close()
                         break
             except RuntimeError:
                 if not gen.cancelled:  # a real decode failure, not our abort
                     raise
             finally:
-                del llm.generate
-                self._set_abort(False)
+                llm.set_abort(False)
             # generation ends at the first end-of-generation token: only the last can be one
-            completion_n = len(sampled) - bool(sampled and llama_cpp.llama_vocab_is_eog(llm._model.vocab, sampled[-1]))
+            completion_n = len(sampled) - bool(sampled and llm.is_eog(sampled[-1]))
+            if at_limit:
+                finish = "length"
             if gen.cancelled:
                 finish = "cancelled"
         except Exception as exc:  # noqa: BLE001 - reported to the caller, engine survives
@@ -778,7 +846,7 @@ class Engine:
             finish = "error"
             self._owner = None  # context state unknown: do not trust it for this session
             if self._llm is not None:
-                self._llm.n_tokens = 0
+                self._llm.reset()
         total_ms = (time.monotonic() - start) * 1000
         ttft_ms = None if ttft is None else (ttft - start) * 1000
         result = self._result(gen, "".join(text_parts), finish, wait_ms, prompt=prompt_n, cached=cached,
@@ -852,9 +920,14 @@ def get_engine(**kwargs: Any) -> Engine:
 
     Keyword arguments (and OFFGRID_* environment variables) apply only when the
     engine is created; use :meth:`Engine.switch_model` to change the model later.
+    Its requests are recorded in the process-wide store (the usage statistics).
     """
     global _engine
     with _engine_lock:
         if _engine is None:
+            from .stats import attach
+            from .store import get_store
+
             _engine = Engine(**{**engine_settings_from_env(), **kwargs})
+            attach(_engine, get_store())  # every request of the process's engine is recorded
         return _engine

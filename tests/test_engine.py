@@ -149,7 +149,7 @@ def test_queue_bound_gives_busy_error(make_engine):
     running.cancel()
     for _ in events:
         pass
-    assert eng.status() == {"generating_session_id": None, "queued_session_ids": []}
+    assert eng.status() == {"generating_session_id": None, "generating_request_id": None, "queued_session_ids": []}
     assert eng.complete(user("three"), max_tokens=4).finish_reason in ("stop", "length")
 
 
@@ -191,6 +191,55 @@ def test_long_history_drops_oldest_turns_to_fit(make_engine):
     history.append({"role": "user", "content": "Say OK."})
     result = eng.complete(history, max_tokens=8)
     assert result.usage["prompt_tokens"] < 512 and result.finish_reason in ("stop", "length")
+
+
+def _count_formats(eng):
+    """Wrap the loaded model's prompt formatting to count how often a prompt is built."""
+    calls = []
+    llm = eng._llm
+    real = llm.format
+    llm.format = lambda messages, **kw: calls.append(len(messages)) or real(messages, **kw)
+    return calls
+
+
+def test_fitting_a_long_history_formats_the_prompt_about_once(make_engine):
+    eng = make_engine(n_ctx=1024)
+    eng.complete(user("Hi."), max_tokens=1)  # loaded
+    calls = _count_formats(eng)
+    history = []
+    for i in range(300):  # ~60k tokens: the first wave re-formatted it once per dropped message
+        history += [{"role": "user", "content": f"Note {i}: " + "sensor reading steady " * 30},
+                    {"role": "assistant", "content": f"Noted {i}."}]
+    history.append({"role": "user", "content": "Which note came last?"})
+    result = eng.complete(history, max_tokens=8, session_id="long")
+    assert result.usage["prompt_tokens"] <= 1024 - 8 and len(calls) <= 3, calls
+    assert calls[-1] < len(history)  # the oldest turns went
+    calls.clear()
+    result = eng.complete(history + [{"role": "assistant", "content": result.text or "ok"},
+                                     {"role": "user", "content": "And the first?"}], max_tokens=8, session_id="long")
+    assert len(calls) <= 3 and result.finish_reason in ("stop", "length")
+
+
+def test_a_single_message_too_long_is_refused_before_the_history_is_formatted(make_engine):
+    eng = make_engine(n_ctx=512)
+    eng.complete(user("Hi."), max_tokens=1)
+    calls = _count_formats(eng)
+    history = [{"role": "user", "content": "old " * 50}, {"role": "assistant", "content": "ok"}] * 50
+    with pytest.raises(ContextOverflowError, match="512-token context"):
+        eng.complete(history + [{"role": "user", "content": "word " * 2000}], max_tokens=8)
+    assert calls == []
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"seed": 2**40}, "seed must be an integer from 0 to"), ({"seed": -1}, "seed"), ({"seed": True}, "seed"),
+    ({"max_tokens": 10**30}, "max_tokens must be an integer from 1 to 1,000,000"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"repeat_penalty": 0}, "repeat_penalty"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+])
+def test_out_of_range_numbers_are_refused_by_name(engine, params, needle):
+    with pytest.raises(InvalidRequestError, match=needle):
+        engine.generate(user("hi"), **params)
 
 
 def test_bad_requests_are_rejected_before_queueing(engine):
@@ -274,3 +323,18 @@ def test_loading_a_model_leaves_the_callers_stdout_alone(make_engine):
     for module in (llama_cpp.llama, llama_cpp._internals):
         with module.suppress_stdout_stderr(disable=False):
             assert sys.stdout is before_out and sys.stderr is before_err
+
+
+def test_a_reply_that_fills_the_context_ends_as_length_not_an_error(make_engine):
+    eng = make_engine(n_ctx=256)
+    r = eng.complete(user("Write a very long story about the sea, with many chapters."), max_tokens=100_000,
+                     temperature=0.0, repeat_penalty=1.0)
+    assert r.finish_reason == "length" and r.usage["total_tokens"] == 256
+
+
+def test_max_tokens_holds_even_mid_character(engine):
+    # llama-cpp-python skips its max_tokens check while a multi-byte character is incomplete
+    # (4 asked, 6 generated, measured); past the context's end that was a decode failure
+    for seed in range(3):
+        r = engine.complete(user("Reply with only emoji: 🌊🌊🌊🐟🐟🐟"), max_tokens=4, temperature=0.7, seed=seed)
+        assert r.usage["completion_tokens"] <= 4 and r.finish_reason == "length"
