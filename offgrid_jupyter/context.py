@@ -119,7 +119,7 @@ class Context:
                               system_prompt=system_prompt)
         return ChatTurn(self.engine, self.store, session_id, content, source=source, params=params,
                         system_prompt=system_prompt, model=model, metadata=metadata, replace=replace,
-                        history=session_id is not None)
+                        history=session_id is not None).start()
 
     # -- the notebook ----------------------------------------------------------------
     def notebook_path(self) -> str | None:

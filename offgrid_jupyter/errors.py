@@ -46,11 +46,18 @@ class QueueTimeoutError(OffgridError):
     status = 503
 
 
+class TurnCancelledError(OffgridError):
+    """The caller stopped a turn before it began (while it waited for its session)."""
+
+    code = "cancelled"
+    status = 499  # "client closed request": only ever raised to the caller that cancelled
+
+
 class ContextOverflowError(OffgridError):
-    """The prompt cannot fit in the model's context window."""
+    """The prompt cannot fit in the model's context window (too large, like a body over its limit)."""
 
     code = "context_overflow"
-    status = 400
+    status = 413
 
 
 # -- store -----------------------------------------------------------------
@@ -80,6 +87,18 @@ class SessionNotFoundError(OffgridError):
 class MessageNotFoundError(OffgridError):
     code = "message_not_found"
     status = 404
+
+
+class GenerationNotFoundError(OffgridError):
+    code = "generation_not_found"
+    status = 404
+
+
+class IdempotencyConflictError(OffgridError):
+    """An Idempotency-Key was used again for a different request."""
+
+    code = "idempotency_conflict"
+    status = 409
 
 
 class DuplicateNameError(OffgridError):

@@ -23,9 +23,10 @@ from IPython.display import display
 from traitlets import Bool, Enum, Float, Int, Unicode
 
 from .context import Context
-from .errors import OffgridError, SessionNotFoundError
+from .errors import DuplicateNameError, OffgridError, SessionNotFoundError
 from .render import Conversation, Note, Reply, Table
 from .stats import stats_frame, summarize
+from .store import SESSION_ID_RE
 from .remote import RemoteTurn
 from .turns import ChatTurn, TurnResult
 
@@ -261,9 +262,9 @@ class OffgridMagics(Magics):
                   "temperature": args.temperature if args.temperature is not None else self.temperature,
                   "seed": args.seed}
         store = self.context.store
-        session_id = replace = None
+        session_id = replace = note = None
         if not args.no_history:
-            session = self._target_session(args)
+            session, note = self._target_session(args)
             session_id = session.id
             if args.system is not None and args.system != session.system_prompt:
                 store.update(session_id, system_prompt=args.system)
@@ -273,24 +274,37 @@ class OffgridMagics(Magics):
                                        system_prompt=args.system or self.system_prompt, model=args.model,
                                        metadata={"cell_id": self._cell_id} if self._cell_id else None,
                                        replace=replace)
-        outcome = self._run(turn, fmt, stream=not args.no_stream)
+        outcome = self._run(turn, fmt, stream=not args.no_stream, note=note)
         self.context.turn_done(outcome.session_id)  # chat panels on this session show the turn
         return self._deliver(outcome, fmt, args.output)
 
-    def _target_session(self, args: argparse.Namespace):
+    def _target_session(self, args: argparse.Namespace) -> tuple[Any, str | None]:
+        """The cell's session, and a note when the cell created it."""
         ctx = self.context
+        system = args.system or self.system_prompt
         if args.new:
-            return ctx.new_session(args.session, system_prompt=args.system or self.system_prompt)
+            try:
+                s = ctx.new_session(args.session, system_prompt=system)
+            except DuplicateNameError:
+                raise DuplicateNameError(
+                    f"A session named {args.session!r} already exists: `-s {args.session}` continues it; "
+                    f"`%offgrid delete {args.session}` first to start it over.") from None
+            return s, f"new session `{s.name or s.id}`"
         if args.session:
             try:
-                return ctx.store.get(args.session, messages=False)
+                return ctx.store.get(args.session, messages=False), None
             except SessionNotFoundError:
-                raise SessionNotFoundError(
-                    f"No session {args.session!r}. `%offgrid sessions` lists them; "
-                    f"`%%offgrid --new -s {args.session}` starts one.") from None
-        return ctx.current_session(system_prompt=self.system_prompt)
+                if SESSION_ID_RE.fullmatch(args.session):
+                    raise SessionNotFoundError(f"No session {args.session!r}. `%offgrid sessions` lists them.") \
+                        from None
+            try:  # a named session is created on first use, so a notebook re-runs anywhere
+                s = ctx.new_session(args.session, system_prompt=system, adopt=False)
+            except DuplicateNameError:  # another kernel created it just now
+                return ctx.store.get(args.session, messages=False), None
+            return s, f"created session `{s.name}`"
+        return ctx.current_session(system_prompt=self.system_prompt), None
 
-    def _run(self, turn: ChatTurn | RemoteTurn, fmt: str, *, stream: bool) -> TurnResult:
+    def _run(self, turn: ChatTurn | RemoteTurn, fmt: str, *, stream: bool, note: str | None = None) -> TurnResult:
         handle = display(Reply(format=fmt, status="waiting for the model…"), display_id=True) if stream else None
         try:
             if handle is not None:
@@ -303,6 +317,8 @@ class OffgridMagics(Magics):
             turn.abort()
             raise
         final = self._final(outcome, fmt)
+        if note:
+            final.status = note + (f" · {final.status}" if final.status else "")
         if handle is not None:
             handle.update(final)
         else:

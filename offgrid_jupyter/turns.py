@@ -2,24 +2,36 @@
 
 A turn is atomic as far as the conversation is concerned: the user message is
 stored first, then the reply is generated, then the reply is stored with its
-usage and provenance. Turns on one session take turns: a second turn waits until
-the first has stored its reply, so two askers never interleave their messages. If generation fails, or is stopped before it produced any
+usage and provenance. If generation fails, or is stopped before it produced any
 text, the user message is taken back out, so a session never keeps a question
 without an answer. A stopped reply that has text is kept, with finish_reason
-``cancelled``.
+``cancelled``. The question and a mark naming this process are stored in one
+transaction, and the reply and the mark's removal in another, so a process that
+dies mid-turn leaves a mark from which the next start repairs the session.
+
+Turns on one session take turns, first come first served: a second turn waits
+until the first has stored its reply, so two askers never interleave their
+messages. The wait is a :class:`concurrent.futures.Future` per waiter, so a
+thread can block on it (the magic, the panel) and the server can await it on its
+event loop: a crowd of requests waiting for one session holds no thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections import deque
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from .engine import Engine, Generation, GenerationResult
-from .errors import QueueTimeoutError
+from .errors import QueueTimeoutError, TurnCancelledError
 from .models import ModelInfo
 from .store import Message, Store
+from .validation import check_text
 
 
 @dataclass
@@ -42,13 +54,65 @@ class TurnResult:
         }
 
 
-_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
+# -- one FIFO lock per session, for threads and for asyncio alike ---------------------------
+class _Waiters:
+    __slots__ = ("held", "queue")
+
+    def __init__(self) -> None:
+        self.held = False
+        self.queue: deque[Future] = deque()
 
 
-def _session_lock(session_ref: str) -> threading.Lock:
-    with _locks_guard:
-        return _locks.setdefault(session_ref, threading.Lock())
+_sessions: dict[str, _Waiters] = {}
+_guard = threading.Lock()
+
+
+def claim(session_id: str) -> Future:
+    """A future that resolves when this caller holds *session_id*'s turn (at once if free).
+    Cancel it to stop waiting; once it resolved, :func:`release` must follow."""
+    fut: Future = Future()
+    with _guard:
+        waiters = _sessions.setdefault(session_id, _Waiters())
+        if waiters.held:
+            waiters.queue.append(fut)
+        else:
+            waiters.held = True
+            fut.set_result(True)
+    return fut
+
+
+def release(session_id: str) -> None:
+    """Hand the session to the next waiter that still wants it."""
+    with _guard:
+        waiters = _sessions[session_id]
+        while waiters.queue:
+            nxt = waiters.queue.popleft()
+            if nxt.set_running_or_notify_cancel():  # False: that waiter gave up
+                nxt.set_result(True)
+                return
+        del _sessions[session_id]
+
+
+def give_up(session_id: str, fut: Future) -> None:
+    """The caller no longer wants the turn: leave the queue, or release if it was granted."""
+    with _guard:
+        if fut.cancel():
+            waiters = _sessions.get(session_id)
+            if waiters is not None and fut in waiters.queue:
+                waiters.queue.remove(fut)
+            return
+    release(session_id)
+
+
+def waiting(session_id: str | None = None) -> Any:
+    """Turns waiting for *session_id* (not counting the one that holds it), or for
+    every session: ``{session_id: count}`` of those with any waiting."""
+    with _guard:
+        counts = {sid: sum(not f.cancelled() for f in w.queue) for sid, w in _sessions.items()
+                  if session_id is None or sid == session_id}
+    if session_id is not None:
+        return counts.get(session_id, 0)
+    return {sid: n for sid, n in counts.items() if n}
 
 
 def _hash_soon(model: ModelInfo) -> None:
@@ -57,65 +121,146 @@ def _hash_soon(model: ModelInfo) -> None:
     threading.Thread(target=model.sha256, name="offgrid-sha256", daemon=True).start()
 
 
+Run = Callable[..., Awaitable[Any]]  # runs a short blocking call off the event loop
+
+
 class ChatTurn:
-    """Start a turn: store the user message (unless one-shot) and queue the generation.
+    """One turn. Construct (checks the request, blocks on nothing), then either
+
+    - ``start()`` … ``finish()`` from a thread (they block), or
+    - ``await start_async(run)`` … ``await finish_async(run)`` on an event loop, where
+      *run(fn, *args)* runs the short store calls off the loop;
+
+    between the two, iterate ``generation``. ``cancel()`` works in every phase:
+    waiting for the session (start raises :class:`TurnCancelledError`, nothing
+    stored), queued or generating (the partial reply is kept if it has text).
 
     ``replace`` is the id of an earlier user message whose turn this one
-    replaces (a re-run notebook cell). Iterate ``generation`` for the text (or
-    call ``cancel()``), then call :meth:`finish`.
+    replaces (a re-run notebook cell).
     """
 
     def __init__(self, engine: Engine, store: Store, session: str | None, content: str, *,
                  source: str, params: dict[str, Any] | None = None, system_prompt: str | None = None,
                  model: str | None = None, metadata: dict | None = None, replace: str | None = None,
                  history: bool = True):
-        self.engine, self.store = engine, store
+        if history and session is None:
+            raise ValueError("a turn with history needs a session")
         engine.params(**(params or {}))  # a bad parameter fails before anything is stored
-        self._held = ExitStack()  # released when the turn is over: the session's lock, its busy mark
+        check_text(content, "The message")
+        self.engine, self.store = engine, store
+        self.session, self.content, self.source = session, content, source
+        self.params, self.system_prompt, self.model = params or {}, system_prompt, model
+        self.metadata, self.replace, self.history = metadata, replace, history
         self.user_message: Message | None = None
-        self.session_id = self.session_name = None
-        if history:
-            if session is None:
-                raise ValueError("a turn with history needs a session")
-            lock = _session_lock(store.get(session, messages=False).id)
-            if not lock.acquire(timeout=engine.queue_timeout):
-                raise QueueTimeoutError(f"Another turn in session {session!r} is still running after "
-                                        f"{engine.queue_timeout:.0f} s. Try again later.")
-            self._held.callback(lock.release)
+        self.session_id: str | None = None
+        self.session_name: str | None = None
+        self.generation: Generation | None = None
+        self._mark: str | None = None
+        self._claim: Future | None = None
+        self._claimed: str | None = None  # the session id whose turn we wait for / hold
+        self._cancelled = False
+        self._state_lock = threading.Lock()
+        self._held = ExitStack()  # released when the turn is over: the session's turn
+
+    # -- phase 1: wait for the session, store the question, queue the generation -------------
+    def start(self) -> "ChatTurn":
+        if self.history:
+            sid = self.store.get(self.session, messages=False).id
+            fut = self._wait_for(sid)
             try:
-                if replace:
-                    self.user_message = store.replace_last_turn(session, content, message_id=replace,
-                                                                metadata=metadata)
-                else:
-                    self.user_message = store.add_message(session, "user", content, metadata=metadata)
+                fut.result(timeout=self.engine.queue_timeout)
+            except CancelledError:
+                raise self._cancelled_error() from None
+            except FutureTimeout:
+                give_up(sid, fut)
+                raise self._timeout_error() from None
+            except BaseException:  # KeyboardInterrupt while waiting
+                give_up(sid, fut)
+                raise
+        self._begin()
+        return self
+
+    async def start_async(self, run: Run) -> "ChatTurn":
+        if self.history:
+            sid = (await run(lambda: self.store.get(self.session, messages=False))).id
+            fut = self._wait_for(sid)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(fut), self.engine.queue_timeout)
+            except asyncio.TimeoutError:
+                give_up(sid, fut)
+                raise self._timeout_error() from None
+            except (asyncio.CancelledError, CancelledError):
+                give_up(sid, fut)
+                if self._cancelled:
+                    raise self._cancelled_error() from None
+                raise
+        await run(self._begin)
+        return self
+
+    def _wait_for(self, sid: str) -> Future:
+        with self._state_lock:
+            if self._cancelled:
+                raise self._cancelled_error()
+            self._claim = claim(sid)
+        self._claimed = sid
+        return self._claim
+
+    def _begin(self) -> None:
+        """Short and blocking: store the question with its mark, queue the generation."""
+        if self.history:
+            sid = self._claimed
+            self._held.callback(release, sid)  # the session's turn is ours until the reply is stored
+            try:
+                if self._cancelled:
+                    raise self._cancelled_error()
+                self.user_message, self._mark = self.store.begin_turn(
+                    sid, self.content, metadata=self.metadata, replace=self.replace)
+                sess = self.store.get(sid, messages=True)
+                self.session_id, self.session_name = sess.id, sess.name
+                messages = sess.chat_messages()
             except BaseException:
                 self._held.close()
                 raise
-            sess = store.get(self.user_message.session_id)
-            self.session_id, self.session_name = sess.id, sess.name
-            messages = sess.chat_messages()
         else:
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-                {"role": "user", "content": content}]
+            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
+                {"role": "user", "content": self.content}]
         try:
-            if self.session_id:
-                self._held.enter_context(store.busy(self.session_id))
-            self.generation: Generation = engine.generate(
-                messages, session_id=self.session_id, source=source, model=model, **(params or {}))
+            gen = self.engine.generate(messages, session_id=self.session_id, source=self.source, model=self.model,
+                                       **self.params)
         except BaseException:
             self._rollback()
             raise
-        _hash_soon(self.generation.model)
+        with self._state_lock:
+            self.generation = gen
+            if self._cancelled:
+                gen.cancel()
+        _hash_soon(gen.model)
 
+    def _cancelled_error(self) -> TurnCancelledError:
+        return TurnCancelledError(f"The turn in session {self.session!r} was stopped before it began.")
+
+    def _timeout_error(self) -> QueueTimeoutError:
+        return QueueTimeoutError(f"Another turn in session {self.session!r} is still running after "
+                                 f"{self.engine.queue_timeout:.0f} s. Try again later.")
+
+    # -- any time ----------------------------------------------------------------------------
     def cancel(self) -> None:
-        self.generation.cancel()
+        """Stop the turn: stop waiting for the session, leave the queue, or stop generating."""
+        with self._state_lock:
+            self._cancelled = True
+            if self._claim is not None and self.generation is None:
+                self._claim.cancel()  # only succeeds while still waiting
+            gen = self.generation
+        if gen is not None:
+            gen.cancel()
 
     def abort(self) -> None:
         """Give up on the turn: stop the generation and take the user message back out."""
-        if self.generation.state != "done":
+        if self.generation is not None and self.generation.state != "done":
             self.generation.cancel()
         self._rollback()
 
+    # -- phase 2: wait for the reply, store it -------------------------------------------------
     def finish(self) -> TurnResult:
         """Wait for the generation to end and store the reply.
 
@@ -129,17 +274,30 @@ class ChatTurn:
         except BaseException:
             self._rollback()
             raise
+        return self._end(result)
+
+    async def finish_async(self, run: Run) -> TurnResult:
+        try:
+            result = await self.generation.wait_async()
+        except BaseException:
+            await run(self._rollback)
+            raise
+        return await run(self._end, result)
+
+    def _end(self, result: GenerationResult) -> TurnResult:
         reply = None
         try:
-            if result.text.strip() and self.session_id:
-                reply = self.store.add_message(
-                    self.session_id, "assistant", result.text, usage=result.usage,
-                    finish_reason=result.finish_reason,
-                    metadata={"request_id": result.request_id, "model": result.model, "source": result.source,
-                              "params": result.params, "timings": result.timings,
-                              "queue_stats": result.queue_stats})
-            elif self.session_id:
-                self._rollback()
+            if self._mark is not None:
+                if result.text.strip():
+                    reply = self.store.end_turn(
+                        self._mark, self.session_id, result.text, usage=result.usage,
+                        finish_reason=result.finish_reason,
+                        metadata={"request_id": result.request_id, "model": result.model, "source": result.source,
+                                  "params": result.params, "timings": result.timings,
+                                  "queue_stats": result.queue_stats})
+                    self._mark = None
+                else:
+                    self._rollback()
         finally:
             self._held.close()
         return TurnResult(self.session_id, self.session_name, self.user_message, reply, result,
@@ -147,8 +305,8 @@ class ChatTurn:
 
     def _rollback(self) -> None:
         try:
-            if self.user_message is not None:
-                self.store.delete_turn(self.user_message.session_id, self.user_message.id)
-                self.user_message = None
+            if self._mark is not None and self.user_message is not None:
+                self.store.abandon_turn(self._mark, self.user_message.session_id, self.user_message.id)
+            self._mark, self.user_message = None, None
         finally:
             self._held.close()

@@ -188,8 +188,19 @@ def test_sessions_options_and_system_prompt(sh):
     result, _ = sh.run(f"%%offgrid {GREEDY} -n 5 -s side\nHello side.")
     assert len(sh.store.get("side").messages) == 2
     assert sh.magics.context.current_session().id == research.id  # -s is for that cell only
-    result, cap = sh.run(f"%%offgrid {GREEDY} -s nosuch\nHi.")
-    one_line_error(result, cap, "nosuch", "%offgrid sessions")
+    result, cap = sh.run(f"%%offgrid {GREEDY} -n 4 -s fresh-name\nHi.")  # created on first use
+    assert result.success and "created session `fresh-name`" in final(cap).data["text/markdown"]
+    assert len(sh.store.get("fresh-name").messages) == 2
+    assert sh.magics.context.current_session().id == research.id  # still for that cell only
+    result, cap = sh.run(f"%%offgrid {GREEDY} -n 4 -s fresh-name\nAgain.")
+    assert result.success and "created" not in final(cap).data["text/markdown"]
+    assert len(sh.store.get("fresh-name").messages) == 4
+    result, cap = sh.run(f"%%offgrid {GREEDY} --new -s research\nHi.")  # --new still means a fresh one
+    one_line_error(result, cap, "already exists", "`-s research` continues it")
+    result, cap = sh.run(f"%%offgrid {GREEDY} -s session-0123456789ab\nHi.")  # an id is never created
+    one_line_error(result, cap, "session-0123456789ab", "%offgrid sessions")
+    result, cap = sh.run(f"%%offgrid {GREEDY} -s 'bad name'\nHi.")
+    one_line_error(result, cap, "Invalid session name")
 
 
 def test_config_sets_defaults(make_shell):
@@ -222,7 +233,7 @@ def test_bad_options_are_one_usage_line(sh, cell, needle):
 
 
 @pytest.mark.parametrize("cell, needle", [
-    ("%%offgrid -t 9\nHi.", "temperature must be a number between 0 and 5"),
+    ("%%offgrid -t 9\nHi.", "temperature must be a number from 0 to 5"),
     ("%%offgrid --model /nonexistent/model.gguf\nHi.", "Model file not found: /nonexistent/model.gguf"),
 ])
 def test_runtime_errors_are_one_line_and_store_nothing(sh, cell, needle):

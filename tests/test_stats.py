@@ -28,7 +28,7 @@ def made(engine, store, request_log, tmp_path):
     session = store.create("work")
     out = {}
     out["completed"] = ChatTurn(engine, store, "work", "Name a colour.", source="magic",
-                                params={"max_tokens": 16, **GREEDY}).finish().result
+                                params={"max_tokens": 16, **GREEDY}).start().finish().result
     gen = engine.generate(user("Count to five."), session_id=session.id, source="server", max_tokens=16, **GREEDY)
     list(gen)  # streamed
     out["streamed"] = gen.result

@@ -102,7 +102,7 @@ def test_errors_render_inline(context, store):
     panel = ChatPanel(context=context, max_tokens=0)
     panel.send("Hi.")
     assert panel.join(30)
-    assert "max_tokens must be a positive integer" in panel.error.value
+    assert "max_tokens must be an integer from 1 to" in panel.error.value
     assert store.messages(panel.session_id) == []  # nothing half-done was stored
     gone = store.create("gone")
     panel = ChatPanel("gone", context=context, **PARAMS)
