@@ -262,7 +262,7 @@ def stats_document(engine: Engine, store: Store) -> dict[str, Any]:
     """The OffGrid stats document for this process's engine and the shared store."""
     from . import __version__
 
-    attach(engine, store).flush()
+    flush(store)  # what this process recorded so far is in the figures (reading attaches nothing)
     engine_stats = engine.stats()
     q = engine_stats["queue"]
     uptime = time.time() - START_TIME
@@ -287,13 +287,28 @@ def stats_document(engine: Engine, store: Store) -> dict[str, Any]:
 
 # -- DataFrames ----------------------------------------------------------------------------
 def _epoch(value: Any) -> float:
+    """A time as epoch seconds: a number (or its text), an ISO 8601 date or date-time
+    (naive means UTC), a datetime or pandas Timestamp; else ValueError."""
     import pandas as pd
 
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                value = datetime.fromisoformat(text[:-1] + "Z" if text.endswith("z") else text)
+            except ValueError:
+                value = pd.Timestamp(text)  # the forms pandas reads besides ISO 8601
+    if isinstance(value, bool) or not isinstance(value, (int, float, datetime)):
+        raise ValueError(f"{value!r} is not a time")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a time")
         return float(value)
-    ts = pd.Timestamp(value)
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return ts.timestamp()
+    if pd.isna(value):
+        raise ValueError("not a time")
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def requests_frame(store: Store, *, since: Any = None, until: Any = None, session: str | None = None,
@@ -313,7 +328,7 @@ def requests_frame(store: Store, *, since: Any = None, until: Any = None, sessio
         params.append(_epoch(until))
     if session is not None:
         where.append("session_id = ?")
-        params.append(session if SESSION_ID_RE.match(session) else store.get(session, messages=False).id)
+        params.append(session if SESSION_ID_RE.fullmatch(session) else store.get(session, messages=False).id)
     if model is not None:
         where.append("model = ?")
         params.append(model)

@@ -77,5 +77,4 @@ class OffgridApp(ExtensionApp):
         self.handlers.extend(handlers())
 
     async def stop_extension(self) -> None:
-        self.state.request_log.close()
-        self.state.engine.close()
+        self.state.close()

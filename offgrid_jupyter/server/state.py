@@ -1,19 +1,23 @@
-"""What the server extension holds: the engine, the store, the keys, the idempotency record."""
+"""What the server extension holds: the engine, the store, the keys, the turns in flight."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..engine import Engine
 from ..stats import RequestLog
 from ..store import Store
 
-IDEMPOTENCY_KEEP = 1000  # chat results remembered for replays of retried requests
+if TYPE_CHECKING:
+    from .chat import SharedTurn
+
+IDEMPOTENCY_KEEP = 1000  # finished turns remembered for replays of retried requests
+STORE_THREADS = 4  # short store calls only: nothing that waits for a turn runs here
 
 
 @dataclass
@@ -25,8 +29,10 @@ class ServerState:
     kernel_key: str
     max_body_bytes: int
     log: logging.Logger | Any = None
-    _done: OrderedDict = field(default_factory=OrderedDict)
-    running: dict[str, Any] = field(default_factory=dict)  # request id -> Generation, for cancel
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="offgrid-store"))
+    keyed: OrderedDict[tuple, "SharedTurn"] = field(default_factory=OrderedDict)  # (route, session, key) -> turn
+    running: dict[str, "SharedTurn"] = field(default_factory=dict)  # request id -> turn, for cancel
 
     def key_matches(self, presented: str) -> bool:
         """Constant-time comparison against the configured API key and the kernels' key."""
@@ -36,25 +42,16 @@ class ServerState:
                 ok |= hmac.compare_digest(presented.encode(), key.encode())
         return ok
 
-    async def once(self, key: str | None, run: Callable[[], Awaitable[Any]]) -> Any:
-        """Run *run* once per idempotency key: a retry with the same key gets the first
-        run's result (waiting for it if it is still running) instead of a second turn.
-        A run that failed is forgotten, so its retry runs again."""
-        if not key:
-            return await run()
-        pending = self._done.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self._done[key] = future
-        while len(self._done) > IDEMPOTENCY_KEEP:
-            self._done.popitem(last=False)
-        try:
-            result = await run()
-        except BaseException as exc:
-            self._done.pop(key, None)
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-            raise
-        future.set_result(result)
-        return result
+    def remember(self, scope: tuple, turn: "SharedTurn") -> None:
+        self.keyed[scope] = turn
+        while len(self.keyed) > IDEMPOTENCY_KEEP:
+            self.keyed.popitem(last=False)
+
+    def forget(self, scope: tuple, turn: "SharedTurn") -> None:
+        if self.keyed.get(scope) is turn:
+            del self.keyed[scope]
+
+    def close(self) -> None:
+        self.request_log.close()
+        self.engine.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,279 @@
+"""The generating routes: ``sessions/{ref}/chat``, ``chat/completions`` and ``generation/cancel``.
+
+Nothing here holds a thread while it waits. A turn waits for its session on a
+future, for the engine on the engine's wake-ups (:meth:`Generation.aevents`),
+and only its short store calls go to the extension's thread pool. So a crowd of
+requests on one session cannot starve the pool that stores the reply the crowd
+is waiting for (the deadlock this replaced), and ``/stats`` or ``/health``
+answer at once throughout.
+
+A chat runs as a :class:`SharedTurn`, not inside the request that started it:
+a retry with the same ``Idempotency-Key`` (same session, same body) joins it, as
+Server-Sent Events replayed from the start and then live, or as the final JSON,
+whichever form the retry asks for. A turn is cancelled when the last request
+that wants it goes away (so a client that disconnects cancels its turn, or its
+place in a queue, unless a retry is waiting for the answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from typing import Any, AsyncIterator
+
+from tornado import web
+from jupyter_server.auth.decorator import authorized
+
+from ..errors import GenerationNotFoundError, IdempotencyConflictError, InvalidRequestError, OffgridError
+from ..turns import ChatTurn, TurnResult
+from .base import OffgridHandler
+from .state import ServerState
+
+PARAMS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "repeat_penalty")
+KEY_CHARS = set(map(chr, range(0x21, 0x7F)))
+
+
+def result_payload(r, model_sha256: str) -> dict[str, Any]:
+    return {"text": r.text, "finish_reason": r.finish_reason, "model": r.model, "model_sha256": model_sha256,
+            "request_id": r.request_id, "params": r.params, "usage": r.usage, "timings": r.timings,
+            "queue_stats": r.queue_stats, "started_at": r.started_at}
+
+
+def turn_payload(outcome: TurnResult) -> dict[str, Any]:
+    return {"session_id": outcome.session_id, "session_name": outcome.session_name,
+            "message": outcome.user_message.to_dict() if outcome.user_message else None,
+            "response": outcome.reply.to_dict() if outcome.reply else None,
+            **result_payload(outcome.result, outcome.model_sha256)}
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    if fut.done() and not fut.cancelled():
+        fut.exception()  # an error nobody awaited is not "never retrieved"
+
+
+class SharedTurn:
+    """One server-side turn, shared by every request that wants it (see the module docstring)."""
+
+    def __init__(self, turn: ChatTurn, state: ServerState, fingerprint: str, scope: tuple | None):
+        loop = asyncio.get_running_loop()
+        self.turn, self.state, self.fingerprint, self.scope = turn, state, fingerprint, scope
+        self.log: list[tuple[str, Any]] = []  # the events so far; compacted once the turn is over
+        self.started: asyncio.Future = loop.create_future()  # {request_id, session_id}, or the error
+        self.result: asyncio.Future = loop.create_future()  # the turn payload, or the error
+        self._tick: asyncio.Future = loop.create_future()  # resolved at every new event
+        self.interested = 0
+        self.task: asyncio.Task | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result.done()
+
+    def begin(self, run) -> None:
+        self.task = asyncio.ensure_future(self._pump(run))
+
+    def want(self) -> None:
+        self.interested += 1
+
+    def unwant(self) -> None:
+        self.interested -= 1
+        if self.interested <= 0 and not self.finished:
+            self.turn.cancel()
+
+    def cancel(self) -> None:
+        self.turn.cancel()
+
+    def _append(self, kind: str, data: Any) -> None:
+        self.log.append((kind, data))
+        tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
+        tick.set_result(None)
+
+    async def follow(self) -> AsyncIterator[tuple[str, Any]]:
+        """Every event of the turn: those so far, then the rest as they come."""
+        log, i = self.log, 0
+        while True:
+            while i < len(log):
+                yield log[i]
+                i += 1
+            if self.finished:
+                return
+            await asyncio.shield(self._tick)
+
+    async def _pump(self, run) -> None:
+        turn = self.turn
+        ident: dict[str, Any] = {}
+        try:
+            await turn.start_async(run)
+            gen = turn.generation
+            ident = {"request_id": gen.request_id, "session_id": turn.session_id}
+            self.state.running[gen.request_id] = self
+            self.started.set_result(ident)
+            async for kind, payload in gen.aevents(poll_interval=2.0, repeat_queued=True):
+                if kind == "complete":
+                    break
+                self._append(kind, {"position": payload, **ident} if kind == "queued" else
+                             {"delta": payload} if kind == "token" else {**(payload or {}), **ident})
+            payload = turn_payload(await turn.finish_async(run))
+        except BaseException as exc:  # noqa: BLE001 - every request waiting on this turn gets the error
+            if turn.generation is not None:
+                await run(turn.abort)
+            error = exc if isinstance(exc, OffgridError) else OffgridError(f"The turn failed: {exc!r}")
+            for fut in (self.started, self.result):
+                if not fut.done():
+                    fut.set_exception(error)
+                    _retrieved(fut)
+            self._append("error", {"message": str(error), "type": type(error).__name__, "code": error.code})
+            if self.scope is not None:  # nothing was stored: a retry runs again
+                self.state.forget(self.scope, self)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._append("complete", payload)
+            self.result.set_result(payload)
+            self.log = [("start", ident), ("token", {"delta": payload["text"]}), ("complete", payload)]
+        finally:
+            self.state.running.pop(ident.get("request_id"), None)
+
+
+class ChatHandler(OffgridHandler):
+    """One atomic turn: the question is stored, the reply generated, then stored."""
+
+    spec_path = "/sessions/{ref}/chat"
+
+    @web.authenticated
+    @authorized
+    async def post(self, ref: str) -> None:
+        data = self.body()
+        stream = data.pop("stream", False)
+        key = self._idempotency_key()
+        session = await self.run(lambda: self.state.store.get(ref, messages=False))  # 404 before anything else
+        fingerprint = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        scope = ("chat", session.id, key)
+        shared = self.state.keyed.get(scope) if key else None
+        if shared is not None and shared.fingerprint != fingerprint:
+            raise IdempotencyConflictError(f"Idempotency-Key {key!r} was already used for a different request on "
+                                           "this session. Use a new key for a new request.")
+        if shared is None:
+            turn = ChatTurn(self.state.engine, self.state.store, session.id, data["message"], source="server",
+                            params={k: data[k] for k in PARAMS if k in data}, metadata=data.get("metadata"),
+                            replace=data.get("replace_message_id"))
+            shared = SharedTurn(turn, self.state, fingerprint, scope if key else None)
+            if key:
+                self.state.remember(scope, shared)
+            shared.begin(self.run)
+        self._shared = shared
+        shared.want()
+        try:
+            await asyncio.shield(shared.started)  # failing before the turn began: a real HTTP status
+            if stream:
+                self.start_events()
+                async for kind, payload in shared.follow():
+                    await self.event(kind, payload)
+                    if self._gone:
+                        break
+                self.end_events()
+            else:
+                self.send(200, await asyncio.shield(shared.result))
+        finally:
+            self.gone()
+
+    def _idempotency_key(self) -> str | None:
+        key = self.request.headers.get("Idempotency-Key")
+        if key is not None and not (0 < len(key) <= 200 and set(key) <= KEY_CHARS):
+            raise InvalidRequestError("Idempotency-Key must be 1-200 printable ASCII characters (e.g. a UUID).")
+        return key
+
+    def gone(self) -> None:
+        shared, self._shared = getattr(self, "_shared", None), None
+        if shared is not None:
+            shared.unwant()
+
+
+class CancelHandler(OffgridHandler):
+    """Stop a turn by request id; its answer still ends with the kept partial turn."""
+
+    spec_path = "/generation/cancel"
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        request_id = self.body()["request_id"]
+        running = self.state.running.get(request_id)
+        if running is None:
+            raise GenerationNotFoundError(f"No generation {request_id[:60]!r} is running (it may have ended).")
+        running.cancel()
+        self.send(200, {"request_id": request_id, "cancelled": True})
+
+
+class OpenAIChatHandler(OffgridHandler):
+    """``POST chat/completions`` in OpenAI's shape, on the same shared model (stateless)."""
+
+    spec_path = "/chat/completions"
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        data = self.body()
+        params = {k: data[k] for k in PARAMS if k in data}
+        if "max_completion_tokens" in data:
+            params["max_tokens"] = data["max_completion_tokens"]
+        messages = data["messages"]
+        if data.get("system_prompt"):  # offgrid extension: a one-shot cell's --system
+            messages = [{"role": "system", "content": data["system_prompt"]}, *messages]
+        gen = self.state.engine.generate(messages, source="openai", **params)
+        self._gen = gen
+        self.state.running[gen.request_id] = gen
+        created = int(time.time())
+        ident = "chatcmpl-" + gen.request_id.removeprefix("req-")
+        model = gen.model.name
+        try:
+            if not data.get("stream"):
+                result = await gen.wait_async()
+                self.send(200, {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                             "finish_reason": _openai_finish(result.finish_reason)}],
+                                "usage": _openai_usage(result.usage)})
+                return
+            await self._stream(gen, ident, created, model)
+        finally:
+            self.state.running.pop(gen.request_id, None)
+
+    async def _stream(self, gen, ident: str, created: int, model: str) -> None:
+        self.start_events()
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> dict:
+            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+        await self.event(None, chunk({"role": "assistant", "content": ""}))
+        try:
+            async for kind, payload in gen.aevents(poll_interval=2.0):
+                if self._gone:
+                    break
+                if kind == "token":
+                    await self.event(None, chunk({"content": payload}))
+                elif kind == "complete":
+                    await self.event(None, chunk({}, _openai_finish(payload.finish_reason)))
+                    # OpenAI's usage chunk, plus our full result under a key OpenAI clients ignore
+                    await self.event(None, {**chunk({}), "choices": [], "usage": _openai_usage(payload.usage),
+                                            "offgrid": result_payload(payload, gen.model.sha256())})
+        except OffgridError as exc:
+            await self.event(None, {"error": {"message": str(exc), "type": type(exc).__name__, "code": exc.code}})
+        await self.event(None, "[DONE]")
+        self.end_events()
+
+    def gone(self) -> None:
+        gen = getattr(self, "_gen", None)
+        if gen is not None and gen.state != "done":
+            gen.cancel()
+
+
+def _openai_finish(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _openai_usage(usage: dict) -> dict:
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"],
+            "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]}}

@@ -1,0 +1,70 @@
+"""``openapi.json`` is the contract, and the server enforces it.
+
+Request bodies are validated against the very schemas the document publishes
+(JSON Schema 2020-12, which OpenAPI 3.1 uses, checked by the ``jsonschema``
+library), so the document cannot allow what the server rejects or the reverse;
+``tests/test_reliability.py`` runs schemathesis against the live document to keep
+the responses honest too.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib.resources import files
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from ..errors import InvalidRequestError
+
+MESSAGE_LIMIT = 300  # characters of a validation message (they may quote the offending value)
+
+
+@lru_cache(maxsize=1)
+def document() -> dict[str, Any]:
+    return json.loads(files(__package__).joinpath("openapi.json").read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=None)
+def _validator(path: str, method: str) -> Draft202012Validator:
+    doc = document()
+    schema = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+    return Draft202012Validator({**schema, "components": doc["components"]})
+
+
+@lru_cache(maxsize=None)
+def _integer_fields(path: str, method: str) -> frozenset[str]:
+    doc = document()
+    schema = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return frozenset(name for name, prop in schema.get("properties", {}).items()
+                     if "integer" in (prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]))
+
+
+def check_body(path: str, method: str, data: Any) -> dict[str, Any]:
+    """*data* as the document's request body schema for (*path*, *method*) allows, else a 400
+    naming where and what. Then ``null`` fields are dropped (they mean "the default") and
+    integers written as ``5.0`` (JSON Schema's integers include them) become ``5``."""
+    error = best_match(_validator(path, method).iter_errors(data))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        message = error.message if len(error.message) <= MESSAGE_LIMIT else error.message[:MESSAGE_LIMIT] + "…"
+        raise InvalidRequestError(f"Invalid request body at ${where}: {message}.")
+    integers = _integer_fields(path, method)
+    return {k: int(v) if k in integers and isinstance(v, float) else v for k, v in data.items() if v is not None}
+
+
+def methods(path: str) -> list[str]:
+    """The HTTP methods the document gives *path* (for 405's Allow header)."""
+    ops = document()["paths"].get(path, {})
+    return sorted(m.upper() for m in ops if m != "parameters")
+
+
+def served(base_url: str) -> dict[str, Any]:
+    """The document as served: with this server's base URL."""
+    doc = json.loads(json.dumps(document()))  # a copy
+    doc["servers"] = [{"url": base_url.rstrip("/") + "/offgrid/v1"}]
+    return doc
