@@ -34,7 +34,6 @@ import numpy as np
 from .errors import (
     ContextOverflowError,
     EngineBusyError,
-    InvalidModelError,
     InvalidRequestError,
     OffgridError,
     QueueTimeoutError,
@@ -271,9 +270,16 @@ class Generation:
             while not self._done.wait(timeout=self._queue_wait(None)):
                 self._check_deadline()
         except BaseException:
-            if not self._done.is_set():
-                self.cancel()
+            self._give_up()
             raise
+        return self._outcome()
+
+    def _give_up(self) -> None:
+        """The waiter stopped waiting (interrupt, cancelled task, queue timeout)."""
+        if not self._done.is_set():
+            self.cancel()
+
+    def _outcome(self) -> GenerationResult:
         if self._error is not None:
             raise self._error
         assert self.result is not None
@@ -338,13 +344,9 @@ class Generation:
                 except asyncio.TimeoutError:
                     self._check_deadline()
         except BaseException:  # cancelled (the client went away) or timed out in the queue
-            if not self._done.is_set():
-                self.cancel()
+            self._give_up()
             raise
-        if self._error is not None:
-            raise self._error
-        assert self.result is not None
-        return self.result
+        return self._outcome()
 
     def _queue_wait(self, interval: float | None) -> float | None:
         """How long a waiter may block: *interval*, but never past the queue

@@ -11,10 +11,12 @@ process, while one thread gave 166 alone and 160 beside it.
 No static count wins both cases, so :class:`ThreadTuner` hill-climbs on the
 measured time per token: it keeps the count in use, now and then tries a
 neighbour (one thread more or fewer) for a few tokens, and switches when the
-neighbour is faster. A neighbour that loses is tried again after a doubling
-pause (0.5 s up to 8 s), so probing costs well under 1% of decode time; when
-the count in use suddenly gets slower (another process started), neighbours are
-tried at once. llama.cpp applies a new count from the next token on
+neighbour is faster (fewer threads must be 10% faster, more 3%: alone, one
+thread fewer is only ~8% slower, and noise must not tip it). A neighbour that
+loses is tried again after a doubling pause (0.5 s up to 8 s), and a probe that
+is clearly hopeless ends after half its tokens, so probing costs little; when
+the count in use suddenly gets slower (another process started), one thread
+fewer is tried at once. llama.cpp applies a new count from the next token on
 (``llama_set_n_threads``), so a switch costs nothing.
 """
 
@@ -24,10 +26,12 @@ from __future__ import annotations
 class ThreadTuner:
     """Chooses the decode thread count from measured token times (engine thread only)."""
 
-    def __init__(self, max_threads: int, *, window: int = 8, margin: float = 0.03, min_pause: float = 0.5,
-                 max_pause: float = 8.0, slowdown: float = 1.3):
+    def __init__(self, max_threads: int, *, window: int = 8, margin_up: float = 0.03, margin_down: float = 0.10,
+                 min_pause: float = 0.5, max_pause: float = 8.0, slowdown: float = 1.3, hopeless: float = 1.5):
         self.max_threads = max(1, int(max_threads))
-        self.window, self.margin, self.slowdown = window, margin, slowdown
+        self.window, self.slowdown, self.hopeless = window, slowdown, hopeless
+        # fewer threads must win clearly (alone, one fewer is only ~8% slower: noise must not tip it)
+        self.margin_up, self.margin_down = margin_up, margin_down
         self.min_pause, self.max_pause = min_pause, max_pause
         self.current = self.max_threads
         self.probing: int | None = None
@@ -64,6 +68,13 @@ class ThreadTuner:
         self._intervals.append(now - self._last)
         self._last = now
         if len(self._intervals) < self.window:
+            half = self.window // 2
+            if self.probing is not None and len(self._intervals) == half + 1:  # a hopeless probe ends early
+                early = sum(self._intervals[1:]) / half
+                if early > self.cost.get(self.current, float("inf")) * self.hopeless:
+                    self._intervals = []
+                    self._finish_probe(early, now)
+                    return self.current
             return None
         measured = self._intervals[1:]  # the first interval after a switch pays for the switch
         cost = sum(measured) / len(measured)
@@ -81,11 +92,11 @@ class ThreadTuner:
         self.cost[n] = cost
         if self._reference is None or cost < self._reference:
             self._reference = cost
-        elif cost > self._reference * self.slowdown:  # got slower: something else is running now
-            self._reference = cost
-            for m in self._neighbours():
-                self._pause[m] = self.min_pause
-                self._next_probe[m] = now
+        elif cost > self._reference * self.slowdown:  # got slower: something else is running now,
+            self._reference = cost                      # so fewer threads may do better: try at once
+            if n > 1:
+                self._pause[n - 1] = self.min_pause
+                self._next_probe[n - 1] = now
         for m in self._neighbours():
             if now >= self._next_probe.get(m, 0.0):
                 self.probing = m
@@ -95,7 +106,8 @@ class ThreadTuner:
         m, n = self.probing, self.current
         self.probing = None
         self.cost[m] = cost
-        if cost < self.cost.get(n, float("inf")) * (1 - self.margin):
+        margin = self.margin_down if m < n else self.margin_up
+        if cost < self.cost.get(n, float("inf")) * (1 - margin):
             self.current, self._reference = m, cost
             self.switches += 1
             self._pause[n] = self.min_pause  # the old count is a neighbour now: try it again soon

@@ -11,10 +11,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 TOKEN = "jupyter-token-for-tests"
+AUTH = {"Authorization": f"token {TOKEN}"}
 
 
 def free_port() -> int:
@@ -102,3 +104,62 @@ class ServerKernel:
         """Run a cell and return what it printed."""
         out = await self.run(code)
         return "".join(m["content"]["text"] for m in out if m.get("msg_type") == "stream")
+
+
+def unanswered(messages):
+    """User questions that a later prompt would see without their answer."""
+    out = []
+    for i, m in enumerate(messages):
+        answered = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+        if m["role"] == "user" and not answered and not m["metadata"].get("interrupted"):
+            out.append(m["content"])
+    return out
+
+
+class Load:
+    """Chats (streamed and not) and appends against a server, remembering what it acknowledged."""
+
+    def __init__(self, base):
+        self.base, self.acked, self.tokens = base, [], threading.Event()
+        self.appended = threading.Semaphore(0)
+        self.threads = [threading.Thread(target=self._stream), threading.Thread(target=self._chat),
+                        threading.Thread(target=self._append)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self):
+        return httpx.Client(base_url=self.base, headers=AUTH, timeout=60)
+
+    def _stream(self):
+        body = {"message": "Write a long story about a storm.", "max_tokens": 300, "stream": True}
+        try:
+            with self._client() as c, c.stream("POST", "sessions/turns/chat", json=body) as r:
+                for line in r.iter_lines():
+                    if line == "event: token":
+                        self.tokens.set()
+        except httpx.TransportError:
+            pass  # killed mid-stream: nothing was acknowledged
+
+    def _chat(self):
+        try:
+            with self._client() as c:
+                while True:
+                    r = c.post("sessions/turns-2/chat", json={"message": "Name a colour.", "max_tokens": 8})
+                    self.acked += [r.json()["message"]["id"], r.json()["response"]["id"]]
+        except httpx.TransportError:
+            pass
+
+    def _append(self):
+        try:
+            with self._client() as c:
+                for i in range(10_000):
+                    r = c.post("sessions/appends/messages", json={"role": "user", "content": f"note {i}"})
+                    self.acked.append(r.json()["id"])
+                    self.appended.release()
+        except httpx.TransportError:
+            pass
+
+    def join(self):
+        for t in self.threads:
+            t.join(60)
+        return not any(t.is_alive() for t in self.threads)

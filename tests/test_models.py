@@ -82,7 +82,8 @@ def test_missing_model_is_raised_at_submit_time(tmp_path):
     eng = Engine(model_path=tmp_path / "absent.gguf")
     with pytest.raises(ModelNotFoundError, match="absent.gguf"):
         eng.generate(user("hi"))
-    assert eng.status() == {"generating_session_id": None, "generating_request_id": None, "queued_session_ids": []}
+    assert eng.status() == {"generating_session_id": None, "generating_request_id": None,
+                            "queued_session_ids": []}
 
 
 def test_sha256_is_recorded_and_cached():

@@ -24,9 +24,8 @@ import pytest
 
 from offgrid_jupyter.store import Store
 
-from .kernels import TOKEN, jupyter_server
+from .kernels import AUTH, TOKEN, Load, jupyter_server, unanswered
 
-AUTH = {"Authorization": f"token {TOKEN}"}
 GREEDY = {"temperature": 0, "seed": 42}
 SERVER_ARGS = ("--OffgridApp.n_ctx=1024", "--OffgridApp.max_body_bytes=65536")
 
@@ -348,65 +347,6 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(tmp_path):
 
 
 # -- kill -9, round after round -----------------------------------------------------------------------
-def unanswered(messages):
-    """User questions that a later prompt would see without their answer."""
-    out = []
-    for i, m in enumerate(messages):
-        answered = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
-        if m["role"] == "user" and not answered and not m["metadata"].get("interrupted"):
-            out.append(m["content"])
-    return out
-
-
-class Load:
-    """Chats (streamed and not) and appends against a server, remembering what it acknowledged."""
-
-    def __init__(self, base):
-        self.base, self.acked, self.tokens = base, [], threading.Event()
-        self.appended = threading.Semaphore(0)
-        self.threads = [threading.Thread(target=self._stream), threading.Thread(target=self._chat),
-                        threading.Thread(target=self._append)]
-        for t in self.threads:
-            t.start()
-
-    def _client(self):
-        return httpx.Client(base_url=self.base, headers=AUTH, timeout=60)
-
-    def _stream(self):
-        body = {"message": "Write a long story about a storm.", "max_tokens": 300, "stream": True}
-        try:
-            with self._client() as c, c.stream("POST", "sessions/turns/chat", json=body) as r:
-                for line in r.iter_lines():
-                    if line == "event: token":
-                        self.tokens.set()
-        except httpx.TransportError:
-            pass  # killed mid-stream: nothing was acknowledged
-
-    def _chat(self):
-        try:
-            with self._client() as c:
-                while True:
-                    r = c.post("sessions/turns-2/chat", json={"message": "Name a colour.", "max_tokens": 8})
-                    self.acked += [r.json()["message"]["id"], r.json()["response"]["id"]]
-        except httpx.TransportError:
-            pass
-
-    def _append(self):
-        try:
-            with self._client() as c:
-                for i in range(10_000):
-                    r = c.post("sessions/appends/messages", json={"role": "user", "content": f"note {i}"})
-                    self.acked.append(r.json()["id"])
-                    self.appended.release()
-        except httpx.TransportError:
-            pass
-
-    def join(self):
-        for t in self.threads:
-            t.join(60)
-        return not any(t.is_alive() for t in self.threads)
-
-
 def test_kill_9_mid_turn_round_after_round_loses_nothing_acknowledged(tmp_path):
     acked: list[str] = []
     for round_ in range(10):

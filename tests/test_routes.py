@@ -222,3 +222,21 @@ async def test_every_route_requires_authentication(jp_fetch, method, path):
     except HTTPClientError as exc:
         code = exc.code
     assert code not in (401, 403)
+
+
+def test_the_route_table_and_openapi_json_name_the_same_routes_and_methods():
+    from tornado.web import RequestHandler
+
+    from offgrid_jupyter.server import spec
+    from offgrid_jupyter.server.handlers import handlers
+
+    served = {}
+    for pattern, cls in handlers():
+        if not pattern.startswith("/offgrid/v1"):
+            continue
+        path = pattern.removeprefix("/offgrid/v1").replace("(?P<ref>[^/]+)", "{ref}")
+        assert cls.spec_path == path, (cls, path)
+        served[path] = sorted(m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
+                              if getattr(cls, m.lower()) is not getattr(RequestHandler, m.lower()))
+    documented = {path: spec.methods(path) for path in spec.document()["paths"]}
+    assert served == documented
