@@ -54,7 +54,7 @@ class Context:
         self._store = store
         self._client = client
         self._local = False  # %offgrid disconnect: ignore the server from the environment
-        self._watchers: list[Callable[[], Callable | None]] = []  # weak: a closed panel goes away
+        self._watchers: list[Callable[[], Callable | None]] = []  # weak refs to turn watchers
         self._log: RequestLog | None = None
         self._current: str | None = None  # session id
         self._current_spec: dict[str, Any] = {}  # name/system prompt, to re-create a pruned empty session
@@ -168,19 +168,27 @@ class Context:
         raise DuplicateNameError(f"Could not find a free session name starting with {base!r}.")
 
     # -- who wants to know about turns (chat panels showing a session) ---------------------------
-    def watch(self, callback: Callable[[str], None]) -> None:
-        """Call *callback(session_id)* after every turn made through this context."""
+    def watch(self, callback: Callable[[str, str | None, Any], None]) -> None:
+        """Call *callback(event, session_id, turn)* when a turn made through this context
+        starts (``"started"``, with the turn, whose generation can be followed) and when it
+        is over (``"done"``, turn None). Held weakly for bound methods: a closed panel goes away."""
         self._watchers.append(weakref.WeakMethod(callback) if hasattr(callback, "__self__")
                               else (lambda: callback))
 
+    def turn_started(self, session_id: str | None, turn: Any) -> None:
+        self._tell("started", session_id, turn)
+
     def turn_done(self, session_id: str | None) -> None:
+        self._tell("done", session_id, None)
+
+    def _tell(self, event: str, session_id: str | None, turn: Any) -> None:
         for ref in list(self._watchers):
             callback = ref()
             if callback is None:
                 self._watchers.remove(ref)
                 continue
             try:
-                callback(session_id)
+                callback(event, session_id, turn)
             except Exception:  # a broken panel must not break a cell
                 log.exception("offgrid: a turn watcher failed")
 

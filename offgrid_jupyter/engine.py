@@ -179,7 +179,7 @@ class Generation:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._finished: Future = Future()  # resolved with the result (or the error) when done
-        self._wakers: list[Callable[[], None]] = []  # called after every event (asyncio consumers)
+        self._listeners: list[Callable[[str, Any], None]] = []  # see listen()
         self._error: BaseException | None = None
 
     # -- consumer side -------------------------------------------------------
@@ -232,10 +232,12 @@ class Generation:
             if kind == "token":
                 yield payload
 
-    def batches(self, interval: float = 0.1) -> Iterator[list[tuple[str, Any]]]:
+    def batches(self, interval: float = 0.1, *, heartbeat: bool = False) -> Iterator[list[tuple[str, Any]]]:
         """Like :meth:`events`, but yields lists of events at most once per
         *interval* (and at once when the request ends), so a consumer that
-        redraws a display is woken a few times a second, not once per token."""
+        redraws a display is woken a few times a second, not once per token.
+        With *heartbeat*, an empty list comes every *interval* when nothing
+        happened (to show a waiting time that grows)."""
         finished = False
         try:
             last_pos = None
@@ -252,6 +254,8 @@ class Generation:
                     raise
                 if not batch:
                     finished = self._check_deadline()
+                    if heartbeat:
+                        yield []
                     continue
                 finished = batch[-1][0] == "complete"
                 yield batch
@@ -292,10 +296,10 @@ class Generation:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
 
-        def waker() -> None:
+        def waker(_kind: str, _payload: Any) -> None:
             loop.call_soon_threadsafe(wake.set)
 
-        self._wakers.append(waker)
+        stop_listening = self.listen(waker)
         finished = False
         try:
             last_pos = None
@@ -324,7 +328,7 @@ class Generation:
                 except asyncio.TimeoutError:
                     finished = self._check_deadline()
         finally:
-            self._wakers.remove(waker)
+            stop_listening()
             if not finished:
                 self.cancel()
 
@@ -380,8 +384,23 @@ class Generation:
                 self._finished.set_exception(payload)
             else:
                 self._finished.set_result(payload)
-        for waker in tuple(self._wakers):
-            waker()
+        for listener in tuple(self._listeners):
+            try:
+                listener(kind, payload)
+            except Exception:  # a listener must never break the engine thread
+                log.exception("offgrid engine: a generation listener failed")
+
+    def listen(self, callback: Callable[[str, Any], None]) -> Callable[[], None]:
+        """Also hand every event to *callback(kind, payload)* as it happens (on the
+        engine thread: keep it short). Returns a function that stops it. Lets a second
+        surface follow a turn that another one consumes (a chat panel showing a cell's turn)."""
+        self._listeners.append(callback)
+
+        def stop() -> None:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+        return stop
 
 
 class _KVSnapshot:

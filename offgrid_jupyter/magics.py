@@ -24,7 +24,7 @@ from traitlets import Bool, Enum, Float, Int, Unicode
 
 from .context import Context
 from .errors import DuplicateNameError, OffgridError, SessionNotFoundError
-from .render import Conversation, Note, Reply, Table
+from .render import Conversation, Note, Progress, Reply, Table
 from .stats import stats_frame, summarize
 from .store import SESSION_ID_RE
 from .remote import RemoteTurn
@@ -150,7 +150,7 @@ SUBCOMMANDS = {
     "import": "read sessions from a JSON file or directory PATH",
     "model": "show the model, or switch to the GGUF at PATH",
     "stats": "usage per model and session [--by session|model|hour|source] [-o VAR] [--since WHEN]",
-    "chat": "open the chat panel [NAME]",
+    "chat": "open the chat panel [NAME] [-n MAX_TOKENS] [-t TEMPERATURE]",
     "connect": "use a Jupyter server's shared model [URL] [--token KEY] (default: OFFGRID_URL)",
     "disconnect": "use a model loaded in this kernel instead of the server's",
 }
@@ -183,6 +183,8 @@ def _line_parser() -> _Parser:
     parsers["stats"].add_argument("--session", metavar="NAME")
     parsers["stats"].add_argument("--model", metavar="NAME")
     parsers["chat"].add_argument("name", nargs="?")
+    parsers["chat"].add_argument("-n", "--max-tokens", type=int, help="longest reply, in tokens")
+    parsers["chat"].add_argument("-t", "--temperature", type=float, help="sampling temperature")
     parsers["connect"].add_argument("url", nargs="?")
     parsers["connect"].add_argument("--token")
     return p
@@ -274,8 +276,12 @@ class OffgridMagics(Magics):
                                        system_prompt=args.system or self.system_prompt, model=args.model,
                                        metadata={"cell_id": self._cell_id} if self._cell_id else None,
                                        replace=replace)
-        outcome = self._run(turn, fmt, stream=not args.no_stream, note=note)
-        self.context.turn_done(outcome.session_id)  # chat panels on this session show the turn
+        if session_id is not None:
+            self.context.turn_started(session_id, turn)  # chat panels on this session follow it
+        try:
+            outcome = self._run(turn, fmt, stream=not args.no_stream, note=note)
+        finally:
+            self.context.turn_done(session_id)
         return self._deliver(outcome, fmt, args.output)
 
     def _target_session(self, args: argparse.Namespace) -> tuple[Any, str | None]:
@@ -326,21 +332,16 @@ class OffgridMagics(Magics):
         return outcome
 
     def _stream(self, turn: ChatTurn | RemoteTurn, fmt: str, handle) -> None:
-        parts: list[str] = []
-        status: str | None = "waiting for the model…"
-        for batch in turn.generation.batches(self.update_interval):
-            for kind, payload in batch:
-                if kind == "token":
-                    parts.append(payload)
-                    status = None
-                elif kind == "queued":
-                    status = f"queued: position {payload} (another generation is running)" if payload else status
-                elif kind == "loading":
-                    status = f"loading {payload['model']} ({payload['size_bytes'] / MB:.0f} MB)…"
-                elif kind == "start":
-                    status = "thinking…"
-            if kind != "complete":
-                handle.update(Reply("".join(parts), format=fmt, status=status))
+        progress = Progress()
+        shown = None
+        for batch in turn.generation.batches(self.update_interval, heartbeat=True):
+            progress.feed(batch)
+            if batch and batch[-1][0] == "complete":
+                return
+            view = (progress.text, progress.status)
+            if view != shown:  # a heartbeat redraws only when the waiting time moved on
+                shown = view
+                handle.update(Reply(progress.text, format=fmt, status=progress.status))
 
     @staticmethod
     def _final(outcome: TurnResult, fmt: str) -> Reply:
@@ -500,7 +501,9 @@ class OffgridMagics(Magics):
     def _cmd_chat(self, args):
         from .widget import ChatPanel
 
-        return ChatPanel(args.name, context=self.context)
+        return ChatPanel(args.name, context=self.context,
+                         max_tokens=args.max_tokens if args.max_tokens is not None else self.max_tokens,
+                         temperature=args.temperature if args.temperature is not None else self.temperature)
 
     def _cmd_connect(self, args) -> Note:
         client = self.context.connect(args.url, args.token)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .client import Client
 from .engine import GenerationResult, take_batch
@@ -32,6 +32,7 @@ class RemoteGeneration:
         self._complete: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self._stream: Iterator | None = None
+        self._listeners: list[Callable[[str, Any], None]] = []
         if session is not None:
             stream = client.sessions.stream(session, content, **body)
         else:
@@ -61,10 +62,20 @@ class RemoteGeneration:
         if kind == "complete":
             self._complete = data
             self.state = "done"
-        self._events.put((kind, data.get("position") if kind == "queued" else data.get("delta")
-                          if kind == "token" else data))
+        event = (kind, data.get("position") if kind == "queued" else data.get("delta") if kind == "token" else data)
+        self._events.put(event)
+        for listener in tuple(self._listeners):
+            try:
+                listener(*event)
+            except Exception:  # noqa: BLE001 - a listener must never break the stream
+                pass
 
-    def batches(self, interval: float = 0.1) -> Iterator[list[tuple[str, Any]]]:
+    def listen(self, callback: Callable[[str, Any], None]) -> Callable[[], None]:
+        """As :meth:`Generation.listen <offgrid_jupyter.engine.Generation.listen>`."""
+        self._listeners.append(callback)
+        return lambda: callback in self._listeners and self._listeners.remove(callback)
+
+    def batches(self, interval: float = 0.1, *, heartbeat: bool = False) -> Iterator[list[tuple[str, Any]]]:
         finished = False
         try:
             while True:
@@ -77,6 +88,8 @@ class RemoteGeneration:
                 if batch:
                     finished = batch[-1][0] == "complete"
                     yield batch
+                elif heartbeat:
+                    yield []
                 if finished:
                     return
         finally:

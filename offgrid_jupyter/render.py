@@ -16,7 +16,7 @@ from .store import Session
 CURSOR = "▌"
 
 
-def _blockquote(text: str) -> str:
+def blockquote(text: str) -> str:
     return "\n".join("> " + html.escape(line) if line else ">" for line in text.splitlines())
 
 
@@ -45,6 +45,49 @@ class Reply:
         return (data, {"offgrid": self.metadata}) if self.metadata else data
 
 
+class Progress:
+    """A streaming reply as its events arrive: the text so far and one status line.
+
+    Shared by the cell magic and the chat panel, so both say the same thing while a
+    turn waits in the queue (position and time waited, growing), loads the model,
+    evaluates the prompt, or writes."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.parts: list[str] = []
+        self.started = clock()
+        self.position: int | None = None
+        self.phase = "waiting for the model…"
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def feed(self, batch: list) -> None:
+        for kind, payload in batch:
+            if kind == "token":
+                self.parts.append(payload)
+                self.phase = None
+            elif kind == "queued":
+                self.position = payload or None
+            elif kind == "loading":
+                self.position = None
+                self.phase = f"loading {payload['model']} ({payload['size_bytes'] / (1 << 20):.0f} MB)…"
+            elif kind == "start":
+                self.position = None
+                self.phase = "thinking…"
+
+    @property
+    def status(self) -> str | None:
+        """None once text flows; else what the turn is waiting for."""
+        if self.parts:
+            return None
+        if self.position:
+            waited = self.clock() - self.started
+            return f"queued: position {self.position} · waiting {waited:.0f} s (another generation is running)"
+        return self.phase
+
+
 class Conversation:
     """A session rendered as a readable chat."""
 
@@ -66,7 +109,7 @@ class Conversation:
         for m in self.messages:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.timestamp))
             if m.role == "user":
-                parts.append(f"**You** · {when}\n\n{_blockquote(m.content)}")
+                parts.append(f"**You** · {when}\n\n{blockquote(m.content)}")
             else:
                 model = m.metadata.get("model", m.role)
                 note = " · *interrupted*" if m.finish_reason == "cancelled" else ""

@@ -1,16 +1,27 @@
 """The chat panel: ipywidgets on the same engine, store and sessions as the magics.
 
 Standard ipywidgets (so it works in JupyterLab, Notebook 7 and VS Code without our
-labextension), plus one small anywidget: a message box where Enter sends and
-Shift+Enter starts a new line. Generation runs on a background thread; it only
-sets widget traits, which ipywidgets sends over the kernel's comm channel, so the
-notebook stays free to run other cells meanwhile.
+labextension), plus one small anywidget (``panel.js``): the message box, where Enter
+sends and Shift+Enter starts a new line, which also keeps every key typed in the panel
+away from the notebook's shortcuts and keeps the conversation scrolled to the newest
+text. Generation runs on a background thread; it only sets widget traits, which
+ipywidgets sends over the kernel's comm channel, so the notebook stays free to run
+other cells meanwhile.
+
+In a notebook the panel opens on the notebook's session (the one ``%%offgrid`` cells
+use), and its first message creates that session if no cell has yet. A turn made by a
+cell in the panel's session streams into the panel as it is written.
+
+A saved notebook keeps no live widget: the server extension's pre-save hook
+(:mod:`offgrid_jupyter.server.snapshot`) writes a readable snapshot of the panel into
+the file instead, so reopening it never shows "Error displaying widget".
 """
 
 from __future__ import annotations
 
 import html
 import threading
+from pathlib import Path
 from typing import Any
 
 import anywidget
@@ -18,50 +29,29 @@ import ipywidgets as widgets
 import traitlets
 
 from .context import Context
-from .errors import OffgridError
+from .errors import OffgridError, TurnCancelledError
+from .render import Progress
 from .store import Session
 
-NEW = "__new__"
-MB = 1 << 20
-
-_MESSAGE_BOX_ESM = """
-function render({ model, el }) {
-  const box = document.createElement("textarea");
-  box.rows = 3;
-  box.placeholder = model.get("placeholder");
-  box.style.cssText = "width: 100%; box-sizing: border-box; resize: vertical; font: inherit;";
-  box.value = model.get("value");
-  box.addEventListener("input", () => { model.set("value", box.value); model.save_changes(); });
-  box.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-      event.preventDefault();  // Enter sends; Shift+Enter is a new line
-      model.set("value", box.value);
-      model.set("submitted", model.get("submitted") + 1);
-      model.save_changes();
-    }
-  });
-  model.on("change:value", () => { if (box.value !== model.get("value")) box.value = model.get("value"); });
-  model.on("change:disabled", () => { box.disabled = model.get("disabled"); });
-  el.appendChild(box);
-}
-export default { render };
-"""
+NEW = "__new__"  # a new session with a generated name, not used by the cells
+CURRENT = "__current__"  # the notebook's session, created by the first message
+PANEL_MIME_KEY = "offgrid_panel"  # output metadata that marks a panel (for the pre-save snapshot)
+FOLLOW_INTERVAL = 0.1  # seconds between redraws of a streaming reply
 
 
 class MessageBox(anywidget.AnyWidget):
     """A textarea whose Enter key sends (``submitted`` counts the sends)."""
 
-    _esm = _MESSAGE_BOX_ESM
+    _esm = Path(__file__).with_name("panel.js")
     value = traitlets.Unicode("").tag(sync=True)
     submitted = traitlets.Int(0).tag(sync=True)
-    disabled = traitlets.Bool(False).tag(sync=True)
     placeholder = traitlets.Unicode("Message (Enter sends, Shift+Enter for a new line)").tag(sync=True)
 
 
 def _user_bubble(text: str) -> widgets.HTML:
     return widgets.HTML(
-        f'<div style="margin:4px 0 4px 20%;padding:6px 10px;border-radius:10px;background:#e8f0fe;'
-        f'white-space:pre-wrap">{html.escape(text)}</div>')
+        f'<div style="margin:4px 0 4px 20%;padding:6px 10px;border-radius:10px;'
+        f'background:var(--jp-layout-color2,#e8f0fe);white-space:pre-wrap">{html.escape(text)}</div>')
 
 
 def _markdown(text: str, note: str | None = None) -> tuple[dict, ...]:
@@ -72,9 +62,17 @@ def _markdown(text: str, note: str | None = None) -> tuple[dict, ...]:
 
 def _assistant_bubble(text: str = "", note: str | None = None) -> widgets.Output:
     out = widgets.Output(layout=widgets.Layout(margin="4px 20% 4px 0", padding="2px 10px",
-                                               border="1px solid #ddd"))
+                                               border="1px solid var(--jp-border-color2, #ddd)"))
     out.outputs = _markdown(text, note)
     return out
+
+
+def _ending(finish_reason: str, params: dict) -> str | None:
+    if finish_reason == "cancelled":
+        return "interrupted"
+    if finish_reason == "length":
+        return f"stopped at {params['max_tokens']} tokens"
+    return None
 
 
 class ChatPanel(widgets.VBox):
@@ -85,8 +83,12 @@ class ChatPanel(widgets.VBox):
         self.context = context or _kernel_context()
         self.params = {"max_tokens": max_tokens, "temperature": temperature}
         self.session_id: str | None = None
+        self._choice = CURRENT
         self._turn = None
         self._thread: threading.Thread | None = None
+        self._followed = None  # a thread showing a turn made elsewhere (a cell)
+        self._followed_turn = None
+        self._stopping = False
         self._last_tps: float | None = None
         self._filling = False
 
@@ -95,6 +97,7 @@ class ChatPanel(widgets.VBox):
                                              layout=widgets.Layout(width="40px"))
         self.title = widgets.HTML()
         self.messages = widgets.VBox(layout=widgets.Layout(max_height="480px", overflow="auto"))
+        self.messages.add_class("offgrid-messages")
         self.box = MessageBox()
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True)
@@ -106,30 +109,48 @@ class ChatPanel(widgets.VBox):
         self.refresh_button.on_click(lambda _: self.reload())
         self.box.observe(lambda _: self.send(), names="submitted")
         self.picker.observe(self._picked, names="value")
-        self.context.watch(self._turn_elsewhere)
+        self.context.watch(self._on_turn)
 
         super().__init__([widgets.HBox([self.picker, self.refresh_button]), self.title, self.messages, self.box,
                           widgets.HBox([self.send_button, self.stop_button]), self.status, self.error], **kwargs)
+        self.add_class("offgrid-panel")
         if session is None:
             current = self.context.current_session(create=False)
             session = current.id if current else None
         self._fill_picker(session)
         self._show_status()
 
+    def _repr_mimebundle_(self, **kwargs: Any):
+        data = super()._repr_mimebundle_(**kwargs)
+        data["text/plain"] = "offgrid chat panel: run this cell to open it (it needs a running kernel)."
+        return data, {PANEL_MIME_KEY: {"session_id": self.session_id, "notebook": self.context.notebook_path()}}
+
     # -- sessions --------------------------------------------------------------------------
+    def _current_label(self) -> str:
+        notebook = self.context.notebook_path()
+        name = Path(notebook).stem if notebook else "this kernel"
+        return f"{name}: this notebook's session (starts with your first message)"
+
     def _fill_picker(self, select: str | None) -> None:
         try:
             sessions = self.context.store.list(limit=200)
-            if select is not None:
+            if select not in (None, NEW, CURRENT):
                 select = self.context.store.get(select, messages=False).id
         except OffgridError as exc:
             self._fail(exc)
             sessions, select = [], None
-        options = [("New session", NEW)] + [(s.name or s.title or s.id, s.id) for s in sessions]
+        options = [(s.name or s.title or s.id, s.id) for s in sessions]
+        if not any(value == select for _, value in options):
+            select = select if select in (NEW, CURRENT) else CURRENT
+        if self.context.current_session(create=False) is None:
+            options.insert(0, (self._current_label(), CURRENT))
+        elif select == CURRENT:
+            select = self.context.current_session(create=False).id
+        options.append(("New session", NEW))
         self._filling = True  # the picker's own change events wait until it is filled
         try:
             self.picker.options = options
-            self.picker.value = select if select in {v for _, v in options} else NEW
+            self.picker.value = select
         finally:
             self._filling = False
         self._picked()
@@ -138,18 +159,20 @@ class ChatPanel(widgets.VBox):
         if self._filling:
             return
         value = self.picker.value
-        self.session_id = None if value in (None, NEW) else value
+        self._choice = value if value in (NEW, CURRENT) else None
+        self.session_id = None if value in (None, NEW, CURRENT) else value
         self.refresh()
 
     def reload(self) -> None:
         """Re-read the list of sessions and the picked session's conversation."""
-        self._fill_picker(self.session_id)
+        self._fill_picker(self.session_id or self._choice)
 
     def refresh(self) -> None:
         """Show the picked session's conversation as it is in the store now."""
         self.error.value = ""
         if self.session_id is None:
-            self.title.value = "<i>A new session starts with your first message.</i>"
+            self.title.value = ("<i>A new session starts with your first message.</i>" if self._choice == NEW else
+                                "<i>This notebook's session starts with your first message (or cell).</i>")
             self.messages.children = ()
             return
         try:
@@ -160,19 +183,80 @@ class ChatPanel(widgets.VBox):
         self._render(session)
 
     def _render(self, session: Session) -> None:
-        title = html.escape(session.title or "(no messages yet)")
-        self.title.value = f"<b>{html.escape(session.name or session.id)}</b> — {title}"
+        self._render_title(session)
         bubbles = []
         for m in session.messages or []:
             if m.role == "user":
-                bubbles.append(_user_bubble(m.content))
+                bubbles.append(_user_bubble(m.content + ("\n(no reply: interrupted)" if m.interrupted else "")))
             elif m.role == "assistant":
                 bubbles.append(_assistant_bubble(m.content, "interrupted" if m.finish_reason == "cancelled" else None))
         self.messages.children = tuple(bubbles)
 
-    def _turn_elsewhere(self, session_id: str | None) -> None:
-        if session_id is not None and session_id == self.session_id and not self.busy:
-            self.refresh()
+    def _render_title(self, session: Session) -> None:
+        title = html.escape(session.title or "(no messages yet)")
+        count = f"{session.message_count} message{'s' * (session.message_count != 1)}"
+        self.title.value = f"<b>{html.escape(session.name or session.id)}</b> — {title} · {count}"
+
+    # -- turns made elsewhere (a %%offgrid cell) ---------------------------------------------
+    def _on_turn(self, event: str, session_id: str | None, turn: Any) -> None:
+        if session_id is None or (turn is not None and turn is self._turn):  # not for the panel's own turn
+            return
+        mine = session_id == self.session_id or (self.session_id is None and self._choice == CURRENT and
+                                                 self._adopt_if_current(session_id))
+        if not mine or self.busy:
+            return
+        if event == "started":
+            self._follow(turn)
+            return
+        following = self._followed
+        if following is not None:  # the cell's turn is over: the follower stops at its last event
+            following.join(5)
+        self.refresh()  # the stored turn, as the cell left it
+        self._show_status()
+
+    def _adopt_if_current(self, session_id: str) -> bool:
+        """The cells just created the notebook's session this panel was waiting for."""
+        current = self.context.current_session(create=False)
+        if current is None or current.id != session_id:
+            return False
+        self._fill_picker(session_id)
+        return True
+
+    def _follow(self, turn: Any) -> None:
+        """Stream a cell's turn into the panel: the cell consumes its events, the panel listens."""
+        self.refresh()  # up to the cell's question, which is stored by now
+        reply = _assistant_bubble("", "waiting for the model…")
+        self.messages.children = (*self.messages.children, reply)
+        pending: list = []
+        lock, changed = threading.Lock(), threading.Event()
+
+        def heard(kind: str, payload: Any) -> None:  # on the engine's (or the stream's) thread: just collect
+            with lock:
+                pending.append((kind, payload))
+            changed.set()
+
+        def show() -> None:
+            progress = Progress()
+            try:
+                while True:
+                    changed.wait(FOLLOW_INTERVAL)
+                    changed.clear()
+                    with lock:
+                        batch, pending[:] = list(pending), []
+                    progress.feed(batch)
+                    if any(kind in ("complete", "error") for kind, _ in batch):
+                        break
+                    reply.outputs = _markdown(progress.text + "▌" if progress.text else "", progress.status)
+            finally:
+                stop()
+                self._followed = self._followed_turn = None
+                self._set_busy(False)
+
+        stop = turn.generation.listen(heard)
+        self._followed_turn = turn  # the panel's Stop stops it too
+        self._set_busy(True)
+        self._followed = threading.Thread(target=show, name="offgrid-panel-follow", daemon=True)
+        self._followed.start()
 
     # -- a turn ----------------------------------------------------------------------------
     @property
@@ -180,19 +264,24 @@ class ChatPanel(widgets.VBox):
         return self._thread is not None and self._thread.is_alive()
 
     def send(self, text: str | None = None) -> None:
-        """Send the message box's text (or *text*); the reply streams into a new bubble."""
+        """Send the message box's text (or *text*); the reply streams into a new bubble.
+        While a reply is being written, sending waits: the draft stays in the box."""
         text = (text if text is not None else self.box.value).strip()
-        if not text or self.busy:
+        if not text or self.busy or self._followed is not None:
             return
         self.error.value = ""
         try:
             if self.session_id is None:
-                session = self.context.new_session(None, adopt=False)
+                if self._choice == NEW:
+                    session = self.context.new_session(None, adopt=False)
+                else:  # the notebook's session: the one %%offgrid cells use
+                    session = self.context.current_session(create=True)
                 self._fill_picker(session.id)
         except OffgridError as exc:
             self._fail(exc)
             return
         self.box.value = ""
+        self._stopping = False
         reply = _assistant_bubble("", "waiting for the model…")
         self.messages.children = (*self.messages.children, _user_bubble(text), reply)
         self._set_busy(True)
@@ -202,8 +291,10 @@ class ChatPanel(widgets.VBox):
 
     def stop(self) -> None:
         """Stop the reply being generated; what it said so far is kept, marked cancelled."""
-        if self._turn is not None:
-            self._turn.cancel()
+        self._stopping = True  # also when the turn is still being set up
+        turn = self._turn or self._followed_turn
+        if turn is not None:
+            turn.cancel()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the reply being generated (True once nothing is generating)."""
@@ -212,42 +303,57 @@ class ChatPanel(widgets.VBox):
         return not self.busy
 
     def _generate(self, session_id: str, text: str, reply: widgets.Output) -> None:
-        parts: list[str] = []
+        progress = Progress()
         try:
             self._turn = self.context.start_turn(session_id, text, params=self.params, source="panel")
-            for batch in self._turn.generation.batches(0.1):
-                note = None
-                for kind, payload in batch:
-                    if kind == "token":
-                        parts.append(payload)
-                    elif kind == "queued" and payload:
-                        note = f"queued: position {payload}"
-                        self.status.value = self._status_line(note)
-                    elif kind == "loading":
-                        note = f"loading {payload['model']} ({payload['size_bytes'] / MB:.0f} MB)…"
-                if batch[-1][0] != "complete":
-                    text = "".join(parts)
-                    reply.outputs = _markdown(text + "▌" if text else "", note or (None if text else "thinking…"))
+            if self._stopping:
+                self._turn.cancel()
+            self.context.turn_started(session_id, self._turn)
+            shown = None
+            for batch in self._turn.generation.batches(FOLLOW_INTERVAL, heartbeat=True):
+                progress.feed(batch)
+                if batch and batch[-1][0] == "complete":
+                    break
+                view = (progress.text, progress.status)
+                if view != shown:
+                    shown = view
+                    reply.outputs = _markdown(progress.text + "▌" if progress.text else "", progress.status)
+                    if progress.status and progress.status.startswith("queued"):
+                        self.status.value = self._status_line(progress.status)
             outcome = self._turn.finish()
             r = outcome.result
-            self._last_tps = r.timings.get("tokens_per_second") or None
-            reply.outputs = _markdown(r.text, "interrupted" if r.finish_reason == "cancelled" else
-                                      f"stopped at {r.params['max_tokens']} tokens" if r.finish_reason == "length"
-                                      else None)
-        except OffgridError as exc:
-            reply.outputs = _markdown("".join(parts), "failed")
-            self._fail(exc)
+            if outcome.reply is None and r.finish_reason == "cancelled":  # stopped before any text
+                self._take_back(text)
+            else:
+                self._last_tps = r.timings.get("tokens_per_second") or None
+                reply.outputs = _markdown(r.text, _ending(r.finish_reason, r.params))
+        except TurnCancelledError:  # stopped while an earlier turn of the session was still running
+            self._take_back(text)
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never a traceback in another cell
-            reply.outputs = _markdown("".join(parts), "failed")
+            reply.outputs = _markdown(progress.text, "failed")
             self._fail(exc)
         finally:
             self._turn = None
+            self.context.turn_done(session_id)
             self._set_busy(False)
             self._show_status()
+            self._update_title(session_id)
+
+    def _take_back(self, text: str) -> None:
+        """A turn stopped before any text is neither stored nor shown; its draft comes back."""
+        self.messages.children = self.messages.children[:-2]
+        if not self.box.value:
+            self.box.value = text
+
+    def _update_title(self, session_id: str) -> None:
+        try:
+            self._render_title(self.context.store.get(session_id, messages=False))
+        except OffgridError:
+            pass
 
     def _set_busy(self, busy: bool) -> None:
+        # the box stays editable: typing during a reply lands in the draft, only sending waits
         self.send_button.disabled = busy
-        self.box.disabled = busy
         self.stop_button.disabled = not busy
 
     # -- status and errors -----------------------------------------------------------------------
@@ -264,14 +370,14 @@ class ChatPanel(widgets.VBox):
             parts.append(f"{self._last_tps:.1f} tok/s last reply")
         if extra:
             parts.append(html.escape(extra))
-        return f'<span style="color:#666;font-size:90%">{" · ".join(parts)}</span>'
+        return f'<span style="color:var(--jp-ui-font-color2,#666);font-size:90%">{" · ".join(parts)}</span>'
 
     def _show_status(self) -> None:
         self.status.value = self._status_line()
 
     def _fail(self, exc: BaseException) -> None:
         message = str(exc) if isinstance(exc, OffgridError) else f"{type(exc).__name__}: {exc}"
-        self.error.value = f'<span style="color:#b00020">⚠ {html.escape(message)}</span>'
+        self.error.value = f'<span style="color:var(--jp-error-color1,#b00020)">⚠ {html.escape(message)}</span>'
 
 
 def _kernel_context() -> Context:

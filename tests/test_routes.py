@@ -240,3 +240,26 @@ def test_the_route_table_and_openapi_json_name_the_same_routes_and_methods():
                               if getattr(cls, m.lower()) is not getattr(RequestHandler, m.lower()))
     documented = {path: spec.methods(path) for path in spec.document()["paths"]}
     assert served == documented
+
+
+async def test_saving_a_notebook_snapshots_its_chat_panels(jp_fetch, state):
+    session = state.store.create("nb-session")
+    state.store.add_message(session.id, "user", "What is **rain**?")
+    state.store.add_message(session.id, "assistant", "Water that falls.", metadata={"model": "tiny"})
+    panel = {"output_type": "display_data", "metadata": {"offgrid_panel": {"session_id": session.id}},
+             "data": {"text/plain": "panel", "application/vnd.jupyter.widget-view+json": {"model_id": "abc"}}}
+    other = {"output_type": "display_data", "metadata": {},
+             "data": {"text/plain": "slider", "application/vnd.jupyter.widget-view+json": {"model_id": "def"}}}
+    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "id": "c1", "metadata": {}, "source": "%offgrid chat", "execution_count": 1,
+         "outputs": [panel, other]}]}
+    response = await jp_fetch("api", "contents", "chat.ipynb", method="PUT",
+                              body=json.dumps({"type": "notebook", "content": nb}))
+    assert response.code in (200, 201)
+    saved = json.loads((await jp_fetch("api", "contents", "chat.ipynb")).body)["content"]
+    first, second = saved["cells"][0]["outputs"]
+    text = first["data"]["text/markdown"]
+    assert "application/vnd.jupyter.widget-view+json" not in first["data"]
+    assert "`nb-session`" in text and "> What is **rain**?" in text and "Water that falls." in text
+    assert "run this cell to reopen" in text
+    assert second["data"]["application/vnd.jupyter.widget-view+json"] == {"model_id": "def"}  # not ours: kept

@@ -2,6 +2,7 @@
 
 import threading
 
+import ipywidgets as widgets
 import pytest
 
 from offgrid_jupyter.context import Context
@@ -35,16 +36,16 @@ def test_the_picker_lists_sessions_newest_first_and_shows_a_conversation(context
     store.add_message(newer.id, "user", "new question")
     panel = ChatPanel(context=context)
     labels = [label for label, _ in panel.picker.options]
-    assert labels[0] == "New session" and labels[1:3] == ["newer", "older"]
-    assert panel.picker.value == "__new__" and panel.messages.children == ()  # no current session yet
+    assert "this notebook's session" in labels[0] and labels[1:3] == ["newer", "older"] and labels[-1] == "New session"
+    assert panel.picker.value == "__current__" and panel.messages.children == ()  # no session yet
     panel.picker.value = older.id
     texts = [getattr(b, "value", "") or markdown(b) for b in panel.messages.children]
     assert "old question" in texts[0] and texts[1].startswith("old answer")
-    assert "older" in panel.title.value
+    assert "older" in panel.title.value and "2 messages" in panel.title.value
     assert ChatPanel("newer", context=context).session_id == newer.id
 
 
-def test_sending_streams_the_reply_into_the_last_bubble(context, store):
+def test_the_first_message_creates_the_notebooks_session_the_cells_use(context, store):
     panel = ChatPanel(context=context, **PARAMS)
     updates = []
     panel.box.value = "Name three rivers."
@@ -57,7 +58,14 @@ def test_sending_streams_the_reply_into_the_last_bubble(context, store):
     assert markdown(last_reply(panel)).startswith(session.messages[1].content)
     assert "tok/s last reply" in panel.status.value and "in-kernel" in panel.status.value
     assert panel.box.value == "" and not panel.send_button.disabled and panel.stop_button.disabled
-    assert session.name.startswith("chat-") and context.current_session(create=False) is None  # not adopted
+    assert context.current_session(create=False).id == session.id  # the cells' session now
+    assert "2 messages" in panel.title.value  # the header follows the turns
+    other = ChatPanel(context=context, **PARAMS)
+    assert other.session_id == session.id  # a second panel opens on it too
+    other.picker.value = "__new__"
+    other.send("A separate question.")
+    assert other.join(120) and other.session_id != session.id
+    assert context.current_session(create=False).id == session.id  # "New session" does not take over the cells
 
 
 def test_enter_in_the_message_box_sends(context, store):
@@ -81,21 +89,47 @@ def test_stop_cancels_and_keeps_the_partial_reply(context, store):
     assert markdown(last_reply(panel)).endswith("*interrupted*")
 
 
-def test_a_turn_from_the_magic_shows_up_in_the_panel(engine, store):
+def test_a_turn_from_the_magic_streams_into_the_panel(engine, store):
     shell = Shell(engine, store)
     try:
         ctx = shell.magics.context
-        panel = ChatPanel(context=ctx)
-        result, _ = shell.run(f"%%offgrid {GREEDY} -n 8\nHello from a cell.")
+        panel = ChatPanel(context=ctx)  # on the notebook's session, which no cell has created yet
+        seen = []
+        panel.messages.observe(lambda change: _watch_reply(panel, seen), names="children")
+        result, _ = shell.run(f"%%offgrid {GREEDY} -n 40\nWrite a short poem about rain.")
         assert result.success
-        assert panel.session_id is None  # the panel was on "New session": it does not jump
-        panel.refresh_button.click()  # the new session is listed after a refresh
-        panel.picker.value = ctx.current_session().id
-        assert "Hello from a cell." in panel.messages.children[0].value
+        assert panel.session_id == ctx.current_session().id  # the cell created it; the panel follows it
+        assert any(text.endswith("▌") for text in seen), seen  # streamed while the cell ran
+        texts = [getattr(b, "value", "") or markdown(b) for b in panel.messages.children]
+        assert "Write a short poem about rain." in texts[0] and len(texts) == 2
+        assert not texts[1].endswith("▌") and texts[1].startswith(store.get(panel.session_id).messages[1].content)
         shell.run(f"%%offgrid {GREEDY} -n 8\nA second cell.")
-        assert len(panel.messages.children) == 4  # live: the magic told the panel's context
+        assert len(panel.messages.children) == 4 and "4 messages" in panel.title.value
     finally:
         shell.close()
+
+
+def _watch_reply(panel, seen):
+    reply = panel.messages.children[-1] if panel.messages.children else None
+    if isinstance(reply, widgets.Output) and not getattr(reply, "_watched", False):
+        reply._watched = True
+        reply.observe(lambda change: seen.append(markdown(reply)), names="outputs")
+
+
+def test_typing_during_a_reply_stays_in_the_box_and_stop_before_any_text_takes_the_turn_back(context, store):
+    panel = ChatPanel(context=context, max_tokens=300, temperature=0.0)
+    blocker = context.engine.generate([{"role": "user", "content": "Write a long story."}], max_tokens=300)
+    panel.send("Queued behind another generation.")
+    assert panel.busy
+    panel.box.value = "a draft typed meanwhile"
+    panel.box.submitted += 1  # Enter while a reply is pending: sending waits, the draft stays
+    assert panel.box.value == "a draft typed meanwhile" and not panel.send_button.disabled is False
+    panel.stop_button.click()  # stopped while queued, before any text
+    blocker.cancel()
+    assert panel.join(60)
+    assert panel.messages.children == () and store.messages(panel.session_id) == []  # nothing shown or stored
+    assert panel.box.value == "a draft typed meanwhile"
+    assert "interrupted" not in str([getattr(b, "value", "") for b in panel.messages.children])
 
 
 def test_errors_render_inline(context, store):
@@ -113,9 +147,15 @@ def test_errors_render_inline(context, store):
 
 def test_two_panels_queue_through_one_engine(context, store):
     first, second = ChatPanel(context=context, **PARAMS), ChatPanel(context=context, **PARAMS)
+    second.picker.value = "__new__"
     first.send("Tell me about rain.")
     second.send("Tell me about snow.")
     assert first.join(120) and second.join(120)
     for panel in (first, second):
         assert [m.role for m in store.get(panel.session_id).messages] == ["user", "assistant"]
     assert first.session_id != second.session_id
+    third = ChatPanel(first.session_id, context=context, **PARAMS)  # two panels on one session take turns
+    first.send("And about fog?")
+    third.send("And about hail?")
+    assert first.join(120) and third.join(120)
+    assert [m.role for m in store.get(first.session_id).messages] == ["user", "assistant"] * 3

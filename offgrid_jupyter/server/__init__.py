@@ -20,6 +20,7 @@ from ..engine import MB, Engine
 from ..stats import attach
 from ..store import DB_FILENAME, Store, data_dir
 from .handlers import handlers
+from .snapshot import pre_save_hook
 from .state import ServerState
 
 
@@ -44,6 +45,9 @@ class OffgridApp(ExtensionApp):
     preload = Bool(False, help="Load the model at start-up instead of on the first chat.").tag(config=True)
     share_with_kernels = Bool(True, help="Kernels started by this server use its model.").tag(config=True)
     max_body_bytes = Int(2 * MB, help="Largest request body accepted (then 413).").tag(config=True)
+    snapshot_panels = Bool(True, help="When a notebook is saved, write a readable snapshot of each chat panel "
+                           "into the file instead of its widget (which cannot be shown without its kernel)."
+                           ).tag(config=True)
 
     @default("api_key")
     def _default_api_key(self):
@@ -69,6 +73,9 @@ class OffgridApp(ExtensionApp):
             os.environ["OFFGRID_URL"] = url_path_join(self.serverapp.connection_url, "offgrid/v1/")
             os.environ["OFFGRID_API_KEY"] = kernel_key
             os.environ["OFFGRID_HOME"] = str(home)
+        contents = getattr(self.serverapp, "contents_manager", None)
+        if self.snapshot_panels and hasattr(contents, "register_pre_save_hook"):
+            contents.register_pre_save_hook(pre_save_hook(store))
         if self.preload:
             engine.complete([{"role": "user", "content": "Hi."}], max_tokens=1, source="preload")
         self.log.info("offgrid: model %s, sessions in %s", engine.describe().get("path"), store.path)
