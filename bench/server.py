@@ -122,7 +122,11 @@ def main() -> None:
     args = parser.parse_args()
     reps, tokens, samples = (3, 32, 60) if args.quick else (7, 128, 300)
     t0 = time.perf_counter()
-    with jupyter_server(Path(tempfile.mkdtemp(prefix="offgrid-bench-"))) as srv:
+    # only our extension: other installed server extensions (JupyterLab, Notebook 7, jupyter-lsp,
+    # which the test extra installs) would add their own memory to the server's figure
+    others = [f"--ServerApp.jpserver_extensions={name}=False"
+              for name in ("jupyterlab", "notebook", "jupyter_lsp", "notebook_shim", "jupyter_server_terminals")]
+    with jupyter_server(Path(tempfile.mkdtemp(prefix="offgrid-bench-")), *others) as srv:
         client = Client(srv["url"] + "offgrid/v1/", max_retries=0)
         client.http.headers["Authorization"] = f"token {TOKEN}"
         client.chat("Hi.", max_tokens=2)  # the server loads its model

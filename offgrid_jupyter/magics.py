@@ -272,10 +272,14 @@ class OffgridMagics(Magics):
                 store.update(session_id, system_prompt=args.system)
             if self._cell_id and self.rerun == "replace":
                 replace = store.cell_turn(session_id, self._cell_id)
-        turn = self.context.start_turn(session_id, prompt, params=params, local=args.local,
-                                       system_prompt=args.system or self.system_prompt, model=args.model,
-                                       metadata={"cell_id": self._cell_id} if self._cell_id else None,
-                                       replace=replace)
+        try:
+            turn = self.context.start_turn(session_id, prompt, params=params, local=args.local,
+                                           system_prompt=args.system or self.system_prompt, model=args.model,
+                                           metadata={"cell_id": self._cell_id} if self._cell_id else None,
+                                           replace=replace)
+        except KeyboardInterrupt:  # Stop while an earlier turn of this session (a panel's) still runs
+            raise Interrupted("stopped while an earlier turn of this session was running; nothing was stored.") \
+                from None
         if session_id is not None:
             self.context.turn_started(session_id, turn)  # chat panels on this session follow it
         try:

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from tornado import web
@@ -109,11 +110,12 @@ class SharedTurn:
             ident = {"request_id": gen.request_id, "session_id": turn.session_id}
             self.state.running[gen.request_id] = self
             self.started.set_result(ident)
-            async for kind, payload in gen.aevents(poll_interval=2.0, repeat_queued=True):
-                if kind == "complete":
-                    break
-                self._append(kind, {"position": payload, **ident} if kind == "queued" else
-                             {"delta": payload} if kind == "token" else {**(payload or {}), **ident})
+            async with aclosing(gen.aevents(poll_interval=2.0, repeat_queued=True)) as events:
+                async for kind, payload in events:
+                    if kind == "complete":
+                        break
+                    self._append(kind, {"position": payload, **ident} if kind == "queued" else
+                                 {"delta": payload} if kind == "token" else {**(payload or {}), **ident})
             payload = turn_payload(await turn.finish_async(run))
         except BaseException as exc:  # noqa: BLE001 - every request waiting on this turn gets the error
             if turn.generation is not None:
@@ -248,16 +250,17 @@ class OpenAIChatHandler(OffgridHandler):
 
         await self.event(None, chunk({"role": "assistant", "content": ""}))
         try:
-            async for kind, payload in gen.aevents(poll_interval=2.0):
-                if self._gone:
-                    break
-                if kind == "token":
-                    await self.event(None, chunk({"content": payload}))
-                elif kind == "complete":
-                    await self.event(None, chunk({}, _openai_finish(payload.finish_reason)))
-                    # OpenAI's usage chunk, plus our full result under a key OpenAI clients ignore
-                    await self.event(None, {**chunk({}), "choices": [], "usage": _openai_usage(payload.usage),
-                                            "offgrid": result_payload(payload, gen.model.sha256())})
+            async with aclosing(gen.aevents(poll_interval=2.0)) as events:
+                async for kind, payload in events:
+                    if self._gone:
+                        break
+                    if kind == "token":
+                        await self.event(None, chunk({"content": payload}))
+                    elif kind == "complete":
+                        await self.event(None, chunk({}, _openai_finish(payload.finish_reason)))
+                        # OpenAI's usage chunk, plus our full result under a key OpenAI clients ignore
+                        await self.event(None, {**chunk({}), "choices": [], "usage": _openai_usage(payload.usage),
+                                                "offgrid": result_payload(payload, gen.model.sha256())})
         except OffgridError as exc:
             await self.event(None, {"error": {"message": str(exc), "type": type(exc).__name__, "code": exc.code}})
         await self.event(None, "[DONE]")

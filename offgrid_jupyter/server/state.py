@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .chat import SharedTurn
 
 IDEMPOTENCY_KEEP = 1000  # finished turns remembered for replays of retried requests
-STORE_THREADS = 4  # short store calls only: nothing that waits for a turn runs here
+STORE_THREADS = 2  # short store calls only: nothing that waits for a turn runs here
 
 
 @dataclass
