@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -22,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .kernels import free_port
+from .kernels import clean_env, free_port, serving
 
 TOKEN = "browser-test-token"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -52,28 +49,11 @@ def jupyter_lab(root: Path):
     news = dirs["settings"] / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     news.parent.mkdir(parents=True, exist_ok=True)
     news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))  # no network, no popup
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_") and k != "JPY_SESSION_NAME"}
-    env.update(OFFGRID_HOME=str(dirs["home"]), JUPYTER_CONFIG_DIR=str(dirs["config"]),
-               JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
-               JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", "--ServerApp.port_retries=0", f"--IdentityProvider.token={TOKEN}",
-         f"--ServerApp.root_dir={dirs['notebooks']}", "--LabApp.expose_app_in_browser=True"],
-        env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if "is running at" in line:
-            break
-    else:
-        raise RuntimeError("jupyter lab did not start:\n" + "".join(lines))
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    try:
+    env = clean_env(dirs["home"], JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
+                    JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]), JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]))
+    with serving("jupyterlab", port, dirs["notebooks"], env, "--LabApp.expose_app_in_browser=True",
+                 token=TOKEN) as proc:
         yield {"url": f"http://127.0.0.1:{port}/", "root": dirs["notebooks"], "home": dirs["home"], "proc": proc}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def api(lab) -> httpx.Client:

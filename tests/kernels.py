@@ -25,16 +25,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def jupyter_server(root: Path, *args: str):
-    """`jupyter server` on a loopback port, with the extension enabled by its installed
-    jupyter-config file; yields {url, home, proc} once the server says it is listening."""
-    port = free_port()
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without offgrid's or a notebook's settings, plus OFFGRID_HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_") and k != "JPY_SESSION_NAME"}
-    env["OFFGRID_HOME"] = str(root / "home")
+    return {**env, "OFFGRID_HOME": str(home), **extra}
+
+
+@contextmanager
+def serving(module: str, port: int, root: Path, env: dict[str, str], *args: str, token: str = TOKEN):
+    """``python -m MODULE`` (a Jupyter server application) on a loopback port; yields its process
+    once it says it is listening, and stops it afterwards."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
+        [sys.executable, "-m", module, "--allow-root", "--no-browser", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          "--ServerApp.port_retries=0", *args],
         env=env, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -43,13 +46,22 @@ def jupyter_server(root: Path, *args: str):
         if "is running at" in line:
             break
     else:
-        raise RuntimeError("jupyter server did not start:\n" + "".join(lines))
+        raise RuntimeError(f"{module} did not start:\n" + "".join(lines))
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
     try:
-        yield {"url": f"http://127.0.0.1:{port}/", "home": root / "home", "proc": proc}
+        yield proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextmanager
+def jupyter_server(root: Path, *args: str):
+    """`jupyter server` on a loopback port, with the extension enabled by its installed
+    jupyter-config file; yields {url, home, proc} once the server says it is listening."""
+    port = free_port()
+    with serving("jupyter_server", port, root, clean_env(root / "home"), *args) as proc:
+        yield {"url": f"http://127.0.0.1:{port}/", "home": root / "home", "proc": proc}
 
 
 class ServerKernel:
