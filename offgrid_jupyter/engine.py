@@ -744,27 +744,26 @@ class Engine:
         sampling = dict(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k, repeat_penalty=params.repeat_penalty, seed=params.seed)
         budget = self.n_ctx - min(params.max_tokens, max(64, self.n_ctx // 8))
-        counts = [self._count(llm, m) + self._overhead for m in messages]
+        tokens = [self._count(llm, m) for m in messages]  # the text alone; the template adds ~overhead each
+        cost = [t + self._overhead for t in tokens]
         keep = [i == len(messages) - 1 or m["role"] == "system" for i, m in enumerate(messages)]
-        fixed = sum(c for c, k in zip(counts, keep) if k)
+        fixed = sum(c for c, k in zip(cost, keep) if k)
         if fixed > budget:
             raise self._overflow(int(fixed))
         droppable = [i for i, k in enumerate(keep) if not k]  # oldest first
-        excess = sum(counts) - budget
+        dropped: set[int] = set()
+        excess = sum(cost) - budget
         while True:
-            dropped = set()
-            for i in droppable:
-                if excess <= 0:
-                    break
+            while excess > 0 and droppable:
+                i = droppable.pop(0)
                 dropped.add(i)
-                excess -= counts[i]
-            kept = [m for i, m in enumerate(messages) if i not in dropped]
-            kwargs = llm.format(kept, **sampling)
+                excess -= cost[i]
+            kept = [i for i in range(len(messages)) if i not in dropped]
+            kwargs = llm.format([messages[i] for i in kept], **sampling)
             n = len(kwargs["prompt"])
-            self._overhead = max(0.0, (n - sum(self._count(llm, m) for m in kept)) / len(kept))
+            self._overhead = max(0.0, (n - sum(tokens[i] for i in kept)) / len(kept))
             if n <= budget:
                 return kwargs
-            droppable = [i for i in droppable if i not in dropped]
             if not droppable:
                 raise self._overflow(n)
             excess = max(n - budget, 1)  # the estimate was short: drop more, by the counts again

@@ -339,3 +339,15 @@ def test_max_tokens_holds_even_mid_character(engine):
     for seed in range(3):
         r = engine.complete(user("Reply with only emoji: 🌊🌊🌊🐟🐟🐟"), max_tokens=4, temperature=0.7, seed=seed)
         assert r.usage["completion_tokens"] <= 4 and r.finish_reason == "length"
+
+
+def test_an_estimate_that_falls_short_drops_more_turns_and_keeps_those_already_dropped(make_engine):
+    eng = make_engine(n_ctx=512)
+    eng.complete(user("Hi."), max_tokens=1)
+    history = [{"role": "user", "content": f"Note {i}: " + "steady reading " * 10} if i % 2 == 0 else
+               {"role": "assistant", "content": "Noted."} for i in range(60)]
+    eng._overhead = -1.0  # too low: the first choice of turns cannot fit
+    calls = _count_formats(eng)
+    result = eng.complete(history + [{"role": "user", "content": "Say OK."}], max_tokens=8)
+    assert result.usage["prompt_tokens"] <= 512 - 64 and len(calls) >= 2, calls
+    assert calls == sorted(calls, reverse=True)  # each try keeps fewer messages, never more
