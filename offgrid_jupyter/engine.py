@@ -146,6 +146,25 @@ def take_batch(q: queue.SimpleQueue) -> list:
     return items
 
 
+class Listeners:
+    """Callbacks that see every event of a generation as it happens (see :meth:`Generation.listen`)."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[str, Any], None]] = []
+
+    def add(self, callback: Callable[[str, Any], None]) -> Callable[[], None]:
+        """Register *callback*; returns the function that unregisters it."""
+        self._callbacks.append(callback)
+        return lambda: callback in self._callbacks and self._callbacks.remove(callback)
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        for callback in tuple(self._callbacks):
+            try:
+                callback(kind, payload)
+            except Exception:  # a listener must never break the thread that emits
+                log.exception("offgrid: a generation listener failed")
+
+
 class Generation:
     """Handle on one queued/running request. Iterate it for text deltas.
 
@@ -179,7 +198,7 @@ class Generation:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._finished: Future = Future()  # resolved with the result (or the error) when done
-        self._listeners: list[Callable[[str, Any], None]] = []  # see listen()
+        self._listeners = Listeners()
         self._error: BaseException | None = None
 
     # -- consumer side -------------------------------------------------------
@@ -384,23 +403,13 @@ class Generation:
                 self._finished.set_exception(payload)
             else:
                 self._finished.set_result(payload)
-        for listener in tuple(self._listeners):
-            try:
-                listener(kind, payload)
-            except Exception:  # a listener must never break the engine thread
-                log.exception("offgrid engine: a generation listener failed")
+        self._listeners(kind, payload)
 
     def listen(self, callback: Callable[[str, Any], None]) -> Callable[[], None]:
         """Also hand every event to *callback(kind, payload)* as it happens (on the
         engine thread: keep it short). Returns a function that stops it. Lets a second
         surface follow a turn that another one consumes (a chat panel showing a cell's turn)."""
-        self._listeners.append(callback)
-
-        def stop() -> None:
-            if callback in self._listeners:
-                self._listeners.remove(callback)
-
-        return stop
+        return self._listeners.add(callback)
 
 
 class _KVSnapshot:

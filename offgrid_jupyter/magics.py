@@ -336,16 +336,8 @@ class OffgridMagics(Magics):
         return outcome
 
     def _stream(self, turn: ChatTurn | RemoteTurn, fmt: str, handle) -> None:
-        progress = Progress()
-        shown = None
-        for batch in turn.generation.batches(self.update_interval, heartbeat=True):
-            progress.feed(batch)
-            if batch and batch[-1][0] == "complete":
-                return
-            view = (progress.text, progress.status)
-            if view != shown:  # a heartbeat redraws only when the waiting time moved on
-                shown = view
-                handle.update(Reply(progress.text, format=fmt, status=progress.status))
+        for text, status in Progress().views(turn.generation.batches(self.update_interval, heartbeat=True)):
+            handle.update(Reply(text, format=fmt, status=status))
 
     @staticmethod
     def _final(outcome: TurnResult, fmt: str) -> Reply:

@@ -13,7 +13,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from .client import Client
-from .engine import GenerationResult, take_batch
+from .engine import GenerationResult, Listeners, take_batch
 from .errors import OffgridError
 from .store import Message
 from .turns import TurnResult
@@ -32,7 +32,7 @@ class RemoteGeneration:
         self._complete: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self._stream: Iterator | None = None
-        self._listeners: list[Callable[[str, Any], None]] = []
+        self._listeners = Listeners()
         if session is not None:
             stream = client.sessions.stream(session, content, **body)
         else:
@@ -64,16 +64,11 @@ class RemoteGeneration:
             self.state = "done"
         event = (kind, data.get("position") if kind == "queued" else data.get("delta") if kind == "token" else data)
         self._events.put(event)
-        for listener in tuple(self._listeners):
-            try:
-                listener(*event)
-            except Exception:  # noqa: BLE001 - a listener must never break the stream
-                pass
+        self._listeners(*event)
 
     def listen(self, callback: Callable[[str, Any], None]) -> Callable[[], None]:
         """As :meth:`Generation.listen <offgrid_jupyter.engine.Generation.listen>`."""
-        self._listeners.append(callback)
-        return lambda: callback in self._listeners and self._listeners.remove(callback)
+        return self._listeners.add(callback)
 
     def batches(self, interval: float = 0.1, *, heartbeat: bool = False) -> Iterator[list[tuple[str, Any]]]:
         finished = False

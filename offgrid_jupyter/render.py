@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import re
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from .store import Session
 
@@ -76,6 +76,19 @@ class Progress:
             elif kind == "start":
                 self.position = None
                 self.phase = "thinking…"
+
+    def views(self, batches: Iterable[list]) -> Iterator[tuple[str, str | None]]:
+        """Feed *batches* (a generation's, with heartbeats); yield ``(text, status)`` each
+        time what a display shows would change, and stop at the batch that completes."""
+        shown = None
+        for batch in batches:
+            self.feed(batch)
+            if batch and batch[-1][0] in ("complete", "error"):
+                return
+            view = (self.text, self.status)
+            if view != shown:  # a heartbeat redraws only when the waiting time moved on
+                shown = view
+                yield view
 
     @property
     def status(self) -> str | None:

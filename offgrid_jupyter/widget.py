@@ -22,7 +22,7 @@ from __future__ import annotations
 import html
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import anywidget
 import ipywidgets as widgets
@@ -58,6 +58,10 @@ def _markdown(text: str, note: str | None = None) -> tuple[dict, ...]:
     body = text + (f"\n\n*{note}*" if note else "")
     return ({"output_type": "display_data", "data": {"text/markdown": body or "…", "text/plain": body},
              "metadata": {}},)
+
+
+def _streaming(text: str, status: str | None) -> tuple[dict, ...]:
+    return _markdown(text + "▌" if text else "", status)
 
 
 def _assistant_bubble(text: str = "", note: str | None = None) -> widgets.Output:
@@ -235,18 +239,18 @@ class ChatPanel(widgets.VBox):
                 pending.append((kind, payload))
             changed.set()
 
+        def batches() -> Iterator[list]:  # what was heard, at most every FOLLOW_INTERVAL
+            while True:
+                changed.wait(FOLLOW_INTERVAL)
+                changed.clear()
+                with lock:
+                    batch, pending[:] = list(pending), []
+                yield batch
+
         def show() -> None:
-            progress = Progress()
             try:
-                while True:
-                    changed.wait(FOLLOW_INTERVAL)
-                    changed.clear()
-                    with lock:
-                        batch, pending[:] = list(pending), []
-                    progress.feed(batch)
-                    if any(kind in ("complete", "error") for kind, _ in batch):
-                        break
-                    reply.outputs = _markdown(progress.text + "▌" if progress.text else "", progress.status)
+                for text, status in Progress().views(batches()):
+                    reply.outputs = _streaming(text, status)
             finally:
                 stop()
                 self._followed = self._followed_turn = None
@@ -309,17 +313,10 @@ class ChatPanel(widgets.VBox):
             if self._stopping:
                 self._turn.cancel()
             self.context.turn_started(session_id, self._turn)
-            shown = None
-            for batch in self._turn.generation.batches(FOLLOW_INTERVAL, heartbeat=True):
-                progress.feed(batch)
-                if batch and batch[-1][0] == "complete":
-                    break
-                view = (progress.text, progress.status)
-                if view != shown:
-                    shown = view
-                    reply.outputs = _markdown(progress.text + "▌" if progress.text else "", progress.status)
-                    if progress.status and progress.status.startswith("queued"):
-                        self.status.value = self._status_line(progress.status)
+            for shown, status in progress.views(self._turn.generation.batches(FOLLOW_INTERVAL, heartbeat=True)):
+                reply.outputs = _streaming(shown, status)
+                if status and status.startswith("queued"):
+                    self.status.value = self._status_line(status)
             outcome = self._turn.finish()
             r = outcome.result
             if outcome.reply is None and r.finish_reason == "cancelled":  # stopped before any text
