@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
@@ -196,10 +197,8 @@ class Generation:
         self.result: GenerationResult | None = None
         self._cancel = threading.Event()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
         self._finished: Future = Future()  # resolved with the result (or the error) when done
         self._listeners = Listeners()
-        self._error: BaseException | None = None
 
     # -- consumer side -------------------------------------------------------
     @property
@@ -265,7 +264,7 @@ class Generation:
                 if self.state == "queued" and pos != last_pos:
                     last_pos = pos
                     yield [("queued", pos)]
-                self._done.wait(self._queue_wait(interval))
+                self._wait_done(self._queue_wait(interval))
                 try:
                     batch = take_batch(self._events)
                 except BaseException:
@@ -290,7 +289,7 @@ class Generation:
         Unlike iterating, this does not wake the caller once per token, which
         keeps a 2-core machine's cores for the model."""
         try:
-            while not self._done.wait(timeout=self._queue_wait(None)):
+            while not self._wait_done(self._queue_wait(None)):
                 self._check_deadline()
         except BaseException:
             self._give_up()
@@ -299,14 +298,18 @@ class Generation:
 
     def _give_up(self) -> None:
         """The waiter stopped waiting (interrupt, cancelled task, queue timeout)."""
-        if not self._done.is_set():
+        if not self._finished.done():
             self.cancel()
 
     def _outcome(self) -> GenerationResult:
-        if self._error is not None:
-            raise self._error
+        error = self._finished.exception()
+        if error is not None:
+            raise error
         assert self.result is not None
         return self.result
+
+    def _wait_done(self, timeout: float | None) -> bool:
+        return bool(wait_futures([self._finished], timeout).done)
 
     async def aevents(self, poll_interval: float = 0.5, *, repeat_queued: bool = False):
         """:meth:`events` for asyncio: waits on the event loop (woken by the engine
@@ -394,11 +397,8 @@ class Generation:
 
     # -- engine side ---------------------------------------------------------
     def _emit(self, kind: str, payload: Any = None) -> None:
-        if kind == "error":
-            self._error = payload
         self._events.put((kind, payload))
         if kind in ("complete", "error"):
-            self._done.set()
             if kind == "error":
                 self._finished.set_exception(payload)
             else:
