@@ -179,9 +179,9 @@ class Client:
     def stats_frame(self, since: Any = None, until: Any = None, session: str | None = None,
                     model: str | None = None):
         """The server's per-request DataFrame (the same columns and types as ``stats_frame()``)."""
-        from .stats import _epoch, typed_frame
+        from .stats import to_epoch, typed_frame
 
-        times = {k: repr(_epoch(v)) for k, v in dict(since=since, until=until).items() if v is not None}
+        times = {k: repr(to_epoch(v)) for k, v in dict(since=since, until=until).items() if v is not None}
         params = {**times, **{k: v for k, v in dict(session=session, model=model).items() if v is not None}}
         out = self.request("GET", "stats/requests", params=params)
         return typed_frame(out["columns"], out["data"])

@@ -286,7 +286,7 @@ def stats_document(engine: Engine, store: Store) -> dict[str, Any]:
 
 
 # -- DataFrames ----------------------------------------------------------------------------
-def _epoch(value: Any) -> float:
+def to_epoch(value: Any) -> float:
     """A time as epoch seconds: a number (or its text), an ISO 8601 date or date-time
     (naive means UTC), a datetime or pandas Timestamp; else ValueError."""
     import pandas as pd
@@ -322,10 +322,10 @@ def requests_frame(store: Store, *, since: Any = None, until: Any = None, sessio
     where, params = [], []
     if since is not None:
         where.append("started_at >= ?")
-        params.append(_epoch(since))
+        params.append(to_epoch(since))
     if until is not None:
         where.append("started_at < ?")
-        params.append(_epoch(until))
+        params.append(to_epoch(until))
     if session is not None:
         where.append("session_id = ?")
         params.append(session if SESSION_ID_RE.fullmatch(session) else store.get(session, messages=False).id)

@@ -8,9 +8,7 @@ loop, in the extension's own thread pool.
 from __future__ import annotations
 
 import json
-import math
 import re
-from datetime import datetime, timezone
 
 from jupyter_server.auth.decorator import authorized
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,7 +17,7 @@ from tornado import web
 from .. import __version__, turns
 from ..errors import InvalidRequestError, OffgridError
 from ..models import resolve_model
-from ..stats import stats_document, stats_frame
+from ..stats import stats_document, stats_frame, to_epoch
 from . import spec
 from .base import OffgridHandler
 from .chat import CancelHandler, ChatHandler, OpenAIChatHandler
@@ -129,20 +127,13 @@ _DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz
 
 def _time(name: str, text: str) -> float:
     """A query's time, exactly as openapi.json says: epoch seconds, an RFC 3339 date or date-time."""
+    if not (_NUMBER.fullmatch(text) or _DATE.fullmatch(text) or _DATE_TIME.fullmatch(text)):
+        raise InvalidRequestError(f"Bad filter: {name}={text[:40]!r} is not a time. Times look like 1793491200 "
+                                  "(epoch seconds), 2026-11-01 or 2026-11-01T09:00:00Z.")
     try:
-        if _NUMBER.fullmatch(text):
-            value = float(text)
-            if math.isfinite(value):
-                return value
-        elif _DATE.fullmatch(text):
-            return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
-        elif _DATE_TIME.fullmatch(text):
-            stamp = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-            return stamp.timestamp()
-    except ValueError as exc:
+        return to_epoch(text)
+    except (ValueError, OverflowError) as exc:  # 2026-02-31, 25:00, 1e999
         raise InvalidRequestError(f"Bad filter: {name}={text[:40]!r}: {exc}.") from None
-    raise InvalidRequestError(f"Bad filter: {name}={text[:40]!r} is not a time. Times look like 1793491200 (epoch "
-                              "seconds), 2026-11-01 or 2026-11-01T09:00:00Z.")
 
 
 class ModelsHandler(OffgridHandler):
