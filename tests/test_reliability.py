@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import threading
@@ -88,25 +87,26 @@ def test_more_chats_on_one_session_than_the_server_has_threads(server):
 
             tasks = [asyncio.ensure_future(chat(i, crowd, i % 2 == 0)) for i in range(12)]
             tasks.append(asyncio.ensure_future(chat(99, other, False)))
-            waits = {"stats": [], "health": [], "generation/status": []}
+            answered = {"stats": [], "health": [], "generation/status": []}  # chats still pending at each answer
             while not all(t.done() for t in tasks):
-                for route, seen in waits.items():
-                    t0 = time.perf_counter()
+                for route, pending in answered.items():
                     assert (await c.get(route)).status_code == 200
-                    seen.append((time.perf_counter() - t0) * 1000)
+                    pending.append(sum(not t.done() for t in tasks))
             results = [t.result() for t in tasks]
             session = (await c.get(f"sessions/{crowd}")).json()
-            return results, session, waits
+            return results, session, answered
 
-    results, session, waits = asyncio.run(asyncio.wait_for(scenario(), 280))
+    results, session, answered = asyncio.run(asyncio.wait_for(scenario(), 280))
     assert all(code == 200 for code, _ in results)
     assert turns_are_pairs(session["messages"]) and len(session["messages"]) == 24
     replies = {m["id"] for m in session["messages"] if m["role"] == "assistant"}
     assert {reply for _, reply in results[:12]} == replies  # each chat got its own stored reply
-    for route, seen in waits.items():
-        seen.sort()
-        p99 = seen[int(len(seen) * 0.99)]
-        assert p99 < 50 and seen[-1] < 200, (route, len(seen), statistics.median(seen), p99, seen[-5:])
+    for route, pending in answered.items():
+        # The status routes answer throughout, not once the crowd has gone: from the start (13 chats
+        # pending) and through nearly every stage after (two chats may end within one poll).
+        # (Their latency is measured by bench/bench_server.py, not asserted here.)
+        stages = set(pending)
+        assert 13 in stages and len(stages & set(range(1, 14))) >= 10, (route, sorted(stages))
 
 
 # -- Idempotency-Key ----------------------------------------------------------------------------
@@ -318,10 +318,12 @@ def test_an_oversized_body_is_refused_before_it_is_read(server):
             assert chunk, f"closed without an answer: {answer!r}"
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413") and b"104857600 bytes" in answer
+    assert b"\r\nconnection: close\r\n" in answer.lower()  # so no client reuses a connection about to close
     with socket.create_connection((host, int(port)), timeout=30) as sock:  # unauthenticated: refused first
         sock.sendall((f"POST /offgrid/v1/sessions HTTP/1.1\r\nHost: {host}:{port}\r\n"
                       f"Content-Length: {100 * 1024 * 1024}\r\n\r\n").encode())
-        assert sock.recv(65536).startswith(b"HTTP/1.1 403")
+        refused = sock.recv(65536)
+        assert refused.startswith(b"HTTP/1.1 403") and b"\r\nconnection: close\r\n" in refused.lower()
 
 
 # -- the server's own contract ---------------------------------------------------------------------------

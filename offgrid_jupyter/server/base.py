@@ -110,8 +110,18 @@ class OffgridHandler(APIHandler):
             allowed = spec.methods(self.spec_path)
             self.set_header("Allow", ", ".join(allowed))
             message = f"{self.request.method} is not allowed here; use {' or '.join(allowed)}."
+        if self._body_unread():  # tornado will close the connection: say so, or a client reuses it and gets a reset
+            self.set_header("Connection", "close")
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {"message": message, "type": kind, "code": code}}))
+
+    def _body_unread(self) -> bool:
+        """Whether the request's body has not been read to its end (an error before it was,
+        such as a 413 on Content-Length or a refused login)."""
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit():
+            return getattr(self, "_size", 0) < int(declared)
+        return "Transfer-Encoding" in self.request.headers
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, OffgridError):  # a client's mistake or a busy engine: its own status, no traceback
