@@ -3,7 +3,8 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .client import Client
-from .engine import Engine, Generation, GenerationParams, GenerationResult, get_engine
+from .backend import Backend, Generation, GenerationParams, GenerationResult, get_engine
+from .engine import Engine
 from .errors import OffgridError
 from .models import resolve_model
 from .stats import stats, stats_frame
@@ -15,7 +16,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "ChatPanel", "Client", "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError", "Store",
+    "Backend", "ChatPanel", "Client", "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError",
+    "OpenAIEngine", "Store",
     "get_engine", "get_store", "load_ipython_extension", "resolve_model", "stats", "stats_frame",
     "unload_ipython_extension",
     "__version__",
@@ -25,6 +27,10 @@ _magics = None
 
 
 def __getattr__(name: str):
+    if name == "OpenAIEngine":
+        from .openai_engine import OpenAIEngine
+
+        return OpenAIEngine
     if name == "ChatPanel":  # imported on first use: widgets are not needed to load the extension
         from .widget import ChatPanel
 

@@ -215,6 +215,37 @@ class Sessions:
     def delete(self, session: str) -> None:
         self.client.request("DELETE", f"sessions/{_ref(session)}")
 
+    def update(self, session: str, *, name: str | None = None, system_prompt: str | None = None,
+               ended: bool | None = None) -> dict[str, Any]:
+        """Rename, change the system prompt, or end (``ended=True``); returns the summary."""
+        body = {k: v for k, v in dict(name=name, system_prompt=system_prompt, ended=ended or None).items()
+                if v is not None}
+        return self.client.request("PATCH", f"sessions/{_ref(session)}", body=body, idempotent=True)
+
+    def fork(self, session: str, *, name: str | None = None, upto_message_id: str | None = None) -> dict[str, Any]:
+        body = {k: v for k, v in dict(name=name, upto_message_id=upto_message_id).items() if v is not None}
+        return self.client.request("POST", f"sessions/{_ref(session)}/fork", body=body)
+
+    def export(self, session: str) -> dict[str, Any]:
+        """The session as an export document (what :meth:`import_` reads back)."""
+        return self.client.request("GET", f"sessions/{_ref(session)}/export")
+
+    def import_(self, document: dict[str, Any]) -> dict[str, Any]:
+        """Import an export document (idempotent, so retried); returns the session's summary."""
+        return self.client.request("POST", "import", body=document, idempotent=True)
+
+    def for_notebook(self, path: str) -> dict[str, Any] | None:
+        """The session the notebook at *path* used last, or None."""
+        try:
+            return self.client.request("GET", "notebooks/session", params={"path": path})
+        except OffgridError as exc:
+            if exc.code == "session_not_found":
+                return None
+            raise
+
+    def bind_notebook(self, path: str, session: str) -> None:
+        self.client.request("PUT", "notebooks/session", body={"path": path, "session": session}, idempotent=True)
+
     def add_message(self, session: str, role: str, content: str) -> dict[str, Any]:
         return self.client.request("POST", f"sessions/{_ref(session)}/messages",
                                    body={"role": role, "content": content})

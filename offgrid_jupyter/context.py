@@ -3,11 +3,13 @@
 The cell magic and the chat panel share one ``Context`` per kernel, so they
 share the engine, the store and the notion of "this notebook's session".
 
-Where the model runs: in this kernel (an in-process engine), or on the Jupyter
-server that started the kernel. Such a server puts ``OFFGRID_URL`` and a key in
-the environment its kernels inherit; a kernel then sends its turns there instead
-of loading a model of its own (``%offgrid disconnect`` or ``--local`` opt out,
-``%offgrid connect URL`` opts in). Either way the sessions are the same database.
+Where the model runs is a :class:`Runner`: this kernel's backend (a GGUF loaded
+here, or an OpenAI-compatible engine after ``%offgrid engine URL`` or with
+``OFFGRID_ENGINE_URL`` set), or the Jupyter server that started the kernel. Such a
+server puts ``OFFGRID_URL`` and a key in the environment its kernels inherit; a
+kernel then sends its turns there (``%offgrid disconnect`` or ``--local`` opt
+out, ``%offgrid connect URL`` opts in). The magic and the panel ask the runner,
+never which kind it is.
 
 A notebook's session is found again after a kernel restart through the
 notebook's path, which the kernel learns from Jupyter (``JPY_SESSION_NAME``,
@@ -25,12 +27,12 @@ import secrets
 import time
 import weakref
 from pathlib import PurePath
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from .client import Client
-from .engine import Engine, get_engine
+from .backend import Backend, get_engine
 from .errors import DuplicateNameError, InvalidRequestError, SessionNotFoundError
-from .remote import RemoteTurn
+from .remote import RemoteStore, RemoteTurn
 from .stats import RequestLog, attach
 from .store import Session, Store, get_store
 from .turns import ChatTurn
@@ -47,12 +49,15 @@ def _notebook_stem(path: str) -> str:
 class Context:
     """One engine, one store and the current session of one kernel."""
 
-    def __init__(self, shell: Any = None, *, engine: Engine | None = None, store: Store | None = None,
+    def __init__(self, shell: Any = None, *, engine: Backend | None = None, store: Store | None = None,
                  client: Client | None = None):
         self.shell = shell
         self._engine = engine
         self._store = store
         self._client = client
+        self._own_engine = False  # made by use_engine (closed when replaced)
+        self._shared = client is None  # the server's database is ours (it started this kernel)
+        self._remote_store: RemoteStore | None = None
         self._local = False  # %offgrid disconnect: ignore the server from the environment
         self._watchers: list[Callable[[], Callable | None]] = []  # weak refs to turn watchers
         self._log: RequestLog | None = None
@@ -60,66 +65,118 @@ class Context:
         self._current_spec: dict[str, Any] = {}  # name/system prompt, to re-create a pruned empty session
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> Backend:
         """The engine, with every request it serves recorded in the store (the stats)."""
         if self._engine is None:
             self._engine = get_engine()
         if self._log is None:
-            self._log = attach(self._engine, self.store)
+            self._log = attach(self._engine, self.local_store)  # this kernel's requests, in its own store
         return self._engine
 
     @property
-    def store(self) -> Store:
+    def store(self) -> Store | RemoteStore:
+        """Where this kernel's sessions are: its own database, or, when connected to a server
+        that does not share that database (``%offgrid connect URL``), the server's routes."""
+        if self.remote_sessions:
+            if self._remote_store is None or self._remote_store.client is not self._client:
+                self._remote_store = RemoteStore(self._client)
+            return self._remote_store
+        return self.local_store
+
+    @property
+    def local_store(self) -> Store:
         if self._store is None:
             self._store = get_store()
         return self._store
 
+    @property
+    def remote_sessions(self) -> bool:
+        """True when sessions go through a server's routes (a connection that shares no database)."""
+        return self._client is not None and not self._shared
+
     def close(self) -> None:
-        """Stop recording this context's requests (tests; unloading the extension)."""
+        """Stop recording this context's requests, and close a backend it made (tests;
+        unloading the extension; another backend chosen)."""
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._own_engine and self._engine is not None:
+            self._engine.close()
+            self._engine, self._own_engine = None, False
 
     # -- where the model runs ----------------------------------------------------------
     @property
     def client(self) -> Client | None:
-        """The server this kernel's turns go to, or None for the in-kernel engine."""
+        """The server this kernel's turns go to, or None for this kernel's own backend."""
         if self._client is None and not self._local and os.environ.get("OFFGRID_URL"):
-            self._client = Client()
+            self._client, self._shared = Client(), True  # the server that started us: same data directory
         return self._client
+
+    def runner(self, *, local: bool = False) -> "Runner":
+        """Where this kernel's turns run: the Jupyter server when connected (unless *local*),
+        else this kernel's backend (a GGUF loaded here, or an OpenAI-compatible engine)."""
+        client = None if local else self.client
+        return ServerRunner(client) if client is not None else KernelRunner(self)
 
     def connect(self, url: str | None = None, token: str | None = None) -> Client:
         with Client(url, token, max_retries=0) as probe:
             probe.health()  # fail now, clearly, if it is not there or refuses the key
         client = Client(url, token)
+        was = self._sessions_home()
         self._client, self._local = client, False
+        self._shared = url is None or url.rstrip("/") == os.environ.get("OFFGRID_URL", "").rstrip("/")
+        self._sessions_moved(was)
         return client
 
     def disconnect(self) -> None:
+        was = self._sessions_home()
         if self._client is not None:
             self._client.close()
         self._client, self._local = None, True
+        self._sessions_moved(was)
+
+    def _sessions_home(self) -> Client | None:
+        return self._client if self.remote_sessions else None
+
+    def _sessions_moved(self, was: Client | None) -> None:
+        """The sessions now live elsewhere: forget the current one (the notebook's session is
+        looked up again where they are)."""
+        if self._sessions_home() is not was:
+            self._current, self._current_spec = None, {}
+
+    def use_engine(self, url: str | None, *, model: str | None = None, api_key: str | None = None,
+                   max_concurrent: int | None = None) -> Backend:
+        """Generate on the OpenAI-compatible engine at *url* from now on (None: a GGUF in this
+        kernel again). The kernel stops sending its turns to a Jupyter server."""
+        from .engine import Engine, engine_settings_from_env
+
+        if url:
+            from .openai_engine import OpenAIEngine
+            from .openai_engine import engine_settings_from_env as remote_settings
+
+            settings = {**remote_settings(), **{k: v for k, v in (("model", model), ("api_key", api_key),
+                                                                   ("max_concurrent", max_concurrent)) if v}}
+            engine: Backend = OpenAIEngine(url, **settings)
+            engine.model  # noqa: B018 - fail now, clearly, if it is not there or refuses the key
+        else:
+            engine = Engine(**engine_settings_from_env())
+        self.close()
+        self._engine, self._own_engine = engine, True
+        self.disconnect()
+        return self.engine
 
     @property
     def where(self) -> str:
-        client = self.client
-        return f"on the Jupyter server ({client.base_url})" if client else "in this kernel"
+        return self.runner().where
 
     def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], local: bool = False,
                    source: str = "magic",
                    system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
                    replace: str | None = None) -> ChatTurn | RemoteTurn:
-        """A turn on the server's model when connected (unless *local*), else in this kernel."""
-        client = None if local else self.client
-        if client is not None:
-            if model:
-                raise InvalidRequestError("--model needs the in-kernel engine: the server's model is set by its "
-                                          "configuration. Add --local to load it in this kernel.")
-            return RemoteTurn(client, session_id, content, params=params, metadata=metadata, replace=replace,
-                              system_prompt=system_prompt)
-        return ChatTurn(self.engine, self.store, session_id, content, source=source, params=params,
-                        system_prompt=system_prompt, model=model, metadata=metadata, replace=replace,
-                        history=session_id is not None).start()
+        """A turn on the server's model when connected (unless *local*), else on this kernel's backend."""
+        return self.runner(local=local).start_turn(session_id, content, params=params, source=source,
+                                                   system_prompt=system_prompt, model=model, metadata=metadata,
+                                                   replace=replace)
 
     # -- the notebook ----------------------------------------------------------------
     def notebook_path(self) -> str | None:
@@ -209,3 +266,83 @@ class Context:
         if notebook:
             self.store.bind_notebook(notebook, session.id)
         return session
+
+
+class Runner(Protocol):
+    """Where a kernel's turns run, as the magic and the panel see it."""
+
+    label: str  # short, for a status line
+    where: str  # a phrase: "in this kernel", "on the Jupyter server (URL)", ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def switch_model(self, name: str) -> str: ...
+
+    def start_turn(self, session_id: str | None, content: str, **kwargs: Any) -> ChatTurn | RemoteTurn: ...
+
+
+class KernelRunner:
+    """Turns run on this kernel's backend and are stored in its store."""
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    @property
+    def label(self) -> str:
+        return "engine" if self.describe().get("kind") == "openai" else "in-kernel"
+
+    @property
+    def where(self) -> str:
+        desc = self.describe()
+        return f"on the engine at {desc['url']}" if desc.get("kind") == "openai" else "in this kernel"
+
+    def describe(self) -> dict[str, Any]:
+        return self.context.engine.describe()
+
+    def status(self) -> dict[str, Any]:
+        return self.context.engine.status()
+
+    def switch_model(self, name: str) -> str:
+        info = self.context.engine.switch_model(name)
+        size = f" ({info.size_bytes / (1 << 20):.0f} MB); it loads on the next prompt" if info.size_bytes else ""
+        return f"Switched to `{info.name}`{size}."
+
+    def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], source: str = "magic",
+                   system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
+                   replace: str | None = None) -> ChatTurn:
+        ctx = self.context
+        return ChatTurn(ctx.engine, ctx.store, session_id, content, source=source, params=params,
+                        system_prompt=system_prompt, model=model, metadata=metadata, replace=replace,
+                        history=session_id is not None).start()
+
+
+class ServerRunner:
+    """Turns run on a Jupyter server's shared model; the server stores them."""
+
+    label = "server"
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.where = f"on the Jupyter server ({client.base_url})"
+
+    def describe(self) -> dict[str, Any]:
+        return self.client.models()["current"]
+
+    def status(self) -> dict[str, Any]:
+        return self.client.generation_status()
+
+    def switch_model(self, name: str) -> str:
+        raise InvalidRequestError("This kernel uses the Jupyter server's model, which its configuration sets "
+                                  "(c.OffgridApp.model_path or engine_url). `%offgrid disconnect` to use a model "
+                                  "of your own in this kernel.")
+
+    def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], source: str = "magic",
+                   system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
+                   replace: str | None = None) -> RemoteTurn:
+        if model:
+            raise InvalidRequestError("--model needs this kernel's own backend: the server's model is set by its "
+                                      "configuration. Add --local to run the cell in this kernel.")
+        return RemoteTurn(self.client, session_id, content, params=params, metadata=metadata, replace=replace,
+                          system_prompt=system_prompt)

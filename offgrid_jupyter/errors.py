@@ -39,6 +39,13 @@ class EngineBusyError(OffgridError):
     status = 503
 
 
+class EngineUnavailableError(OffgridError):
+    """The inference engine (an OpenAI-compatible server) is unreachable, refused us, or broke a stream."""
+
+    code = "engine_unavailable"
+    status = 502
+
+
 class QueueTimeoutError(OffgridError):
     """A request waited longer than the queue timeout."""
 
@@ -103,6 +110,13 @@ class IdempotencyConflictError(OffgridError):
 
 class DuplicateNameError(OffgridError):
     code = "duplicate_name"
+    status = 409
+
+
+class DuplicateIdError(OffgridError):
+    """An imported message id already belongs to another session."""
+
+    code = "duplicate_id"
     status = 409
 
 

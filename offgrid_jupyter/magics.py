@@ -25,7 +25,7 @@ from traitlets import Bool, Enum, Float, Int, Unicode
 from .context import Context
 from .errors import DuplicateNameError, OffgridError, SessionNotFoundError
 from .render import Conversation, Note, Progress, Reply, Table
-from .stats import stats_frame, summarize
+from .stats import summarize
 from .store import SESSION_ID_RE
 from .remote import RemoteTurn
 from .turns import ChatTurn, TurnResult
@@ -129,7 +129,8 @@ def _cell_parser() -> _Parser:
     p.add_argument("-o", "--output", metavar="VAR", type=_identifier, help="store the reply text in VAR")
     p.add_argument("--no-stream", action="store_true", help="show the reply only when it is complete")
     p.add_argument("--no-history", action="store_true", help="one-shot: no memory, nothing stored")
-    p.add_argument("--model", metavar="PATH", help="a GGUF file to answer this cell with")
+    p.add_argument("--model", metavar="PATH|NAME", help="a GGUF file (or, on an OpenAI-compatible engine, one of "
+                   "its models) to answer this cell with")
     p.add_argument("--no-interpolate", action="store_true", help="leave {name} fields as written")
     p.add_argument("--local", action="store_true", help="use the in-kernel model even when a server is connected")
     return p
@@ -148,11 +149,13 @@ SUBCOMMANDS = {
     "end": "mark session NAME as ended",
     "export": "write NAME (or --all) as JSON into PATH",
     "import": "read sessions from a JSON file or directory PATH",
-    "model": "show the model, or switch to the GGUF at PATH",
+    "model": "show the model, or switch to the GGUF at PATH (or the engine's model NAME)",
     "stats": "usage per model and session [--by session|model|hour|source] [-o VAR] [--since WHEN]",
     "chat": "open the chat panel [NAME] [-n MAX_TOKENS] [-t TEMPERATURE]",
     "connect": "use a Jupyter server's shared model [URL] [--token KEY] (default: OFFGRID_URL)",
     "disconnect": "use a model loaded in this kernel instead of the server's",
+    "engine": "generate on an OpenAI-compatible server URL [--model NAME] [--api-key KEY] [--max-concurrent N], "
+              "or `local` for a GGUF in this kernel again",
 }
 
 
@@ -187,6 +190,10 @@ def _line_parser() -> _Parser:
     parsers["chat"].add_argument("-t", "--temperature", type=float, help="sampling temperature")
     parsers["connect"].add_argument("url", nargs="?")
     parsers["connect"].add_argument("--token")
+    parsers["engine"].add_argument("url", metavar="URL|local")
+    parsers["engine"].add_argument("--model", metavar="NAME")
+    parsers["engine"].add_argument("--api-key", metavar="KEY")
+    parsers["engine"].add_argument("--max-concurrent", type=int, metavar="N")
     return p
 
 
@@ -253,6 +260,9 @@ class OffgridMagics(Magics):
     # -- %%offgrid -------------------------------------------------------------------------
     def _ask(self, line: str, cell: str) -> Any:
         args = self._cell_parser.parse_args(_split(line))
+        if args.local and self.context.remote_sessions and not args.no_history:
+            raise UsageError("--local runs the cell in this kernel, but this notebook's sessions are on the server "
+                             "it is connected to: add --no-history, or `%offgrid disconnect` first.")
         if args.no_history and (args.session or args.new):
             raise UsageError("--no-history keeps nothing, so it cannot be combined with -s/--session or --new.")
         prompt = cell if args.no_interpolate or not self.interpolate else interpolate(cell, self.shell.user_ns)
@@ -385,24 +395,23 @@ class OffgridMagics(Magics):
     def _cmd_help(self, args) -> Note:
         return Note(HELP)
 
-    def _model_status(self) -> tuple[dict, dict]:
-        client = self.context.client
-        if client is not None:
-            return client.models()["current"], client.generation_status()
-        return self.context.engine.describe(), self.context.engine.status()
-
     def _cmd_status(self, args) -> Table:
         ctx = self.context
-        desc, status = self._model_status()
+        runner = ctx.runner()
+        desc, status = runner.describe(), runner.status()
         current = ctx.current_session(create=False)
         rows: list[tuple[str, Any]] = []
         if "error" in desc:
             rows.append(("model", f"not available: {desc['error']}"))
+        elif desc.get("kind") == "openai":
+            rows += [("model", desc["name"]),
+                     ("runs", f"{runner.where}: an OpenAI-compatible engine at {desc['url']}, up to "
+                              f"{desc['max_concurrent']} requests at once")]
         else:
             rows += [("model", desc["name"]), ("model file", f"{desc['path']} ({desc['size_bytes'] / MB:.0f} MB, "
                                                             f"{desc['source']})"),
                      ("loaded", "yes" if desc["loaded"] else "no (loads on the first prompt)"),
-                     ("runs", f"{ctx.where}: llama.cpp on CPU, {desc['n_threads']} threads, "
+                     ("runs", f"{runner.where}: llama.cpp on CPU, {desc['n_threads']} threads, "
                               f"{desc['n_ctx']}-token context")]
         rows += [("generating", status["generating_session_id"] or "nothing"),
                  ("queued", len(status["queued_session_ids"])),
@@ -468,23 +477,17 @@ class OffgridMagics(Magics):
         return Note(f"Imported {len(sessions)} session(s): {names}.")
 
     def _cmd_model(self, args) -> Table | Note:
+        runner = self.context.runner()
         if args.path:
-            if self.context.client is not None:
-                raise OffgridMagicError("This kernel uses the Jupyter server's model, which its configuration "
-                                        "sets (c.OffgridApp.model_path). `%offgrid disconnect` to use a model "
-                                        "of your own in this kernel.")
-            info = self.context.engine.switch_model(args.path)
-            return Note(f"Switched to `{info.name}` ({info.size_bytes / MB:.0f} MB); it loads on the next prompt.")
-        desc, _ = self._model_status()
+            return Note(runner.switch_model(args.path))
+        desc = runner.describe()
         if "error" in desc:
             raise OffgridMagicError(desc["error"])
         return Table("model", [(k, v) for k, v in desc.items()])
 
     def _cmd_stats(self, args):
-        if self.context.client is None:
-            self.context.engine  # noqa: B018 - make sure this kernel's own requests are being recorded
         try:
-            frame = stats_frame(since=args.since, session=args.session, model=args.model, store=self.context.store)
+            frame = self.context.store.stats_frame(since=args.since, session=args.session, model=args.model)
         except ValueError as exc:  # an unreadable --since
             raise UsageError(f"--since {args.since!r}: {exc}") from None
         if args.output:
@@ -504,6 +507,17 @@ class OffgridMagics(Magics):
     def _cmd_connect(self, args) -> Note:
         client = self.context.connect(args.url, args.token)
         return Note(f"Connected: `%%offgrid` cells now use the model of the server at {client.base_url}.")
+
+    def _cmd_engine(self, args) -> Note:
+        if args.url == "local":
+            self.context.use_engine(None)
+            return Note("`%%offgrid` cells now use a GGUF loaded in this kernel.")
+        engine = self.context.use_engine(args.url, model=args.model, api_key=args.api_key,
+                                         max_concurrent=args.max_concurrent)
+        desc = engine.describe()
+        return Note(f"`%%offgrid` cells now generate on `{desc.get('name')}` at {desc.get('url')} "
+                    f"(up to {desc.get('max_concurrent')} at once); sessions and statistics stay in this kernel's "
+                    "store.")
 
     def _cmd_disconnect(self, args) -> Note:
         self.context.disconnect()

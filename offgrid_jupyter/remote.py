@@ -1,21 +1,32 @@
-"""A chat turn served by a Jupyter server's shared model instead of an in-kernel engine.
+"""What a kernel connected to a Jupyter server uses instead of its own engine and store.
 
 ``RemoteTurn`` has the interface of :class:`~offgrid_jupyter.turns.ChatTurn`
 (``generation.batches()``, ``cancel()``, ``finish()``, ``abort()``), so the magic
-does not care where the model runs. The server stores the turn (user message,
-then reply) in the database the kernel shares with it.
+does not care where the model runs; the server stores the turn (user message,
+then reply).
+
+``RemoteStore`` is the part of :class:`~offgrid_jupyter.store.Store` that the
+magics and the panel use (get, list, create, rename, fork, end, delete, export,
+import, the notebook's session, statistics), over the server's REST routes. A
+kernel uses it when it was connected (``%offgrid connect URL``) to a server that
+may be on another machine; a kernel the server started shares its database
+file and keeps reading it directly.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 from .client import Client
-from .engine import GenerationResult, Listeners, take_batch
+from .backend import GenerationResult, Listeners, take_batch
 from .errors import OffgridError
-from .store import Message
+from .errors import InvalidRequestError
+from .store import SESSION_ID_RE, Message, Session
 from .turns import TurnResult
 
 
@@ -143,3 +154,125 @@ class RemoteTurn:
         reply = Message(**data["response"]) if data.get("response") else None
         return TurnResult(data.get("session_id"), data.get("session_name"), message, reply, result,
                           data["model_sha256"])
+
+
+def _message(d: dict[str, Any]) -> Message:
+    return Message(**{k: d[k] for k in Message.__dataclass_fields__ if k in d})
+
+
+def _session(d: dict[str, Any]) -> Session:
+    fields = {k: d[k] for k in Session.__dataclass_fields__ if k in d and k != "messages"}
+    messages = d.get("messages")
+    return Session(**fields, messages=[_message(m) for m in messages] if messages is not None else None)
+
+
+class RemoteStore:
+    """The sessions of a Jupyter server, through its routes (see the module docstring)."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.sessions = client.sessions
+        self.path = client.base_url  # where the sessions are, for %offgrid status
+
+    def get(self, ref: str, *, messages: bool = True) -> Session:
+        return _session(self.sessions.get(ref))
+
+    def exists(self, ref: str) -> bool:
+        try:
+            self.sessions.get(ref)
+            return True
+        except OffgridError as exc:
+            if exc.code != "session_not_found":
+                raise
+            return False
+
+    def list(self, limit: int = 50, offset: int = 0) -> list[Session]:
+        return [_session(d) for d in self.sessions.list(limit=limit, offset=offset)]
+
+    def count(self) -> int:
+        return self.client.request("GET", "sessions", params={"limit": 1})["total"]
+
+    def create(self, name: str | None = None, *, system_prompt: str | None = None, metadata: dict | None = None,
+               **_: Any) -> Session:
+        return _session(self.sessions.create(name, system_prompt=system_prompt, metadata=metadata))
+
+    def rename(self, ref: str, new_name: str) -> Session:
+        return _session(self.sessions.update(ref, name=new_name))
+
+    def update(self, ref: str, *, system_prompt: str | None = None) -> Session:
+        return _session(self.sessions.update(ref, system_prompt=system_prompt))
+
+    def end(self, ref: str) -> Session:
+        return _session(self.sessions.update(ref, ended=True))
+
+    def fork(self, ref: str, upto_message_id: str | None = None, *, name: str | None = None) -> Session:
+        return _session(self.sessions.fork(ref, name=name, upto_message_id=upto_message_id))
+
+    def delete(self, ref: str) -> None:
+        self.sessions.delete(ref)
+
+    def cell_turn(self, ref: str, cell_id: str) -> str | None:
+        mine = [m for m in self.get(ref).messages or [] if m.role == "user" and m.metadata.get("cell_id") == cell_id]
+        return mine[-1].id if mine else None
+
+    def notebook_session(self, notebook: str) -> Session | None:
+        found = self.sessions.for_notebook(notebook)
+        return _session(found) if found else None
+
+    def bind_notebook(self, notebook: str, ref: str) -> None:
+        self.sessions.bind_notebook(notebook, ref)
+
+    def export(self, directory: str | os.PathLike, refs: Iterable[str] | None = None) -> list[Path]:
+        """Write the server's sessions as ``<session id>.json`` files here (the format Store.export writes)."""
+        target = Path(directory).expanduser().resolve()
+        target.mkdir(parents=True, exist_ok=True)
+        if refs is None:
+            refs = [s.id for s in self._all()]
+        paths = []
+        for ref in refs:
+            doc = self.sessions.export(ref)
+            if not SESSION_ID_RE.fullmatch(str(doc.get("id"))):  # ids, never names, become file names
+                raise InvalidRequestError(f"The server exported {ref!r} with an invalid id.")
+            path = target / f"{doc['id']}.json"
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1))
+            os.replace(tmp, path)
+            paths.append(path)
+        return paths
+
+    def import_(self, path: str | os.PathLike) -> list[Session]:
+        src = Path(path).expanduser()
+        if not src.exists():
+            raise InvalidRequestError(f"Nothing to import at {src}: no such file or directory.")
+        out = []
+        for file in sorted(src.glob("*.json")) if src.is_dir() else [src]:
+            try:
+                doc = json.loads(file.read_text())
+            except (OSError, ValueError) as exc:
+                raise InvalidRequestError(f"Cannot import {file}: not readable JSON ({exc}).") from exc
+            out.append(self.get(self.sessions.import_(doc)["id"], messages=False))
+        return out
+
+    def sessions_frame(self):
+        import pandas as pd
+
+        columns = ["id", "name", "title", "profile", "model", "created_at", "updated_at", "last_access_at", "ended",
+                   "message_count"]
+        sessions = sorted(self._all(), key=lambda s: s.updated_at, reverse=True)
+        frame = pd.DataFrame([{c: getattr(s, c) for c in columns} for s in sessions], columns=columns)
+        for col in ("created_at", "updated_at", "last_access_at"):
+            frame[col] = pd.to_datetime(frame[col], unit="s", utc=True)
+        frame["ended"] = frame["ended"].astype(bool)
+        frame["message_count"] = frame["message_count"].astype("int64")
+        return frame
+
+    def stats_frame(self, **filters: Any):
+        return self.client.stats_frame(**filters)
+
+    def _all(self) -> list[Session]:
+        out: list[Session] = []
+        while True:
+            page = self.list(limit=1000, offset=len(out))
+            out += page
+            if len(page) < 1000:
+                return out

@@ -24,7 +24,7 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .engine import Engine
+from .backend import Backend
 from .store import SESSION_ID_RE, Store
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def request_row(record: dict[str, Any]) -> tuple:
 class _EngineCollector:
     """Queue and KV-cache figures read from the engine at scrape time."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Backend):
         self.engine = engine
 
     def collect(self):
@@ -73,7 +73,7 @@ class _EngineCollector:
 class RequestLog:
     """An engine recorder: persists every request and feeds the Prometheus metrics."""
 
-    def __init__(self, engine: Engine, store: Store):
+    def __init__(self, engine: Backend, store: Store):
         self.engine, self.store = engine, store
         self.registry = CollectorRegistry()
         self.requests = Counter("offgrid_requests", "Generation requests", ["model", "source", "finish_reason"],
@@ -148,7 +148,7 @@ _attach_lock = threading.Lock()
 _logs: list[RequestLog] = []
 
 
-def attach(engine: Engine, store: Store) -> RequestLog:
+def attach(engine: Backend, store: Store) -> RequestLog:
     """The engine's request log into *store* (created and registered once)."""
     with _attach_lock:
         for recorder in engine.recorders:
@@ -168,9 +168,9 @@ def flush(store: Store) -> None:
 
 
 # -- the public, in-process API ----------------------------------------------------------
-def stats(engine: Engine | None = None, store: Store | None = None) -> dict[str, Any]:
+def stats(engine: Backend | None = None, store: Store | None = None) -> dict[str, Any]:
     """``offgrid_jupyter.stats()``: the stats document of this process's engine."""
-    from .engine import get_engine
+    from .backend import get_engine
     from .store import get_store
 
     return stats_document(engine or get_engine(), store or get_store())
@@ -258,7 +258,7 @@ def resources_section() -> dict[str, Any]:
             "process_rss_mb": round(psutil.Process().memory_info().rss / MB, 1)}
 
 
-def stats_document(engine: Engine, store: Store) -> dict[str, Any]:
+def stats_document(engine: Backend, store: Store) -> dict[str, Any]:
     """The OffGrid stats document for this process's engine and the shared store."""
     from . import __version__
 

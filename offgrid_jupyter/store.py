@@ -31,6 +31,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_
 
 from .errors import (
     ContentTooLargeError,
+    DuplicateIdError,
     DuplicateNameError,
     InvalidNameError,
     InvalidRequestError,
@@ -1060,7 +1061,8 @@ class Store:
 
     # -- export / import ---------------------------------------------------------------------------
     @staticmethod
-    def _export_doc(session: Session) -> dict[str, Any]:
+    def export_doc(session: Session) -> dict[str, Any]:
+        """A session (with its messages) as the export document :meth:`import_doc` reads."""
         return {
             "id": session.id, "profile_name": session.profile, "created_at": session.created_at,
             "updated_at": session.updated_at, "title": session.title,
@@ -1083,7 +1085,7 @@ class Store:
             assert SESSION_ID_RE.fullmatch(sid)  # ids, never names, become file names
             path = target / f"{sid}.json"
             tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self._export_doc(self.get(sid)), ensure_ascii=False, indent=1))
+            tmp.write_text(json.dumps(self.export_doc(self.get(sid)), ensure_ascii=False, indent=1))
             os.replace(tmp, path)
             paths.append(path)
         return paths
@@ -1102,6 +1104,10 @@ class Store:
             doc = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
             raise InvalidRequestError(f"Cannot import {file}: not readable JSON ({exc}).") from exc
+        return self.import_doc(doc, file)
+
+    def import_doc(self, doc: Any, file: str | os.PathLike = "the document") -> Session:
+        """Import one export document (see :meth:`export_doc`); *file* names it in errors."""
         if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
             raise InvalidRequestError(f"Cannot import {file}: expected an object with a 'messages' list.")
         sid = doc.get("id")
@@ -1140,11 +1146,16 @@ class Store:
                      doc.get("model"), float(doc.get("created_at") or now), float(doc.get("updated_at") or now), now,
                      int(bool(doc.get("ended"))), json.dumps(doc.get("metadata") or {})))
             known = {r[0] for r in conn.execute("SELECT id FROM messages WHERE session_id = ?", (sid,))}
-            fresh = [m for m in doc["messages"] if m["id"] not in known]
+            fresh = []  # a message listed twice is imported once, where it first appears
+            for m in doc["messages"]:
+                if m["id"] not in known:
+                    known.add(m["id"])
+                    fresh.append(m)
             clash = [m["id"] for m in fresh
                      if conn.execute("SELECT 1 FROM messages WHERE id = ?", (m["id"],)).fetchone()]
             if clash:
-                raise InvalidRequestError(f"Cannot import {file}: message {clash[0]} belongs to another session.")
+                raise DuplicateIdError(f"Cannot import {file}: message {clash[0]} belongs to another session "
+                                       "(import that session's export only once, or give the message a new id).")
             conn.executemany(
                 "INSERT INTO messages (id, session_id, role, content, timestamp, tool_calls, tool_results, usage, "
                 "finish_reason, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1160,6 +1171,12 @@ class Store:
         return self.get(sid)
 
     # -- DataFrames ---------------------------------------------------------------------------------
+    def stats_frame(self, **filters: Any):
+        """The per-request statistics recorded in this store (:func:`offgrid_jupyter.stats.stats_frame`)."""
+        from .stats import stats_frame
+
+        return stats_frame(store=self, **filters)
+
     def sessions_frame(self):
         import pandas as pd
 

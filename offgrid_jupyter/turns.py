@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from .engine import Engine, Generation, GenerationResult
+from .backend import Backend, Generation, GenerationResult
 from .errors import QueueTimeoutError, TurnCancelledError
 from .models import ModelInfo
 from .store import Message, Store
@@ -139,7 +139,7 @@ class ChatTurn:
     replaces (a re-run notebook cell).
     """
 
-    def __init__(self, engine: Engine, store: Store, session: str | None, content: str, *,
+    def __init__(self, engine: Backend, store: Store, session: str | None, content: str, *,
                  source: str, params: dict[str, Any] | None = None, system_prompt: str | None = None,
                  model: str | None = None, metadata: dict | None = None, replace: str | None = None,
                  history: bool = True):

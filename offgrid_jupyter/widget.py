@@ -355,14 +355,13 @@ class ChatPanel(widgets.VBox):
 
     # -- status and errors -----------------------------------------------------------------------
     def _status_line(self, extra: str | None = None) -> str:
-        ctx = self.context
+        runner = self.context.runner()
         try:
-            desc = ctx.client.models()["current"] if ctx.client else ctx.engine.describe()
-            model = desc.get("name") or "no model"
+            desc = runner.describe()
+            model = desc.get("name") or f"no model ({desc.get('error', 'unknown')})"
         except OffgridError as exc:
             model = f"no model ({exc})"
-        where = "server" if ctx.client else "in-kernel"
-        parts = [html.escape(model), where]
+        parts = [html.escape(model), runner.label]
         if self._last_tps:
             parts.append(f"{self._last_tps:.1f} tok/s last reply")
         if extra:

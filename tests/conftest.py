@@ -41,3 +41,13 @@ def store(tmp_path):
 
 def user(text):
     return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """One OpenAI-compatible engine (llama-cpp-python's server on the default GGUF) for the
+    tests of the remote backend that do not stop it."""
+    from .kernels import llama_engine
+
+    with llama_engine() as srv:
+        yield srv

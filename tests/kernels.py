@@ -31,23 +31,28 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     return {**env, "OFFGRID_HOME": str(home), **extra}
 
 
+def started(argv: list[str], ready: str, **popen) -> subprocess.Popen:
+    """Start *argv* and return once its stderr prints a line containing *ready* (the rest of
+    its stderr is drained in the background); a RuntimeError with its last lines if it exits first."""
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, **popen)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if ready in line:
+            break
+    else:
+        raise RuntimeError(f"{argv[2]} did not start:\n" + "".join(lines[-30:]))
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+    return proc
+
+
 @contextmanager
 def serving(module: str, port: int, root: Path, env: dict[str, str], *args: str, token: str = TOKEN):
     """``python -m MODULE`` (a Jupyter server application) on a loopback port; yields its process
     once it says it is listening, and stops it afterwards."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--allow-root", "--no-browser", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         "--ServerApp.port_retries=0", *args],
-        env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if "is running at" in line:
-            break
-    else:
-        raise RuntimeError(f"{module} did not start:\n" + "".join(lines))
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+    proc = started([sys.executable, "-m", module, "--allow-root", "--no-browser", f"--port={port}",
+                    "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+                    "--ServerApp.port_retries=0", *args], "is running at", env=env)
     try:
         yield proc
     finally:
@@ -112,6 +117,15 @@ class ServerKernel:
                 idle |= msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
         return cell + [reply]
 
+    @classmethod
+    def run_cells(cls, base: str, cells: list[str]) -> list[list[dict]]:
+        """Run *cells* one after another in a new kernel of the server at *base*: each cell's messages."""
+        async def run_all() -> list[list[dict]]:
+            async with cls(base) as kernel:
+                return [await kernel.run(code) for code in cells]
+
+        return asyncio.run(run_all())
+
     async def printed(self, code: str) -> str:
         """Run a cell and return what it printed."""
         out = await self.run(code)
@@ -175,3 +189,25 @@ class Load:
         for t in self.threads:
             t.join(60)
         return not any(t.is_alive() for t in self.threads)
+
+
+ENGINE_KEY = "engine-key-for-tests"
+
+
+@contextmanager
+def llama_engine(port: int | None = None, *, n_ctx: int = 2048):
+    """llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``) on the
+    embedded default GGUF, on loopback with an API key; yields {url, key, port, proc}."""
+    from offgrid_jupyter.models import resolve_model
+
+    port = port or free_port()
+    proc = started([sys.executable, "-m", "llama_cpp.server", "--model", str(resolve_model(None).path),
+                    "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--model_alias", "smollm2",
+                    "--api_key", ENGINE_KEY,
+                    "--interrupt_requests", "False"],  # its default cuts a running stream when another request comes
+                   "Uvicorn running on", stdout=subprocess.DEVNULL)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}/v1", "key": ENGINE_KEY, "port": port, "proc": proc}
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

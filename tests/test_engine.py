@@ -149,7 +149,7 @@ def test_queue_bound_gives_busy_error(make_engine):
     running.cancel()
     for _ in events:
         pass
-    assert eng.status() == {"generating_session_id": None, "generating_request_id": None,
+    assert eng.status() == {"generating_session_id": None, "generating_request_id": None, "generating": [],
                             "queued_session_ids": []}
     assert eng.complete(user("three"), max_tokens=4).finish_reason in ("stop", "length")
 

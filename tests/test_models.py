@@ -82,7 +82,7 @@ def test_missing_model_is_raised_at_submit_time(tmp_path):
     eng = Engine(model_path=tmp_path / "absent.gguf")
     with pytest.raises(ModelNotFoundError, match="absent.gguf"):
         eng.generate(user("hi"))
-    assert eng.status() == {"generating_session_id": None, "generating_request_id": None,
+    assert eng.status() == {"generating_session_id": None, "generating_request_id": None, "generating": [],
                             "queued_session_ids": []}
 
 

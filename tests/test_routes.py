@@ -32,12 +32,12 @@ def state(jp_serverapp):
 def api(jp_fetch):
     """Call a route; returns (status, decoded body) for errors too."""
 
-    async def call(method, path, body=None, headers=None, raw=None, expect_json=True, **params):
+    async def call(method, route, body=None, headers=None, raw=None, expect_json=True, **params):
         kwargs = {"method": method, "headers": headers or {}, "params": params or None}
         if method in ("POST", "PUT", "PATCH"):
             kwargs["body"] = raw if raw is not None else json.dumps(body if body is not None else {})
         try:
-            response = await jp_fetch("offgrid", *path.split("/"), **kwargs)
+            response = await jp_fetch("offgrid", *route.split("/"), **kwargs)
         except HTTPClientError as exc:
             response = exc.response
         text = response.body.decode() if response.body else ""
@@ -169,7 +169,7 @@ async def test_stats_route_agrees_with_the_in_process_document(api, state):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert sum(s.value for s in families["offgrid_requests"].samples if s.name.endswith("_total")) == 1
     code, status, _ = await api("GET", "v1/generation/status")
-    assert status == {"generating_session_id": None, "generating_request_id": None, "queued_session_ids": [],
+    assert status == {"generating_session_id": None, "generating_request_id": None, "generating": [], "queued_session_ids": [],
                       "waiting_for_session": {}}
 
 
@@ -263,3 +263,56 @@ async def test_saving_a_notebook_snapshots_its_chat_panels(jp_fetch, state):
     assert "`nb-session`" in text and "> What is **rain**?" in text and "Water that falls." in text
     assert "run this cell to reopen" in text
     assert second["data"]["application/vnd.jupyter.widget-view+json"] == {"model_id": "def"}  # not ours: kept
+
+
+async def test_rename_fork_end_export_import_and_the_notebook_binding(api, state):
+    await api("POST", "v1/sessions", {"name": "orig", "system_prompt": "Be brief."})
+    state.store.add_message("orig", "user", "Hello there.")
+    state.store.add_message("orig", "assistant", "Hi.")
+    code, body, _ = await api("PATCH", "v1/sessions/orig", {"name": "renamed", "system_prompt": "Be kind."})
+    assert code == 200 and body["name"] == "renamed" and body["system_prompt"] == "Be kind." and "messages" not in body
+    await api("POST", "v1/sessions", {"name": "other"})
+    code, body, _ = await api("PATCH", "v1/sessions/renamed", {"name": "other"})
+    assert code == 409 and body["error"]["code"] == "duplicate_name"
+    for bad, needle in (({"name": "has space"}, "$.name"), ({"ended": False}, "$.ended"),
+                        ({"system_prompt": 3}, "$.system_prompt")):
+        code, body, _ = await api("PATCH", "v1/sessions/renamed", bad)
+        assert code == 400 and needle in body["error"]["message"], body
+    code, body, _ = await api("PATCH", "v1/sessions/nope", {"name": "x"})
+    assert code == 404
+    code, fork, _ = await api("POST", "v1/sessions/renamed/fork", {"name": "copy"})
+    assert code == 201 and fork["name"] == "copy" and fork["message_count"] == 2
+    code, body, _ = await api("POST", "v1/sessions/renamed/fork", {"upto_message_id": "msg-zz"})
+    assert code == 400 and "upto_message_id" in body["error"]["message"]
+    code, body, _ = await api("PATCH", "v1/sessions/copy", {"ended": True})
+    assert code == 200 and body["ended"] is True
+    code, doc, _ = await api("GET", "v1/sessions/copy/export")
+    assert code == 200 and doc["id"] == fork["id"] and [m["role"] for m in doc["messages"]] == ["user", "assistant"]
+    await api("DELETE", "v1/sessions/copy")
+    code, back, _ = await api("POST", "v1/import", doc)
+    assert code == 201 and back["id"] == fork["id"] and back["message_count"] == 2 and back["ended"] is True
+    code, again, _ = await api("POST", "v1/import", doc)  # idempotent
+    assert code == 201 and again["message_count"] == 2
+    code, body, _ = await api("POST", "v1/import", {**doc, "id": "../../etc/passwd"})
+    assert code == 400 and "$.id" in body["error"]["message"]
+    code, body, _ = await api("POST", "v1/import", {**doc, "name": "renamed", "id": "session-0123456789ab",
+                                                     "messages": []})
+    assert code == 409 and "belongs to session" in body["error"]["message"]
+    twice = {**doc, "id": "session-0123456789ab", "name": None, "messages": doc["messages"][:1] * 2}
+    code, body, _ = await api("POST", "v1/import", twice)  # a message listed twice, and one of another session
+    assert code == 409 and body["error"]["code"] == "duplicate_id" and "another session" in body["error"]["message"]
+    fresh = [{**m, "id": f"msg-00000000000{i}"} for i, m in enumerate(doc["messages"][:1] * 2)]
+    code, body, _ = await api("POST", "v1/import", {**twice, "messages": fresh + fresh[:1]})
+    assert code == 201 and body["message_count"] == 2
+    code, body, _ = await api("PATCH", "v1/sessions/renamed", raw="")
+    assert code == 400 and "needs a JSON object" in body["error"]["message"]
+    code, body, _ = await api("GET", "v1/notebooks/session", path="work/a.ipynb")
+    assert code == 404 and "work/a.ipynb" in body["error"]["message"]
+    code, body, _ = await api("PUT", "v1/notebooks/session", {"path": "work/a.ipynb", "session": "renamed"})
+    assert code == 204
+    code, body, _ = await api("GET", "v1/notebooks/session", path="work/a.ipynb")
+    assert code == 200 and body["name"] == "renamed"
+    code, body, _ = await api("PUT", "v1/notebooks/session", {"path": "work/a.ipynb", "session": "gone"})
+    assert code == 404
+    code, body, _ = await api("GET", "v1/notebooks/session")
+    assert code == 400 and "path" in body["error"]["message"]

@@ -103,11 +103,6 @@ def test_a_disconnecting_stream_cancels_its_generation(client):
     assert 0 < cancelled["usage"]["completion_tokens"] < 400
 
 
-async def _run_in_server_kernel(base, code_cells):
-    async with ServerKernel(base) as kernel:
-        return [await kernel.run(code) for code in code_cells]
-
-
 def test_a_kernel_started_by_the_server_uses_the_servers_model(server, client):
     cells = ["%load_ext offgrid_jupyter",
              "%%offgrid -t 0 --seed 42 -n 12\nSay hello.",
@@ -118,7 +113,7 @@ def test_a_kernel_started_by_the_server_uses_the_servers_model(server, client):
              "print(json.dumps({'llama_cpp': 'llama_cpp' in sys.modules, 'engine': m.context._engine is not None, "
              "'where': m.context.where, 'panel': panel.status.value, 'error': panel.error.value, "
              "'panel_session': panel.session_id}))"]
-    outputs = asyncio.run(_run_in_server_kernel(server["url"], cells))
+    outputs = ServerKernel.run_cells(server["url"], cells)
     assert all(cell[-1]["content"]["status"] == "ok" for cell in outputs), outputs
     shown = [m for m in outputs[1] if m["msg_type"] in ("display_data", "update_display_data")]
     meta = shown[-1]["content"]["metadata"]["offgrid"]
@@ -227,3 +222,67 @@ def test_connection_failures_are_retried_then_reported(flaky):
     with Client(f"http://127.0.0.1:{port}/offgrid/v1/", max_retries=1) as c:
         with pytest.raises(ServerError, match="Could not reach the offgrid server"):
             c.health()
+
+
+def test_a_kernel_connected_to_a_server_elsewhere_keeps_its_sessions_there(server, client, tmp_path):
+    """`%offgrid connect URL` from a kernel that shares no database with the server (another
+    machine, as far as it can tell): cells, the session subcommands, the notebook's session
+    after a restart and the statistics all go through the routes; nothing lands locally."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from offgrid_jupyter.context import Context
+    from offgrid_jupyter.magics import OffgridMagics
+
+    local = Store(tmp_path / "kernel" / "offgrid.sqlite3")
+    notebook = f"work/far-{uuid.uuid4().hex[:6]}.ipynb"
+    ip = InteractiveShell.instance()
+
+    def kernel():
+        ctx = Context(ip, store=local)
+        magics = OffgridMagics(shell=ip, context=ctx)
+        ip.register_magics(magics)
+        ip.user_ns["__session__"] = notebook
+        return ctx
+
+    def run(code):
+        with capture_output() as cap:
+            result = ip.run_cell(code)
+        assert result.error_in_exec is None, (code, result.error_in_exec, cap.stdout)
+        return result.result
+
+    ctx = kernel()
+    try:
+        run(f"%offgrid connect {server['url']}offgrid/v1/ --token {TOKEN}")
+        assert ctx.remote_sessions
+        run("%%offgrid -n 8 -t 0 --seed 1\nMy name is Ada. Say hi.")
+        run("%%offgrid -n 8 -t 0 --seed 1\nWhat is my name?")
+        session = client.sessions.for_notebook(notebook)
+        assert session is not None and session["message_count"] == 4  # on the server, found by the notebook
+        frame = run("%offgrid sessions")
+        assert frame.loc[frame["id"] == session["id"], "current"].item()
+        assert "What is my name?" in run("%offgrid history")._repr_markdown_()
+        name = session["name"]
+        run(f"%offgrid rename {name} {name}-x")
+        run(f"%offgrid fork {name}-x {name}-copy")
+        run(f"%offgrid end {name}-copy")
+        assert client.sessions.get(f"{name}-copy")["ended"] and client.sessions.get(f"{name}-copy")["message_count"] == 4
+        run(f"%offgrid export {name}-copy {tmp_path / 'out'}")
+        run(f"%offgrid delete {name}-copy")
+        with pytest.raises(SessionNotFoundError):
+            client.sessions.get(f"{name}-copy")
+        run(f"%offgrid import {tmp_path / 'out'}")
+        assert client.sessions.get(f"{name}-copy")["message_count"] == 4
+        stats = run("%offgrid stats --by source")
+        assert stats.loc["server", "requests"] >= 2  # recorded by the server that ran them
+        with capture_output():
+            refused = ip.run_cell("%%offgrid --local -n 4\nHi.")
+        assert "--local" in str(refused.error_in_exec) and "--no-history" in str(refused.error_in_exec)
+        ctx.close()
+        ctx = kernel()  # a restarted kernel of the same notebook
+        run(f"%offgrid connect {server['url']}offgrid/v1/ --token {TOKEN}")
+        assert ctx.current_session(create=False).id == session["id"]
+        assert local.count() == 0  # nothing was stored on this side
+    finally:
+        ctx.close()
+        ip.user_ns.pop("__session__", None)

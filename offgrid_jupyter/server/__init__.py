@@ -16,6 +16,7 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Float, Int, Unicode, default
 
+from ..backend import QueueBackend
 from ..engine import MB, Engine
 from ..stats import attach
 from ..store import DB_FILENAME, Store, data_dir
@@ -49,6 +50,28 @@ class OffgridApp(ExtensionApp):
                            "into the file instead of its widget (which cannot be shown without its kernel)."
                            ).tag(config=True)
 
+    engine_url = Unicode(None, allow_none=True, help="An OpenAI-compatible inference server (llama.cpp's server, "
+                         "vLLM, Ollama, LM Studio, LiteLLM) to generate on instead of loading a GGUF here, e.g. "
+                         "http://127.0.0.1:8000/v1 (default: OFFGRID_ENGINE_URL).").tag(config=True)
+    engine_model = Unicode(None, allow_none=True, help="The engine's model name (default: OFFGRID_ENGINE_MODEL, "
+                           "else the first the engine lists).").tag(config=True)
+    engine_api_key = Unicode(None, allow_none=True, help="The engine's API key (default: OFFGRID_ENGINE_API_KEY)."
+                             ).tag(config=True)
+    engine_max_concurrent = Int(4, help="Requests sent to the engine at once (it batches them); the rest wait "
+                                "in the queue.").tag(config=True)
+
+    @default("engine_url")
+    def _default_engine_url(self):
+        return os.environ.get("OFFGRID_ENGINE_URL") or None
+
+    @default("engine_model")
+    def _default_engine_model(self):
+        return os.environ.get("OFFGRID_ENGINE_MODEL") or None
+
+    @default("engine_api_key")
+    def _default_engine_api_key(self):
+        return os.environ.get("OFFGRID_ENGINE_API_KEY") or None
+
     @default("api_key")
     def _default_api_key(self):
         return os.environ.get("OFFGRID_API_KEY") or None
@@ -59,9 +82,7 @@ class OffgridApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         home = Path(self.data_dir).expanduser()
-        engine = Engine(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                        queue_timeout=self.queue_timeout, max_queue=self.max_queue,
-                        kv_cache_bytes=int(self.kv_cache_mb * MB))
+        engine = self._backend()
         store = Store(home / DB_FILENAME, busy_sessions=engine.busy_session_ids)
         kernel_key = secrets.token_urlsafe(32)
         self.state = ServerState(engine=engine, store=store, request_log=attach(engine, store),
@@ -78,7 +99,20 @@ class OffgridApp(ExtensionApp):
             contents.register_pre_save_hook(pre_save_hook(store))
         if self.preload:
             engine.complete([{"role": "user", "content": "Hi."}], max_tokens=1, source="preload")
-        self.log.info("offgrid: model %s, sessions in %s", engine.describe().get("path"), store.path)
+        where = engine.describe()
+        self.log.info("offgrid: model %s (%s), sessions in %s", where.get("path") or where.get("url"),
+                      where.get("kind"), store.path)
+
+    def _backend(self) -> QueueBackend:
+        """Where this server's model runs: the engine at engine_url, else a GGUF loaded here."""
+        if self.engine_url:
+            from ..openai_engine import OpenAIEngine
+
+            return OpenAIEngine(self.engine_url, model=self.engine_model, api_key=self.engine_api_key,
+                                max_concurrent=self.engine_max_concurrent, queue_timeout=self.queue_timeout,
+                                max_queue=self.max_queue)
+        return Engine(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads, queue_timeout=self.queue_timeout,
+                      max_queue=self.max_queue, kv_cache_bytes=int(self.kv_cache_mb * MB))
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())

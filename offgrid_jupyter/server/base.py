@@ -136,7 +136,11 @@ class OffgridHandler(APIHandler):
         """The JSON body, checked against the route's schema; ``null`` fields dropped."""
         if self._size > self.state.max_body_bytes:
             raise self._too_large(self._size)
-        data = parse_json(b"".join(self._chunks) or b"{}")
+        raw = b"".join(self._chunks)
+        if not raw and spec.body_required(self.spec_path, self.request.method.lower()):
+            raise InvalidRequestError(f"{self.request.method} {self.request.path} needs a JSON object as its body "
+                                      "(see openapi.json for its fields).")
+        data = parse_json(raw or b"{}")
         if not isinstance(data, dict):
             raise InvalidRequestError("The request body must be a JSON object.")
         return spec.check_body(self.spec_path, self.request.method.lower(), data)

@@ -15,9 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tornado import web
 
 from .. import __version__, turns
-from ..errors import InvalidRequestError, OffgridError
+from ..errors import InvalidRequestError, OffgridError, SessionNotFoundError
 from ..models import resolve_model
 from ..stats import stats_document, stats_frame, to_epoch
+from ..validation import check_text
 from . import spec
 from .base import OffgridHandler
 from .chat import CancelHandler, ChatHandler, OpenAIChatHandler
@@ -61,8 +62,85 @@ class SessionHandler(OffgridHandler):
 
     @web.authenticated
     @authorized
+    async def patch(self, ref: str) -> None:
+        data = self.body()
+
+        def change() -> dict:
+            store = self.state.store
+            sid = store.get(ref, messages=False).id
+            if "name" in data:
+                store.rename(sid, data["name"])
+            if "system_prompt" in data:
+                store.update(sid, system_prompt=data["system_prompt"])
+            if data.get("ended"):
+                store.end(sid)
+            return store.get(sid, messages=False).to_dict(messages=False)
+
+        self.send(200, await self.run(change))
+
+    @web.authenticated
+    @authorized
     async def delete(self, ref: str) -> None:
         await self.run(self.state.store.delete, ref)
+        self.send(204)
+
+
+class ForkHandler(OffgridHandler):
+    spec_path = "/sessions/{ref}/fork"
+
+    @web.authenticated
+    @authorized
+    async def post(self, ref: str) -> None:
+        data = self.body()
+
+        def fork() -> dict:
+            return self.state.store.fork(ref, data.get("upto_message_id"), name=data.get("name")
+                                         ).to_dict(messages=False)
+
+        self.send(201, await self.run(fork))
+
+
+class ExportHandler(OffgridHandler):
+    spec_path = "/sessions/{ref}/export"
+
+    @web.authenticated
+    @authorized
+    async def get(self, ref: str) -> None:
+        self.send(200, await self.run(lambda: self.state.store.export_doc(self.state.store.get(ref))))
+
+
+class ImportHandler(OffgridHandler):
+    spec_path = "/import"
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        doc = self.body()
+        self.send(201, await self.run(lambda: self.state.store.import_doc(doc).to_dict(messages=False)))
+
+
+class NotebookSessionHandler(OffgridHandler):
+    """Which session a notebook uses, so a kernel on another machine finds it again after a restart."""
+
+    spec_path = "/notebooks/session"
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        path = self.query("path")
+        if not path or len(path) > 4096:
+            raise InvalidRequestError("path (the notebook's path, 1-4096 characters) is required.")
+        check_text(path, "path")
+        found = await self.run(self.state.store.notebook_session, path)
+        if found is None:
+            raise SessionNotFoundError(f"No session is remembered for the notebook {path[:200]!r}.")
+        self.send(200, found.to_dict(messages=False))
+
+    @web.authenticated
+    @authorized
+    async def put(self) -> None:
+        data = self.body()
+        await self.run(self.state.store.bind_notebook, data["path"], data["session"])
         self.send(204)
 
 
@@ -190,6 +268,10 @@ def handlers() -> list[tuple[str, type]]:
         (f"{v1}/sessions", SessionsHandler),
         (f"{v1}/sessions/{SESSION}", SessionHandler),
         (f"{v1}/sessions/{SESSION}/messages", MessagesHandler),
+        (f"{v1}/sessions/{SESSION}/fork", ForkHandler),
+        (f"{v1}/sessions/{SESSION}/export", ExportHandler),
+        (f"{v1}/import", ImportHandler),
+        (f"{v1}/notebooks/session", NotebookSessionHandler),
         (f"{v1}/sessions/{SESSION}/chat", ChatHandler),
         (f"{v1}/generation/status", StatusHandler),
         (f"{v1}/generation/cancel", CancelHandler),

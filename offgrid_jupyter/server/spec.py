@@ -57,6 +57,11 @@ def check_body(path: str, method: str, data: Any) -> dict[str, Any]:
     return {k: int(v) if k in integers and isinstance(v, float) else v for k, v in data.items() if v is not None}
 
 
+def body_required(path: str, method: str) -> bool:
+    """Whether the document says (*path*, *method*) must be sent a body."""
+    return bool(document()["paths"][path][method].get("requestBody", {}).get("required"))
+
+
 def methods(path: str) -> list[str]:
     """The HTTP methods the document gives *path* (for 405's Allow header)."""
     ops = document()["paths"].get(path, {})

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..engine import Engine
+from ..backend import Backend
 from ..stats import RequestLog
 from ..store import Store
 
@@ -22,7 +22,7 @@ STORE_THREADS = 2  # short store calls only: nothing that waits for a turn runs 
 
 @dataclass
 class ServerState:
-    engine: Engine
+    engine: Backend
     store: Store
     request_log: RequestLog
     api_key: str | None

@@ -1,0 +1,374 @@
+"""Generation on an OpenAI-compatible inference server instead of in this process.
+
+When a team outgrows one CPU it already runs an inference server (llama.cpp's
+server, vLLM, Ollama, LM Studio, a LiteLLM proxy). :class:`OpenAIEngine` keeps the
+:class:`~offgrid_jupyter.backend.Backend` contract on top of one, so sessions,
+the queue's statistics, the usage log, the magics, the panel and the server's
+routes work unchanged; the scaling is the engine's. ``llama_cpp`` is never
+imported on this path and no GGUF is read.
+
+- Streaming ``/chat/completions`` (Server-Sent Events read with ``httpx-sse``).
+  A cancel closes the stream, which is how these servers learn to stop.
+- The engine batches by itself, so ``slots`` (``max_concurrent``, default 4)
+  requests run at once and the rest wait in the same FIFO queue as local ones,
+  with the same bound, timeout and statistics.
+- Usage comes from the engine when it reports it (``stream_options.include_usage``);
+  otherwise completion tokens are the stream's content chunks and prompt tokens
+  are 0. Time to first token and decode speed are measured here.
+- Failures name the URL (never the key): unreachable, refused key, a malformed
+  or truncated stream are :class:`~offgrid_jupyter.errors.EngineUnavailableError`
+  (502); a request the engine refuses is a 400 (or 413 when it says the context
+  is too long). Only what is safe to repeat is retried (tenacity): listing models,
+  a connection that was never made, and a 429/503 (after its ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from httpx_sse import EventSource
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from .backend import Generation, GenerationParams, QueueBackend
+from .errors import (
+    ContextOverflowError,
+    EngineBusyError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    OffgridError,
+)
+
+DEFAULT_MAX_CONCURRENT = 4
+MAX_RETRY_AFTER_S = 30.0  # a longer Retry-After is answered with an error, not a wait
+BUSY_RETRIES = 3
+FINISH_REASONS = {"stop", "length"}
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """A model the engine serves, known by its name only (the weights are the engine's)."""
+
+    name: str
+    url: str
+    size_bytes: int = 0
+
+    def sha256(self) -> str:
+        return ""  # unknown: the file is on the engine's side
+
+
+def public_url(url: str) -> str:
+    """*url* without credentials (what messages and statistics may show)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def api_base(url: str) -> str:
+    """The OpenAI base URL: as given, with ``/v1`` added when the URL has no path."""
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequestError(f"The engine URL {public_url(url)!r} is not an http(s) URL "
+                                  "(e.g. http://127.0.0.1:8000/v1).")
+    return url if parts.path not in ("", "/") else url + "/v1"
+
+
+class _Busy(Exception):
+    """A 429/503 from the engine: nothing was done, try again after *delay* seconds."""
+
+    def __init__(self, status: int, delay: float, message: str):
+        super().__init__(message)
+        self.status, self.delay = status, delay
+
+
+def _retry_after(response: httpx.Response) -> float:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 1.0
+
+
+def _engine_message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300].strip() or response.reason_phrase
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])[:300]
+    if isinstance(data, dict) and data.get("detail"):
+        return str(data["detail"])[:300]
+    return json.dumps(data)[:300]
+
+
+class OpenAIEngine(QueueBackend):
+    """The :class:`~offgrid_jupyter.backend.Backend` of an OpenAI-compatible server."""
+
+    def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT, read_timeout: float = 300.0,
+                 queue_timeout: float = 1800.0, max_queue: int = 64, defaults: GenerationParams | None = None):
+        super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
+        if not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= 256:
+            raise InvalidRequestError(f"max_concurrent must be an integer from 1 to 256, got {max_concurrent!r}.")
+        self.url = api_base(url)
+        self.public_url = public_url(self.url)
+        self.slots = max_concurrent
+        self.model_name = model or None
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=self.url + "/", headers=headers,
+            timeout=httpx.Timeout(read_timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=max_concurrent + 4, max_keepalive_connections=max_concurrent + 4),
+            trust_env=False)  # a proxy from the environment must not reroute a local engine
+        self._streams: dict[str, httpx.Response] = {}  # request id -> its open stream (closed to cancel)
+        self._streams_lock = threading.Lock()
+        self._reached = False
+
+    # -- the backend contract -------------------------------------------------------------
+    @property
+    def model(self) -> EngineModel:
+        if self.model_name is None:
+            listed = self.models()
+            if not listed:
+                raise EngineUnavailableError(f"The engine at {self.public_url} lists no models; "
+                                             "set the model name (OFFGRID_ENGINE_MODEL or c.OffgridApp.engine_model).")
+            self.model_name = listed[0]["id"]
+        return EngineModel(self.model_name, self.public_url)
+
+    @property
+    def loaded(self) -> bool:
+        """True once the engine has answered (it holds the model, not us)."""
+        return self._reached
+
+    def _resolve(self, model: str) -> EngineModel:
+        names = [m["id"] for m in self.models()]
+        if str(model) not in names:
+            raise InvalidRequestError(f"The engine at {self.public_url} has no model {str(model)[:80]!r}; "
+                                      f"it serves: {', '.join(names) or 'nothing'}.")
+        return EngineModel(str(model), self.public_url)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The engine's ``/models`` (retried: listing is safe to repeat)."""
+        response = self._call(lambda: self._http.get("models"), retries=3)
+        data = response.json().get("data") if response.headers.get("content-type", "").startswith(
+            "application/json") else None
+        if not isinstance(data, list):
+            raise EngineUnavailableError(f"The engine at {self.public_url} answered /models with something that is "
+                                         "not an OpenAI model list. Is the URL the API's base (…/v1)?")
+        return [{"id": str(m.get("id")), "owned_by": m.get("owned_by", "engine")} for m in data if isinstance(m, dict)]
+
+    def describe(self) -> dict[str, Any]:
+        base = {"kind": "openai", "url": self.public_url, "max_concurrent": self.slots}
+        try:
+            name = self.model.name
+        except OffgridError as exc:
+            return {**base, "loaded": False, "error": str(exc)}
+        return {**base, "name": name, "path": self.public_url, "source": "engine", "size_bytes": 0,
+                "loaded": self._reached}
+
+    def switch_model(self, name: str | None) -> EngineModel:
+        """Use the engine's model *name* from the next request on (None: the engine's first)."""
+        info = self._resolve(name) if name else None
+        self.model_name = info.name if info else None
+        return info or self.model
+
+    def close(self) -> None:
+        super().close()
+        self._http.close()
+
+    # -- one request -----------------------------------------------------------------
+    def _interrupt(self, gen: Generation) -> None:
+        with self._streams_lock:
+            response = self._streams.get(gen.request_id)
+        if response is not None:
+            try:
+                response.close()  # the engine sees the disconnect and stops
+            except Exception:  # noqa: BLE001 - already closing on the worker's side
+                pass
+
+    def _execute(self, gen: Generation) -> None:
+        start = gen.started_mono
+        wait_ms = (start - gen.submitted_mono) * 1000
+        gen._emit("start")
+        p = gen.params
+        body = {"model": gen.model.name, "messages": gen.messages, "stream": True,
+                "stream_options": {"include_usage": True}, "max_tokens": p.max_tokens,
+                "temperature": p.temperature, "top_p": p.top_p}
+        if p.seed is not None:
+            body["seed"] = p.seed
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        finish: str | None = None
+        ttft: float | None = None
+        error: BaseException | None = None
+        try:
+            with closing(self._open(gen, body)) as response:
+                for event in EventSource(response).iter_sse():
+                    if gen.cancelled:
+                        break
+                    if event.data.strip() == "[DONE]":
+                        break
+                    chunk = self._parse(event.data)
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or ():
+                        delta = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+                        if isinstance(delta, str) and delta:
+                            if ttft is None:
+                                ttft = time.monotonic()
+                            parts.append(delta)
+                            gen._emit("token", delta)
+                        if isinstance(choice, dict) and choice.get("finish_reason"):
+                            finish = str(choice["finish_reason"])
+            if gen.cancelled:
+                finish = "cancelled"
+            elif finish is None:
+                raise EngineUnavailableError(
+                    f"The stream from the engine at {self.public_url} ended before the reply did (no finish_reason): "
+                    "the engine stopped, the connection broke, or the engine cut it for another request "
+                    "(llama-cpp-python's server does unless started with --interrupt_requests False; or set "
+                    "engine_max_concurrent to 1). Nothing was stored; try again.")
+        except Exception as exc:  # noqa: BLE001 - reported to the caller; the backend survives
+            if gen.cancelled:
+                finish = "cancelled"
+            else:
+                error, finish = self._explain(exc), "error"
+        finally:
+            with self._streams_lock:
+                self._streams.pop(gen.request_id, None)
+        now = time.monotonic()
+        completion = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else len(parts)
+        prompt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        result = self._result(gen, "".join(parts), finish if finish in FINISH_REASONS | {"cancelled", "error"}
+                              else "stop", wait_ms, prompt=prompt, cached=cached if isinstance(cached, int) else 0,
+                              completion=completion, ttft=None if ttft is None else (ttft - start) * 1000,
+                              total_ms=(now - start) * 1000, error=type(error).__name__ if error else None,
+                              decode_s=(now - ttft) if ttft else 0.0)
+        self._finish(gen, result, error)
+
+    def _open(self, gen: Generation, body: dict[str, Any]):
+        """The open response of a streamed chat: a connection never made is retried, a
+        429/503 is retried after its Retry-After (the engine did nothing), anything
+        else that is not a 200 is an error."""
+        def send() -> httpx.Response:
+            request = self._http.build_request("POST", "chat/completions", json=body)
+            response = self._http.send(request, stream=True)
+            if response.status_code == 200:
+                return response
+            try:
+                response.read()
+            finally:
+                response.close()
+            self._raise_for(response)
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        response = self._call(send, retries=BUSY_RETRIES, cancel=gen._cancel)
+        with self._streams_lock:
+            self._streams[gen.request_id] = response
+        if gen.cancelled:
+            response.close()
+        return response
+
+    def _call(self, fn, *, retries: int, cancel: threading.Event | None = None) -> httpx.Response:
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, _Busy))
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, _Busy):
+                return exc.delay
+            return wait_exponential(multiplier=0.2, max=2.0)(state)
+
+        stop_event = cancel or threading.Event()
+        try:
+            for attempt in Retrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(retries),
+                                    wait=wait, sleep=lambda s: stop_event.wait(s), reraise=True):
+                with attempt:
+                    if stop_event.is_set():
+                        raise OffgridError("cancelled")
+                    response = fn()
+                    self._reached = True
+                    return response
+        except Exception as exc:
+            raise self._explain(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _raise_for(self, response: httpx.Response) -> None:
+        status, message = response.status_code, _engine_message(response)
+        if status in (429, 503):
+            delay = _retry_after(response)
+            busy = _Busy(status, delay, f"The engine at {self.public_url} is busy ({status}: {message}).")
+            if delay > MAX_RETRY_AFTER_S:
+                raise EngineBusyError(f"{busy} It asks to wait {delay:.0f} s; try again later.")
+            raise busy
+        if status in (401, 403):
+            raise EngineUnavailableError(f"The engine at {self.public_url} refused the API key ({status}). Set "
+                                         "OFFGRID_ENGINE_API_KEY or c.OffgridApp.engine_api_key.")
+        if status == 400 or status == 422:
+            if "context" in message.lower() and ("length" in message.lower() or "exceed" in message.lower()):
+                raise ContextOverflowError(f"The engine at {self.public_url} says the prompt is too long: {message}")
+            raise InvalidRequestError(f"The engine at {self.public_url} refused the request: {message}")
+        if status == 404:
+            raise EngineUnavailableError(f"The engine at {self.public_url} answered 404 ({message}). Check the model "
+                                         "name and that the URL is the API's base (…/v1).")
+        raise EngineUnavailableError(f"The engine at {self.public_url} failed ({status}: {message}).")
+
+    def _parse(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise EngineUnavailableError(f"The engine at {self.public_url} sent a malformed stream event "
+                                         f"({data[:80]!r}). Nothing was stored.") from None
+        if not isinstance(chunk, dict):
+            raise EngineUnavailableError(f"The engine at {self.public_url} sent a stream event that is not an "
+                                         "object. Nothing was stored.")
+        if chunk.get("error"):
+            error = chunk["error"]
+            raise EngineUnavailableError(f"The engine at {self.public_url} failed mid-reply: "
+                                         f"{error.get('message') if isinstance(error, dict) else error}")
+        return chunk
+
+    def _explain(self, exc: BaseException) -> OffgridError:
+        """*exc* as an error a person can act on, naming the engine's URL (never its key)."""
+        if isinstance(exc, _Busy):
+            return EngineBusyError(f"{exc} It still was after {BUSY_RETRIES} tries; try again later.")
+        if isinstance(exc, OffgridError):
+            return exc
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return EngineUnavailableError(f"The engine at {self.public_url} is not reachable ({type(exc).__name__}). "
+                                          "Is it running? (OFFGRID_ENGINE_URL / c.OffgridApp.engine_url)")
+        if isinstance(exc, httpx.TimeoutException):
+            return EngineUnavailableError(f"The engine at {self.public_url} stopped answering "
+                                          f"({type(exc).__name__}). Nothing was stored.")
+        if isinstance(exc, (httpx.HTTPError, httpx.StreamError)):
+            return EngineUnavailableError(f"The connection to the engine at {self.public_url} broke "
+                                          f"({type(exc).__name__}). Nothing was stored; try again.")
+        return EngineUnavailableError(f"The engine at {self.public_url} failed: {type(exc).__name__}: {exc}")
+
+
+def engine_settings_from_env() -> dict[str, Any]:
+    """OpenAIEngine keyword arguments from OFFGRID_ENGINE_* (the URL itself is OFFGRID_ENGINE_URL)."""
+    out: dict[str, Any] = {}
+    if os.environ.get("OFFGRID_ENGINE_MODEL"):
+        out["model"] = os.environ["OFFGRID_ENGINE_MODEL"]
+    if os.environ.get("OFFGRID_ENGINE_API_KEY"):
+        out["api_key"] = os.environ["OFFGRID_ENGINE_API_KEY"]
+    raw = os.environ.get("OFFGRID_ENGINE_MAX_CONCURRENT")
+    if raw:
+        try:
+            out["max_concurrent"] = int(raw)
+        except ValueError:
+            raise InvalidRequestError(f"OFFGRID_ENGINE_MAX_CONCURRENT={raw!r} is not an integer.") from None
+    return out
