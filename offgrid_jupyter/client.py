@@ -236,12 +236,7 @@ class Sessions:
 
     def for_notebook(self, path: str) -> dict[str, Any] | None:
         """The session the notebook at *path* used last, or None."""
-        try:
-            return self.client.request("GET", "notebooks/session", params={"path": path})
-        except OffgridError as exc:
-            if exc.code == "session_not_found":
-                return None
-            raise
+        return self.client.request("GET", "notebooks/session", params={"path": path})["session"]
 
     def bind_notebook(self, path: str, session: str) -> None:
         self.client.request("PUT", "notebooks/session", body={"path": path, "session": session}, idempotent=True)

@@ -8,6 +8,7 @@ command that installs it, unless OFFGRID_SKIP_BROWSER_TESTS=1 opts out explicitl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -184,3 +185,30 @@ def screenshots_on_failure(folder: Path, *notebooks: Notebook):
                 pass
         errors = [e for nb in notebooks for e in nb.errors]
         raise AssertionError(f"{exc}\n(screenshots in {folder}; page errors: {errors})") from exc
+
+
+# -- fixtures the browser test modules import ------------------------------------------------------
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop():
+    """pytest-jupyter's loop fixture would adopt Playwright's (running) loop and fail to close it:
+    these tests need no loop of their own."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup():
+    """No in-process Jupyter server here (the lab is a subprocess): nothing for pytest-jupyter to clean."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
+        yield b
+        b.close()

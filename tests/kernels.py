@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,9 +73,9 @@ def jupyter_server(root: Path, *args: str):
 class ServerKernel:
     """A kernel started through a server's REST API, driven over its websocket."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, token: str = TOKEN):
         self.base = base
-        self.headers = {"Authorization": f"token {TOKEN}"}
+        self.headers = {"Authorization": f"token {token}"}
 
     async def __aenter__(self) -> "ServerKernel":
         import httpx
@@ -118,13 +119,15 @@ class ServerKernel:
         return cell + [reply]
 
     @classmethod
-    def run_cells(cls, base: str, cells: list[str]) -> list[list[dict]]:
-        """Run *cells* one after another in a new kernel of the server at *base*: each cell's messages."""
+    def run_cells(cls, base: str, cells: list[str], token: str = TOKEN) -> list[list[dict]]:
+        """Run *cells* one after another in a new kernel of the server at *base*: each cell's messages.
+        (In a thread of its own, so a caller with a running loop, such as Playwright's, can use it.)"""
         async def run_all() -> list[list[dict]]:
-            async with cls(base) as kernel:
+            async with cls(base, token) as kernel:
                 return [await kernel.run(code) for code in cells]
 
-        return asyncio.run(run_all())
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run_all()).result()
 
     async def printed(self, code: str) -> str:
         """Run a cell and return what it printed."""

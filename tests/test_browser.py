@@ -4,49 +4,22 @@ Every notebook here runs in kernels the server started, so the magics and the pa
 the server's shared model, as they do for a user of JupyterLab.
 """
 
-import asyncio
 import shutil
 from pathlib import Path
 
 import pytest
 
-from .browser import (CELLS, CHROMIUM_FLAGS, CURSOR, Notebook, api, chromium, jupyter_lab, screenshots_on_failure,
-                      write_notebook)
+from .browser import (CELLS, CURSOR, Notebook, api, browser, jp_asyncio_loop, jp_server_cleanup,  # noqa: F401 - fixtures
+                      jupyter_lab, screenshots_on_failure, write_notebook)
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = "Write a long story about a lighthouse keeper, in many paragraphs."
-
-
-@pytest.fixture(autouse=True)
-def jp_asyncio_loop():
-    """pytest-jupyter's loop fixture would adopt Playwright's (running) loop and fail to close it:
-    these tests need no loop of their own."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(autouse=True)
-def jp_server_cleanup():
-    """No in-process Jupyter server here (the lab is a subprocess): nothing for pytest-jupyter to clean."""
-    yield
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     with jupyter_lab(tmp_path_factory.mktemp("lab")) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = chromium()
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tornado import web
 
 from .. import __version__, turns
-from ..errors import InvalidRequestError, OffgridError, SessionNotFoundError
+from ..errors import InvalidRequestError, OffgridError
 from ..models import resolve_model
 from ..stats import stats_document, stats_frame, to_epoch
 from ..validation import check_text
@@ -132,9 +132,7 @@ class NotebookSessionHandler(OffgridHandler):
             raise InvalidRequestError("path (the notebook's path, 1-4096 characters) is required.")
         check_text(path, "path")
         found = await self.run(self.state.store.notebook_session, path)
-        if found is None:
-            raise SessionNotFoundError(f"No session is remembered for the notebook {path[:200]!r}.")
-        self.send(200, found.to_dict(messages=False))
+        self.send(200, {"path": path, "session": None if found is None else found.to_dict(messages=False)})
 
     @web.authenticated
     @authorized

@@ -1,0 +1,161 @@
+/**
+ * offgrid-jupyter's JupyterLab plugin: the sessions sidebar, the status-bar item, the
+ * stats view and the cell commands, all talking to the server extension's `/offgrid/v1`
+ * routes through Jupyter's own ServerConnection (its token, cookie and XSRF handling).
+ */
+
+import { ILabShell, ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { ICommandPalette } from '@jupyterlab/apputils';
+import { URLExt } from '@jupyterlab/coreutils';
+import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
+import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
+import { ServerConnection } from '@jupyterlab/services';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { IStatusBar } from '@jupyterlab/statusbar';
+import { LabIcon } from '@jupyterlab/ui-components';
+
+import { OffgridClient } from './client';
+import { cellQuestion } from './prompts';
+import { OffgridSidebar, SidebarSettings } from './sidebar';
+import { OffgridStatus } from './status';
+
+const PLUGIN_ID = 'offgrid-jupyter:plugin';
+
+export const offgridIcon = new LabIcon({
+  name: 'offgrid-jupyter:icon',
+  svgstr:
+    '<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16" viewBox="0 0 24 24">' +
+    '<path class="jp-icon3" fill="#616161" d="M4 4h16v11H8l-4 4zM7 8v2h10V8zm0 3v2h7v-2z"/></svg>'
+});
+
+export const CommandIDs = {
+  open: 'offgrid:open-chat',
+  askCell: 'offgrid:ask-about-cell',
+  explainError: 'offgrid:explain-error'
+};
+
+/** The client of this page's Jupyter server. */
+export function serverClient(settings = ServerConnection.makeSettings()): OffgridClient {
+  return new OffgridClient(async (path, init) => {
+    const url = URLExt.join(settings.baseUrl, 'offgrid/v1') + path;
+    return ServerConnection.makeRequest(url, init, settings);
+  });
+}
+
+const plugin: JupyterFrontEndPlugin<void> = {
+  id: PLUGIN_ID,
+  description: 'offgrid-jupyter: a sessions sidebar with streaming chat, queue status and usage statistics',
+  autoStart: true,
+  requires: [IRenderMimeRegistry],
+  optional: [ILabShell, ILayoutRestorer, INotebookTracker, ISettingRegistry, IStatusBar, ICommandPalette],
+  activate: async (
+    app: JupyterFrontEnd,
+    rendermime: IRenderMimeRegistry,
+    labShell: ILabShell | null,
+    restorer: ILayoutRestorer | null,
+    notebooks: INotebookTracker | null,
+    settingRegistry: ISettingRegistry | null,
+    statusBar: IStatusBar | null,
+    palette: ICommandPalette | null
+  ) => {
+    const client = serverClient();
+    const settings: SidebarSettings = { maxTokens: 512, temperature: 0.2, insertCodeAsCode: true };
+    if (settingRegistry) {
+      try {
+        const loaded = await settingRegistry.load(PLUGIN_ID);
+        const apply = () => {
+          settings.maxTokens = loaded.get('maxTokens').composite as number;
+          settings.temperature = loaded.get('temperature').composite as number;
+          settings.insertCodeAsCode = loaded.get('insertCodeAsCode').composite as boolean;
+        };
+        apply();
+        loaded.changed.connect(apply);
+      } catch (err) {
+        console.warn('offgrid-jupyter: settings not loaded, using defaults', err);
+      }
+    }
+
+    const insert = (text: string, kind: 'code' | 'markdown'): boolean => {
+      const panel = notebooks?.currentWidget;
+      if (!panel) {
+        return false;
+      }
+      const notebook = panel.content;
+      NotebookActions.insertBelow(notebook);
+      if (kind === 'markdown') {
+        NotebookActions.changeCellType(notebook, 'markdown');
+      }
+      notebook.activeCell?.model.sharedModel.setSource(text);
+      if (kind === 'markdown') {
+        void NotebookActions.run(notebook, panel.sessionContext); // show it rendered
+      }
+      return true;
+    };
+
+    const sidebar = new OffgridSidebar({ client, rendermime, settings: () => settings, insert, storage: window.localStorage });
+    sidebar.title.icon = offgridIcon;
+    app.shell.add(sidebar, 'left', { rank: 600 });
+    restorer?.add(sidebar, 'offgrid-sidebar');
+
+    const openSidebar = () => {
+      if (labShell) {
+        labShell.activateById(sidebar.id);
+      } else {
+        app.shell.activateById(sidebar.id);
+      }
+    };
+
+    app.commands.addCommand(CommandIDs.open, {
+      label: 'Open offgrid chat',
+      caption: 'Open the offgrid sessions sidebar',
+      icon: offgridIcon,
+      execute: openSidebar
+    });
+
+    const activeQuestion = (explain: boolean) => {
+      const cell = notebooks?.activeCell;
+      return cell ? cellQuestion(cell.model.toJSON() as any, explain) : null;
+    };
+    const ask = async (explain: boolean) => {
+      const question = activeQuestion(explain);
+      if (!question) {
+        return;
+      }
+      openSidebar();
+      const path = notebooks?.currentWidget?.context.path;
+      let ref: string | null = sidebar.session?.id ?? null;
+      if (!ref && path) {
+        // the session the notebook's magics and panel use (none yet: a new one)
+        ref = (await client.notebookSession(path))?.id ?? null;
+      }
+      await sidebar.sendTo(ref, question);
+    };
+    app.commands.addCommand(CommandIDs.askCell, {
+      label: 'Ask offgrid about this cell',
+      caption: "Send the active cell's source (and its error, if it failed) to the current offgrid session",
+      isEnabled: () => activeQuestion(false) !== null,
+      execute: () => ask(false)
+    });
+    app.commands.addCommand(CommandIDs.explainError, {
+      label: 'Explain this error with offgrid',
+      caption: "Send the failed cell and its error to offgrid and ask how to fix it",
+      isEnabled: () => {
+        const cell = notebooks?.activeCell;
+        return !!cell && cellQuestion(cell.model.toJSON() as any, true)?.includes('It failed with') === true;
+      },
+      execute: () => ask(true)
+    });
+    for (const command of Object.values(CommandIDs)) {
+      palette?.addItem({ command, category: 'offgrid' });
+    }
+    app.contextMenu.addItem({ command: CommandIDs.askCell, selector: '.jp-Notebook .jp-Cell', rank: 20 });
+    app.contextMenu.addItem({ command: CommandIDs.explainError, selector: '.jp-Notebook .jp-CodeCell', rank: 21 });
+
+    if (statusBar) {
+      const item = new OffgridStatus(client, openSidebar);
+      statusBar.registerStatusItem('offgrid-jupyter:status', { item, align: 'left', rank: 5 });
+    }
+  }
+};
+
+export default plugin;

@@ -1,0 +1,489 @@
+/**
+ * The left-sidebar panel: sessions (newest first, searchable, with new / rename / fork /
+ * delete / export), one session's conversation with a streaming message box, and the
+ * stats view. Everything lives on the server, so a page reload or a kernel restart loses
+ * nothing; the panel polls so that turns made elsewhere (magics, the ipywidgets panel,
+ * REST, another tab) appear without a reload.
+ */
+
+import { Clipboard, Dialog, InputDialog, showDialog } from '@jupyterlab/apputils';
+import { IRenderMimeRegistry, MimeModel } from '@jupyterlab/rendermime';
+import { Widget } from '@lumino/widgets';
+
+import { ChatEvent, Message, OffgridClient, OffgridRequestError, Session, SessionSummary } from './client';
+import { ago, button, codeBlocks, h } from './dom';
+import { StatsView } from './statsview';
+
+export interface SidebarSettings {
+  maxTokens: number;
+  temperature: number;
+  insertCodeAsCode: boolean;
+}
+
+export interface SidebarOptions {
+  client: OffgridClient;
+  rendermime: IRenderMimeRegistry;
+  settings: () => SidebarSettings;
+  /** Insert text below the active notebook cell; false when no notebook is open. */
+  insert: (text: string, kind: 'code' | 'markdown') => boolean;
+  /** Where the open session is remembered across page reloads. */
+  storage?: Storage;
+}
+
+const POLL_MS = 2000;
+const STORAGE_KEY = 'offgrid-jupyter:sidebar';
+
+export class OffgridSidebar extends Widget {
+  private readonly client: OffgridClient;
+  private readonly opts: SidebarOptions;
+  private sessions: SessionSummary[] = [];
+  private signature = '';
+  private current: Session | null = null;
+  private streaming: AbortController | null = null;
+  private requestId: string | null = null;
+  private view: 'chats' | 'stats' = 'chats';
+  private timer = 0;
+  private listFailed = false;
+  private readonly stats: StatsView;
+
+  private readonly listView = h('div', { class: 'offgrid-list-view' });
+  private readonly search = h('input', {
+    class: 'offgrid-search jp-mod-styled',
+    type: 'search',
+    placeholder: 'Search sessions',
+    'aria-label': 'Search sessions'
+  });
+  private readonly list = h('ul', { class: 'offgrid-sessions', role: 'list' });
+  private readonly chatView = h('div', { class: 'offgrid-chat-view', hidden: true });
+  private readonly chatTitle = h('span', { class: 'offgrid-chat-title' });
+  private readonly messages = h('div', { class: 'offgrid-messages', role: 'log', 'aria-live': 'polite' });
+  private readonly state = h('div', { class: 'offgrid-state', role: 'status' });
+  private readonly box = h('textarea', {
+    class: 'offgrid-input jp-mod-styled',
+    rows: '3',
+    placeholder: 'Ask offgrid… (Enter sends, Shift+Enter is a new line)',
+    'aria-label': 'Message'
+  });
+  private readonly send = button('Send', 'Send the message (Enter)', () => void this.submit(), 'offgrid-send jp-mod-accept');
+  private readonly stop = button('Stop', 'Stop the reply (keeps what was said)', () => this.stopReply(), 'offgrid-stop');
+  private readonly error = h('div', { class: 'offgrid-error', role: 'alert' });
+  private readonly tabs = {
+    chats: button('Chats', 'Sessions and chat', () => this.showView('chats'), 'offgrid-tab'),
+    stats: button('Stats', 'Usage statistics', () => this.showView('stats'), 'offgrid-tab')
+  };
+
+  constructor(opts: SidebarOptions) {
+    super();
+    this.opts = opts;
+    this.client = opts.client;
+    this.id = 'offgrid-sidebar';
+    this.addClass('offgrid-sidebar');
+    this.title.caption = 'offgrid: local LLM chat';
+    this.stats = new StatsView(this.client);
+    this.stop.disabled = true;
+
+    const newButton = button('+ New', 'New session', () => void this.newSession(), 'offgrid-new');
+    this.listView.append(h('div', { class: 'offgrid-toolbar' }, this.search, newButton), this.list);
+    const back = button('←', 'Back to the sessions', () => this.close_(), 'offgrid-back');
+    this.chatView.append(
+      h('div', { class: 'offgrid-toolbar' }, back, this.chatTitle),
+      this.messages,
+      this.state,
+      h('div', { class: 'offgrid-compose' }, this.box, h('div', { class: 'offgrid-compose-buttons' }, this.send, this.stop))
+    );
+    this.node.append(
+      h('div', { class: 'offgrid-tabs', role: 'tablist' }, this.tabs.chats, this.tabs.stats),
+      this.error,
+      this.listView,
+      this.chatView,
+      this.stats.node
+    );
+    this.stats.node.hidden = true;
+    this.tabs.chats.classList.add('offgrid-mod-active');
+
+    this.search.addEventListener('input', () => this.renderList());
+    this.box.addEventListener('keydown', event => {
+      if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        void this.submit();
+      }
+    });
+    // Keys typed here are ours: never JupyterLab's notebook shortcuts (which listen on the document).
+    for (const kind of ['keydown', 'keypress', 'keyup'] as const) {
+      this.node.addEventListener(kind, event => event.stopPropagation());
+    }
+  }
+
+  /** The open session (null on the list). */
+  get session(): Session | null {
+    return this.current;
+  }
+
+  protected onAfterAttach(): void {
+    void this.restore();
+    this.timer = window.setInterval(() => void this.poll(), POLL_MS);
+  }
+
+  protected onBeforeDetach(): void {
+    window.clearInterval(this.timer);
+    this.stats.stop();
+  }
+
+  private async restore(): Promise<void> {
+    await this.refresh();
+    const saved = this.opts.storage?.getItem(STORAGE_KEY);
+    if (saved) {
+      try {
+        const { session, view } = JSON.parse(saved);
+        if (session && this.sessions.some(s => s.id === session)) {
+          await this.open(session);
+        }
+        if (view === 'stats') {
+          this.showView('stats');
+        }
+      } catch {
+        this.opts.storage?.removeItem(STORAGE_KEY);
+      }
+    }
+  }
+
+  private remember(): void {
+    this.opts.storage?.setItem(STORAGE_KEY, JSON.stringify({ session: this.current?.id ?? null, view: this.view }));
+  }
+
+  showView(view: 'chats' | 'stats'): void {
+    this.view = view;
+    this.tabs.chats.classList.toggle('offgrid-mod-active', view === 'chats');
+    this.tabs.stats.classList.toggle('offgrid-mod-active', view === 'stats');
+    this.listView.hidden = view !== 'chats' || this.current !== null;
+    this.chatView.hidden = view !== 'chats' || this.current === null;
+    this.stats.node.hidden = view !== 'stats';
+    if (view === 'stats') {
+      this.stats.start();
+    } else {
+      this.stats.stop();
+    }
+    this.remember();
+  }
+
+  private fail(err: unknown): void {
+    if (err === null) {
+      this.error.textContent = ''; // a new action: the last one's error is stale
+      return;
+    }
+    const text = err instanceof OffgridRequestError ? err.message : `Something went wrong: ${String(err)}`;
+    this.error.textContent = text;
+  }
+
+  // -- the sessions -------------------------------------------------------------------------------
+  async refresh(): Promise<void> {
+    try {
+      const listed = await this.client.listSessions();
+      this.sessions = listed.sessions;
+      if (this.listFailed) {
+        this.error.textContent = ''; // the server is back; other errors stay until the next action
+        this.listFailed = false;
+      }
+      const signature = JSON.stringify(this.sessions.map(s => [s.id, s.name, s.title, s.message_count, s.updated_at]));
+      if (signature !== this.signature) {
+        this.signature = signature;
+        this.renderList();
+      }
+    } catch (err) {
+      this.fail(err);
+      this.listFailed = true;
+    }
+  }
+
+  private async poll(): Promise<void> {
+    if (!this.isVisible) {
+      return;
+    }
+    await this.refresh();
+    const open = this.current;
+    if (open && !this.streaming) {
+      const summary = this.sessions.find(s => s.id === open.id);
+      if (!summary) {
+        this.close_(); // deleted elsewhere
+      } else if (summary.message_count !== open.messages.length || summary.name !== open.name) {
+        await this.open(open.id);
+      }
+    }
+  }
+
+  /** A session's name if it has one (what magics and REST call it), else its title (its first question). */
+  private label(s: SessionSummary): string {
+    return s.name || s.title || s.id;
+  }
+
+  private renderList(): void {
+    const needle = this.search.value.trim().toLowerCase();
+    const shown = this.sessions.filter(
+      s => !needle || [s.name, s.title, s.id].some(v => (v ?? '').toLowerCase().includes(needle))
+    );
+    this.list.replaceChildren(
+      ...shown.map(s => {
+        const open = h(
+          'button',
+          { class: 'offgrid-session-open', type: 'button', title: `Open ${this.label(s)}` },
+          h('span', { class: 'offgrid-session-title' }, this.label(s)),
+          s.name && s.title ? h('span', { class: 'offgrid-session-subtitle' }, s.title) : null,
+          h('span', { class: 'offgrid-session-meta' }, `${s.message_count} messages · ${ago(s.updated_at)}`)
+        );
+        open.addEventListener('click', () => void this.open(s.id));
+        return h(
+          'li',
+          { class: 'offgrid-session', 'data-session-id': s.id, 'data-session-name': s.name ?? '' },
+          open,
+          h(
+            'span',
+            { class: 'offgrid-session-actions' },
+            button('Rename', `Rename ${this.label(s)}`, () => void this.rename(s), 'offgrid-rename'),
+            button('Fork', `Fork ${this.label(s)}`, () => void this.fork(s), 'offgrid-fork'),
+            button('Export', `Export ${this.label(s)} as JSON`, () => void this.exportSession(s), 'offgrid-export'),
+            button('Delete', `Delete ${this.label(s)}`, () => void this.remove(s), 'offgrid-delete jp-mod-warn')
+          )
+        );
+      })
+    );
+    if (!shown.length) {
+      this.list.append(h('li', { class: 'offgrid-empty' }, needle ? 'No session matches.' : 'No sessions yet: start one with + New.'));
+    }
+  }
+
+  private async ask(title: string, label: string, text = ''): Promise<string | null> {
+    const result = await InputDialog.getText({ title, label, text });
+    return result.button.accept ? (result.value ?? '').trim() : null;
+  }
+
+  async newSession(): Promise<void> {
+    this.fail(null);
+    const name = await this.ask('New offgrid session', 'Name (optional: letters, digits, . _ -)');
+    if (name === null) {
+      return;
+    }
+    try {
+      const session = await this.client.createSession(name ? { name } : {});
+      await this.refresh();
+      await this.open(session.id);
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  private async rename(s: SessionSummary): Promise<void> {
+    this.fail(null);
+    const name = await this.ask(`Rename ${this.label(s)}`, 'New name', s.name ?? '');
+    if (!name) {
+      return;
+    }
+    try {
+      await this.client.updateSession(s.id, { name });
+      await this.refresh();
+      if (this.current?.id === s.id) {
+        await this.open(s.id);
+      }
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  private async fork(s: SessionSummary): Promise<void> {
+    this.fail(null);
+    try {
+      const copy = await this.client.forkSession(s.id);
+      await this.refresh();
+      await this.open(copy.id);
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  private async remove(s: SessionSummary): Promise<void> {
+    this.fail(null);
+    const answer = await showDialog({
+      title: `Delete ${this.label(s)}?`,
+      body: `Its ${s.message_count} messages are deleted for every notebook and kernel.`,
+      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
+    });
+    if (!answer.button.accept) {
+      return;
+    }
+    try {
+      await this.client.deleteSession(s.id);
+      if (this.current?.id === s.id) {
+        this.close_();
+      }
+      await this.refresh();
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  private async exportSession(s: SessionSummary): Promise<void> {
+    this.fail(null);
+    try {
+      const doc = await this.client.exportSession(s.id);
+      const url = URL.createObjectURL(new Blob([JSON.stringify(doc, null, 1)], { type: 'application/json' }));
+      const link = h('a', { href: url, download: `${s.name || s.id}.json` });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      URL.revokeObjectURL(url);
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  // -- one conversation ---------------------------------------------------------------------------
+  async open(ref: string): Promise<void> {
+    try {
+      this.current = await this.client.getSession(ref);
+    } catch (err) {
+      this.fail(err);
+      return;
+    }
+    this.chatTitle.textContent = this.label(this.current);
+    this.chatView.dataset.sessionId = this.current.id;
+    this.messages.replaceChildren(...this.current.messages.filter(m => m.role !== 'system').map(m => this.bubble(m)));
+    this.messages.scrollTop = this.messages.scrollHeight;
+    this.showView('chats');
+  }
+
+  private close_(): void {
+    this.stopReply();
+    this.current = null;
+    this.showView('chats');
+  }
+
+  private bubble(m: Pick<Message, 'role' | 'content'> & { id?: string }, streaming = false): HTMLElement {
+    const body = h('div', { class: 'offgrid-bubble-body' });
+    const el = h('div', { class: `offgrid-bubble offgrid-${m.role}`, 'data-role': m.role, 'data-message-id': m.id }, body);
+    if (streaming) {
+      body.textContent = m.content;
+    } else {
+      this.renderMarkdown(body, m.content);
+      if (m.role === 'assistant') {
+        el.append(this.actions(m.content));
+      }
+    }
+    return el;
+  }
+
+  private renderMarkdown(into: HTMLElement, text: string): void {
+    const renderer = this.opts.rendermime.createRenderer('text/markdown');
+    into.replaceChildren(renderer.node);
+    void renderer.renderModel(new MimeModel({ data: { 'text/markdown': text }, trusted: false }));
+  }
+
+  private actions(text: string): HTMLElement {
+    const copy = button('Copy', 'Copy the reply', () => Clipboard.copyToSystem(text), 'offgrid-copy');
+    const insert = button(
+      'Insert',
+      'Insert into the notebook below the active cell',
+      () => {
+        const code = codeBlocks(text);
+        const asCode = this.opts.settings().insertCodeAsCode && code !== null;
+        if (!this.opts.insert(asCode ? code! : text, asCode ? 'code' : 'markdown')) {
+          this.error.textContent = 'Open a notebook to insert the reply into it.';
+        }
+      },
+      'offgrid-insert'
+    );
+    return h('div', { class: 'offgrid-bubble-actions' }, copy, insert);
+  }
+
+  /** Send the message box's text (or *text*) as a turn of the open session. */
+  async submit(text?: string): Promise<void> {
+    const message = (text ?? this.box.value).trim();
+    if (!message || this.streaming || !this.current) {
+      return;
+    }
+    if (text === undefined) {
+      this.box.value = '';
+    }
+    const session = this.current;
+    const controller = new AbortController();
+    this.streaming = controller;
+    this.send.disabled = true;
+    this.stop.disabled = false;
+    this.error.textContent = '';
+    const reply = this.bubble({ role: 'assistant', content: '' }, true);
+    reply.classList.add('offgrid-mod-streaming');
+    this.messages.append(this.bubble({ role: 'user', content: message }), reply);
+    this.state.textContent = 'Sending…';
+    const body = reply.querySelector('.offgrid-bubble-body') as HTMLElement;
+    let content = '';
+    const settings = this.opts.settings();
+    try {
+      const stream = this.client.chat(session.id, message, {
+        max_tokens: settings.maxTokens,
+        temperature: settings.temperature,
+        signal: controller.signal
+      });
+      for await (const ev of stream) {
+        this.onEvent(ev as ChatEvent);
+        if (ev.event === 'token') {
+          content += ev.data.delta;
+          body.textContent = content;
+          this.messages.scrollTop = this.messages.scrollHeight;
+        } else if (ev.event === 'complete') {
+          content = ev.data.response?.content ?? content;
+        } else if (ev.event === 'error') {
+          this.error.textContent = ev.data.message;
+        }
+      }
+    } catch (err) {
+      if (!controller.signal.aborted) {
+        this.fail(err);
+      }
+    } finally {
+      this.streaming = null;
+      this.requestId = null;
+      this.send.disabled = false;
+      this.stop.disabled = true;
+      this.state.textContent = '';
+      reply.classList.remove('offgrid-mod-streaming');
+      if (this.current?.id === session.id) {
+        await this.open(session.id); // what the server stored (a stopped reply keeps its text)
+      }
+    }
+  }
+
+  private onEvent(ev: ChatEvent): void {
+    if (ev.data && typeof ev.data.request_id === 'string') {
+      this.requestId = ev.data.request_id;
+    }
+    if (ev.event === 'queued') {
+      this.state.textContent = `Queued: position ${ev.data.position}`;
+    } else if (ev.event === 'loading') {
+      this.state.textContent = 'Loading the model…';
+    } else if (ev.event === 'start') {
+      this.state.textContent = 'Generating…';
+    }
+  }
+
+  stopReply(): void {
+    if (!this.streaming) {
+      return;
+    }
+    if (this.requestId) {
+      void this.client.cancel(this.requestId).catch(() => undefined); // the stream ends with what was kept
+    } else {
+      this.streaming.abort(); // still waiting: leaving the stream cancels the turn
+    }
+  }
+
+  /** Open (or create) a session and send *message* to it: the cell commands use this. */
+  async sendTo(ref: string | null, message: string): Promise<void> {
+    if (ref) {
+      await this.open(ref);
+    } else if (!this.current) {
+      const session = await this.client.createSession({});
+      await this.refresh();
+      await this.open(session.id);
+    }
+    this.showView('chats');
+    await this.submit(message);
+  }
+}
