@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 from .errors import EngineBusyError, InvalidRequestError, OffgridError, QueueTimeoutError
+from .structured import normalize
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class GenerationParams:
     top_k: int = 40
     repeat_penalty: float = 1.1
     seed: int | None = None
+    response_format: dict | None = None  # JSON (any, or a schema): see structured.py
 
     def validate(self) -> "GenerationParams":
         def number(name: str, low: float, high: float, *, integer: bool = False, low_open: bool = False) -> None:
@@ -84,6 +86,7 @@ class GenerationParams:
         number("repeat_penalty", 0, 10, low_open=True)
         if self.seed is not None:
             number("seed", 0, MAX_SEED, integer=True)
+        self.response_format = normalize(self.response_format)
         return self
 
 
@@ -421,6 +424,9 @@ class Backend(Protocol):
     def generate(self, messages: list[dict], *, session_id: str | None = None, source: str = "api",
                  model: str | None = None, **params: Any) -> Generation: ...
 
+    def _check(self, params: GenerationParams) -> None:
+        """Refuse, before queueing, parameters this backend cannot honour (a 400 naming them)."""
+
     def params(self, **overrides: Any) -> GenerationParams: ...
 
     def complete(self, messages: list[dict], **kwargs: Any) -> GenerationResult: ...
@@ -489,7 +495,9 @@ class QueueBackend:
         *model* runs this one request on another model."""
         msgs = check_messages(messages)
         info = self._resolve(model) if model else self.model  # a missing model is the caller's error, now
-        gen = Generation(self, msgs, session_id, self.params(**params), source, info)
+        checked = self.params(**params)
+        self._check(checked)
+        gen = Generation(self, msgs, session_id, checked, source, info)
         with self._cv:
             if self._closed:
                 raise OffgridError("The engine has been closed.")
@@ -503,6 +511,9 @@ class QueueBackend:
             self._ensure_threads()
             self._cv.notify()
         return gen
+
+    def _check(self, params: GenerationParams) -> None:
+        """Refuse, before queueing, parameters this backend cannot honour (a 400 naming them)."""
 
     def params(self, **overrides: Any) -> GenerationParams:
         """The defaults with *overrides* (None means default), validated."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from .backend import Generation, GenerationParams, QueueBackend
 from .errors import ContextOverflowError, InvalidRequestError, OffgridError
-from .llamacpp import LlamaModel
+from .llamacpp import LlamaModel, grammar_for
 from .models import ModelInfo, resolve_model
 from .threads import ThreadTuner
 
@@ -238,6 +238,8 @@ class Engine(QueueBackend):
         cannot fit even alone is refused before the history is formatted at all."""
         sampling = dict(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k, repeat_penalty=params.repeat_penalty, seed=params.seed)
+        if params.response_format is not None:  # the chat handler turns it into a llama.cpp grammar
+            sampling["response_format"] = params.response_format
         budget = self.n_ctx - min(params.max_tokens, max(64, self.n_ctx // 8))
         tokens = [self._count(llm, m) for m in messages]  # the text alone; the template adds ~overhead each
         cost = [t + self._overhead for t in tokens]
@@ -287,6 +289,11 @@ class Engine(QueueBackend):
         reused = min(_common_prefix(llm.tokens, tokens), max(0, len(prompt) - 1))
         self.kv.tokens_reused += reused
         return reused
+
+    def _check(self, params: GenerationParams) -> None:
+        schema = (params.response_format or {}).get("schema")
+        if schema is not None:
+            grammar_for(schema)  # a construct llama.cpp's grammars cannot express is the caller's 400, now
 
     # -- one request -------------------------------------------------------------
     def _execute(self, gen: Generation) -> None:

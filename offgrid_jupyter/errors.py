@@ -82,6 +82,14 @@ class InvalidRequestError(OffgridError):
     status = 400
 
 
+class UnsupportedSchemaError(InvalidRequestError):
+    """A well-formed JSON schema that llama.cpp's grammars cannot express (a ``not``, a remote
+    ``$ref``...): the request is valid by the contract, the server cannot honour it."""
+
+    code = "unsupported_schema"
+    status = 422
+
+
 class InvalidNameError(InvalidRequestError):
     code = "invalid_name"
 
@@ -123,6 +131,20 @@ class DuplicateIdError(OffgridError):
 class ContentTooLargeError(OffgridError):
     code = "content_too_large"
     status = 413
+
+
+class ReplyCutError(OffgridError):
+    """A constrained reply stopped at the token limit, so it is not complete JSON."""
+
+    code = "reply_cut"
+    status = 422
+
+
+class ReplyInvalidError(OffgridError):
+    """A reply did not parse or validate against the schema asked for."""
+
+    code = "reply_invalid"
+    status = 422
 
 
 class ServerError(OffgridError):

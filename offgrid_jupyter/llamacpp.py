@@ -25,10 +25,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import InvalidModelError, OffgridError
+from .errors import InvalidModelError, OffgridError, UnsupportedSchemaError
 
 # (where, attribute) pairs the adapter relies on; checked by check_compat()
 MODULE_ATTRIBUTES = [
+    ("llama_cpp.llama_grammar", "json_schema_to_gbnf"),  # checking a schema before a request is queued
     ("llama_cpp.llama", "suppress_stdout_stderr"),
     ("llama_cpp._internals", "suppress_stdout_stderr"),
     ("llama_cpp", "llama_state_seq_get_size"),
@@ -77,6 +78,20 @@ def check_compat(llm: Any = None) -> None:
         raise IncompatibleLlamaError(
             f"llama-cpp-python {_version()} no longer has {', '.join(missing)}, which offgrid-jupyter uses "
             "(see offgrid_jupyter/llamacpp.py). Install a version within the range pyproject.toml gives.")
+
+
+def grammar_for(schema: dict) -> str:
+    """The GBNF grammar llama-cpp-python's chat handler will build from *schema* (the same
+    converter), or a 400 naming the construct it cannot express."""
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
+        raise UnsupportedSchemaError(f"The JSON schema cannot be used as a constraint: {str(exc)[:300] or type(exc).__name__}. "
+                                  "Simplify or drop that part of the schema.") from None
 
 
 class _NoRedirect:

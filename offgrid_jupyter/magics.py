@@ -23,14 +23,16 @@ from IPython.display import display
 from traitlets import Bool, Enum, Float, Int, Unicode
 
 from .context import Context
-from .errors import DuplicateNameError, OffgridError, SessionNotFoundError
+from .errors import DuplicateNameError, OffgridError, ReplyCutError, SessionNotFoundError
 from .render import Conversation, Note, Progress, Reply, Table
 from .stats import summarize
 from .store import SESSION_ID_RE
+from .structured import Shape
 from .remote import RemoteTurn
 from .turns import ChatTurn, TurnResult
 
-FORMATS = ("markdown", "text", "code", "json")
+FORMATS = ("markdown", "text", "code", "json", "frame")
+STRUCTURED = ("json", "frame")  # replies constrained to JSON, returned as objects
 MB = 1 << 20
 
 
@@ -125,8 +127,13 @@ def _cell_parser() -> _Parser:
     p.add_argument("-t", "--temperature", type=float, help="sampling temperature, 0 = greedy")
     p.add_argument("-n", "--max-tokens", type=int, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("-f", "--format", choices=FORMATS, help="how to show and return the reply")
-    p.add_argument("-o", "--output", metavar="VAR", type=_identifier, help="store the reply text in VAR")
+    p.add_argument("-f", "--format", choices=FORMATS, help="how to show and return the reply (json: the "
+                   "reply is constrained to JSON and returned parsed; frame: a list of records as a DataFrame)")
+    p.add_argument("--schema", metavar="SPEC", help="constrain the reply to a schema: the name of a pydantic model, "
+                   "dataclass, TypedDict or JSON-schema dict in the notebook, or inline JSON (implies -f json)")
+    p.add_argument("--frame", action="store_true", help="the same as -f frame")
+    p.add_argument("-o", "--output", metavar="VAR", type=_identifier,
+                   help="store the reply in VAR (its text; the object with -f json/frame)")
     p.add_argument("--no-stream", action="store_true", help="show the reply only when it is complete")
     p.add_argument("--no-history", action="store_true", help="one-shot: no memory, nothing stored")
     p.add_argument("--model", metavar="PATH|NAME", help="a GGUF file (or, on an OpenAI-compatible engine, one of "
@@ -208,7 +215,7 @@ HELP = """**offgrid** — a local LLM in your notebook.
 
 ```
 %%offgrid [-s NAME] [--new] [--system TEXT] [-t TEMP] [-n MAX_TOKENS] [--seed N]
-          [-f markdown|text|code|json] [-o VAR] [--no-stream] [--no-history]
+          [-f markdown|text|code|json|frame] [--schema SPEC] [-o VAR] [--no-stream] [--no-history]
           [--model PATH] [--no-interpolate]
 <prompt; {name} is replaced from your variables, {{ and }} are literal braces>
 ```
@@ -269,10 +276,15 @@ class OffgridMagics(Magics):
         prompt = prompt.strip()
         if not prompt:
             raise UsageError("The cell is empty: write the prompt on the lines below %%offgrid.")
-        fmt = args.format or self.format
+        fmt = "frame" if args.frame else args.format or ("json" if args.schema else self.format)
+        shape = self._shape(args.schema) if args.schema else None
+        if shape is not None and fmt not in STRUCTURED:
+            raise UsageError(f"--schema makes the reply JSON: use it with -f json or -f frame, not -f {fmt}.")
         params = {"max_tokens": args.max_tokens if args.max_tokens is not None else self.max_tokens,
                   "temperature": args.temperature if args.temperature is not None else self.temperature,
                   "seed": args.seed}
+        if fmt in STRUCTURED:
+            params["response_format"] = shape.response_format if shape else {"type": "json_object"}
         store = self.context.store
         session_id = replace = note = None
         if not args.no_history:
@@ -293,10 +305,26 @@ class OffgridMagics(Magics):
         if session_id is not None:
             self.context.turn_started(session_id, turn)  # chat panels on this session follow it
         try:
-            outcome = self._run(turn, fmt, stream=not args.no_stream, note=note)
+            outcome = self._run(turn, "json" if fmt == "frame" else fmt, stream=not args.no_stream, note=note)
         finally:
             self.context.turn_done(session_id)
-        return self._deliver(outcome, fmt, args.output)
+        return self._deliver(outcome, fmt, args.output, shape)
+
+    def _shape(self, spec: str) -> Shape:
+        """--schema SPEC: a name in the notebook's namespace, ``list[Name]``, or inline JSON."""
+        listed = re.fullmatch(r"\s*list\[\s*([A-Za-z_][\w.]*)\s*\]\s*", spec)
+        if listed and listed.group(1) in self.shell.user_ns:
+            return Shape(list[self.shell.user_ns[listed.group(1)]])
+        if spec in self.shell.user_ns:
+            return Shape(self.shell.user_ns[spec])
+        if spec.lstrip().startswith("{"):
+            try:
+                return Shape(json.loads(spec))
+            except ValueError as exc:
+                raise UsageError(f"--schema is not valid JSON: {exc}. Quote it: --schema '{{\"type\": ...}}'.") \
+                    from None
+        raise UsageError(f"--schema {spec!r} is not defined in the notebook (define the class or dict first) "
+                         "and is not inline JSON.")
 
     def _target_session(self, args: argparse.Namespace) -> tuple[Any, str | None]:
         """The cell's session, and a note when the cell created it."""
@@ -361,22 +389,35 @@ class OffgridMagics(Magics):
             status = "the model returned an empty reply"
         return Reply(r.text, format=fmt, status=status, done=True, metadata=outcome.provenance())
 
-    def _deliver(self, outcome: TurnResult, fmt: str, output: str | None) -> Any:
+    def _deliver(self, outcome: TurnResult, fmt: str, output: str | None, shape: Shape | None = None) -> Any:
         r = outcome.result
         if output:
-            self.shell.user_ns[output] = r.text
+            self.shell.user_ns[output] = r.text  # the object replaces it below, once it parsed
         if r.finish_reason == "cancelled":
             where = (f"the partial reply is kept in session {outcome.session_name or outcome.session_id!r}"
                      if outcome.reply else "nothing was generated, so the turn was not stored")
             raise Interrupted(f"generation stopped after {r.usage['completion_tokens']} tokens; {where}.")
         if fmt == "code" and r.text.strip():
             self.shell.set_next_input(extract_code(r.text), replace=False)
-        if fmt == "json":
+        if fmt in STRUCTURED:
+            kept = f" The text is in {output}." if output else " Use -o VAR to keep the text."
             try:
-                return parse_json(r.text)
+                if shape is not None:
+                    value = shape.parse(r.text, r.finish_reason)
+                elif r.finish_reason == "length":
+                    raise ReplyCutError("The reply reached the token limit before its JSON was complete: "
+                                        "raise -n (max tokens) and run the cell again.")
+                else:
+                    value = parse_json(r.text)
+                if fmt == "frame":
+                    value = (shape or Shape({"type": "array"})).frame(value)
             except ValueError as exc:
-                kept = f" The text is in {output}." if output else " Use -o VAR to keep the text."
                 raise OffgridMagicError(f"The reply is not valid JSON: {exc}.{kept}") from None
+            except OffgridError as exc:
+                raise OffgridMagicError(f"{exc}{kept}") from None
+            if output:
+                self.shell.user_ns[output] = value
+            return value
         return None
 
     # -- %offgrid SUBCOMMAND ---------------------------------------------------------------------

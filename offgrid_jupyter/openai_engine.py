@@ -45,6 +45,7 @@ from .errors import (
     InvalidRequestError,
     OffgridError,
 )
+from .structured import openai_form
 
 DEFAULT_MAX_CONCURRENT = 4
 MAX_RETRY_AFTER_S = 30.0  # a longer Retry-After is answered with an error, not a wait
@@ -123,6 +124,7 @@ class OpenAIEngine(QueueBackend):
             raise InvalidRequestError(f"max_concurrent must be an integer from 1 to 256, got {max_concurrent!r}.")
         self.url = api_base(url)
         self.public_url = public_url(self.url)
+        self.schema_style = "json_schema"  # how structured output is asked for (see _other_schema_style)
         self.slots = max_concurrent
         self.model_name = model or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -207,6 +209,8 @@ class OpenAIEngine(QueueBackend):
                 "temperature": p.temperature, "top_p": p.top_p}
         if p.seed is not None:
             body["seed"] = p.seed
+        if p.response_format is not None:
+            body["response_format"] = openai_form(p.response_format, self.schema_style)
         parts: list[str] = []
         usage: dict[str, Any] = {}
         finish: str | None = None
@@ -263,6 +267,7 @@ class OpenAIEngine(QueueBackend):
         429/503 is retried after its Retry-After (the engine did nothing), anything
         else that is not a 200 is an error."""
         def send() -> httpx.Response:
+            nonlocal body
             request = self._http.build_request("POST", "chat/completions", json=body)
             response = self._http.send(request, stream=True)
             if response.status_code == 200:
@@ -271,6 +276,9 @@ class OpenAIEngine(QueueBackend):
                 response.read()
             finally:
                 response.close()
+            if self._other_schema_style(body, response):  # refused, not run: safe to send again
+                body = {**body, "response_format": openai_form(gen.params.response_format, self.schema_style)}
+                return send()
             self._raise_for(response)
             raise AssertionError("unreachable")  # pragma: no cover
 
@@ -304,6 +312,17 @@ class OpenAIEngine(QueueBackend):
         except Exception as exc:
             raise self._explain(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _other_schema_style(self, body: dict[str, Any], response: httpx.Response) -> bool:
+        """An engine that refused OpenAI's ``json_schema`` form (llama-cpp-python's server takes
+        ``json_object`` with a ``schema``): switch this backend to the other form, once."""
+        sent = (body.get("response_format") or {}).get("type")
+        message = _engine_message(response).lower()
+        if (response.status_code in (400, 422, 500) and sent == "json_schema"  # that server says it with a 500 and self.schema_style == "json_schema"
+                and ("response_format" in message or "json_schema" in message)):
+            self.schema_style = "json_object"
+            return True
+        return False
 
     def _raise_for(self, response: httpx.Response) -> None:
         status, message = response.status_code, _engine_message(response)

@@ -2,7 +2,12 @@ import pytest
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]  # jp_fetch and a real in-process Jupyter server
 
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from offgrid_jupyter.context import Context
 from offgrid_jupyter.engine import Engine
+from offgrid_jupyter.magics import OffgridMagics
 from offgrid_jupyter.store import Store
 
 # Deterministic generation for tests: greedy decoding with a fixed seed.
@@ -51,3 +56,58 @@ def llama_server():
 
     with llama_engine() as srv:
         yield srv
+
+
+# -- the magics in a real IPython shell ---------------------------------------------------------------
+class Shell:
+    """A real InteractiveShell with the magics on the test engine and a fresh store."""
+
+    def __init__(self, engine, store, **config):
+        self.ip = InteractiveShell.instance()
+        for key, value in config.items():
+            setattr(self.ip.config.OffgridMagics, key, value)
+        self.magics = OffgridMagics(shell=self.ip, context=Context(self.ip, engine=engine, store=store))
+        self.ip.register_magics(self.magics)
+        self.ip.events.register("pre_run_cell", self.magics.pre_run_cell)
+        self.store = store
+
+    def run(self, code, cell_id=None):
+        with capture_output() as cap:
+            result = self.ip.run_cell(code, store_history=True, cell_id=cell_id)
+        return result, cap
+
+    def close(self):
+        self.magics.context.close()
+        if self.magics.pre_run_cell in self.ip.events.callbacks["pre_run_cell"]:
+            self.ip.events.unregister("pre_run_cell", self.magics.pre_run_cell)
+        self.ip.config.OffgridMagics = type(self.ip.config)()
+
+
+@pytest.fixture
+def make_shell(engine, store):
+    made = []
+
+    def make(**config):
+        shell = Shell(engine, store, **config)
+        made.append(shell)
+        return shell
+
+    yield make
+    for shell in made:
+        shell.close()
+
+
+@pytest.fixture
+def sh(make_shell):
+    return make_shell()
+
+
+def one_line_error(result, cap, *needles):
+    assert not result.success
+    text = cap.stdout + cap.stderr
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

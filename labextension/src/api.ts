@@ -343,6 +343,17 @@ export interface components {
             metadata?: Record<string, never> | null;
             /** @description replace the turn this user message started (a re-run cell) */
             replace_message_id?: string | null;
+            /** @description constrain the reply to JSON (OpenAI's form): {"type": "json_object"} for any JSON, {"type": "json_schema", "json_schema": {"name", "schema"}} for a JSON schema (also llama-cpp-python's {"type": "json_object", "schema"}), {"type": "text"} for none. A schema llama.cpp's grammars cannot express is a 400 naming the construct. */
+            response_format?: {
+                /** @enum {unknown} */
+                type: "text" | "json_object" | "json_schema";
+                schema?: Record<string, never>;
+                json_schema?: {
+                    name?: string;
+                    schema: Record<string, never>;
+                    strict?: boolean | null;
+                };
+            } | null;
         };
         ChatCompletionRequest: {
             /** @description ignored: the server's model answers */
@@ -367,6 +378,17 @@ export interface components {
             stream: boolean | null;
             /** @description offgrid extension: a system message put first */
             system_prompt?: string | null;
+            /** @description constrain the reply to JSON (OpenAI's form): {"type": "json_object"} for any JSON, {"type": "json_schema", "json_schema": {"name", "schema"}} for a JSON schema (also llama-cpp-python's {"type": "json_object", "schema"}), {"type": "text"} for none. A schema llama.cpp's grammars cannot express is a 400 naming the construct. */
+            response_format?: {
+                /** @enum {unknown} */
+                type: "text" | "json_object" | "json_schema";
+                schema?: Record<string, never>;
+                json_schema?: {
+                    name?: string;
+                    schema: Record<string, never>;
+                    strict?: boolean | null;
+                };
+            } | null;
         };
         ChatCompletion: {
             id: string;
@@ -575,6 +597,15 @@ export interface components {
         };
         /** @description Too large: the body, a message (over 1 MB as UTF-8), or the prompt for the model's context */
         413: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error"];
+            };
+        };
+        /** @description A valid request the server cannot honour: a response_format schema that llama.cpp's grammars cannot express (the message names the construct) */
+        422: {
             headers: {
                 [name: string]: unknown;
             };
@@ -942,6 +973,7 @@ export interface operations {
             404: components["responses"]["404"];
             409: components["responses"]["409"];
             413: components["responses"]["413"];
+            422: components["responses"]["422"];
             503: components["responses"]["503"];
         };
     };
@@ -1144,6 +1176,7 @@ export interface operations {
             400: components["responses"]["400"];
             403: components["responses"]["403"];
             413: components["responses"]["413"];
+            422: components["responses"]["422"];
             503: components["responses"]["503"];
         };
     };

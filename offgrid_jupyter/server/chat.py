@@ -32,7 +32,7 @@ from ..turns import ChatTurn, TurnResult
 from .base import OffgridHandler
 from .state import ServerState
 
-PARAMS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "repeat_penalty")
+PARAMS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "repeat_penalty", "response_format")
 KEY_CHARS = set(map(chr, range(0x21, 0x7F)))
 
 

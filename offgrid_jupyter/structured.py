@@ -1,0 +1,149 @@
+"""Structured output: a reply constrained to JSON (any, or a JSON schema), parsed and checked.
+
+Why a constraint and not a request in the prompt: a 135M model asked for JSON writes
+almost-JSON; llama.cpp's grammars (built from the schema by llama-cpp-python's chat
+handler) make every sampled token keep the reply valid, so even the default model's
+replies parse. This module is the part that does not need llama.cpp:
+
+- :func:`normalize` turns OpenAI's ``response_format`` forms (``json_object``,
+  ``json_schema`` with ``{"name", "schema"}``) and llama-cpp-python's
+  (``{"type": "json_object", "schema": S}``) into one form, ``{"type": "json_object"}``
+  with an optional ``"schema"``, which every backend maps to what its engine takes.
+- :class:`Shape` is what a notebook asks for (``--schema SPEC``): a pydantic model, a
+  dataclass or ``TypedDict`` (through pydantic's ``TypeAdapter``), or a JSON-schema dict;
+  it gives the schema to constrain with and turns the reply into the object (or a
+  DataFrame of a list).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import InvalidRequestError, ReplyCutError, ReplyInvalidError
+
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+def normalize(response_format: Any) -> dict[str, Any] | None:
+    """``None`` (plain text) or ``{"type": "json_object"[, "schema": {...}]}``; else a 400 naming
+    what was wrong."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        raise InvalidRequestError('response_format must be an object with a "type": "text", "json_object" '
+                                  'or "json_schema".')
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InvalidRequestError('response_format "json_schema" needs "json_schema": {"name": ..., '
+                                      '"schema": {...}} (OpenAI\'s form).')
+        schema = spec["schema"]
+    else:
+        raise InvalidRequestError(f'response_format type {kind[:40]!r} is not supported: use "text", '
+                                  '"json_object" or "json_schema".')
+    if schema is None:
+        return {"type": "json_object"}
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("response_format's schema must be a JSON object (a JSON schema).")
+    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise InvalidRequestError(f"response_format's schema is larger than {MAX_SCHEMA_BYTES // 1024} KB.")
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise InvalidRequestError(f"response_format's schema is not a valid JSON schema: {exc.message}") from None
+    return {"type": "json_object", "schema": schema}
+
+
+def openai_form(response_format: dict[str, Any] | None, style: str = "json_schema") -> dict[str, Any] | None:
+    """The normalized form as an OpenAI-compatible engine takes it: OpenAI's ``json_schema``
+    (OpenAI, vLLM, llama.cpp's server, Ollama), or with *style* ``"json_object"`` the
+    ``{"type": "json_object", "schema"}`` form of llama-cpp-python's server."""
+    if response_format is None:
+        return None
+    if "schema" not in response_format:
+        return {"type": "json_object"}
+    if style == "json_object":
+        return {"type": "json_object", "schema": response_format["schema"]}
+    return {"type": "json_schema", "json_schema": {"name": "reply", "schema": response_format["schema"]}}
+
+
+class Shape:
+    """What a cell asked the reply to be (``--schema SPEC``), and how to read the reply as it."""
+
+    def __init__(self, spec: Any):
+        self.spec = spec
+        self.adapter = None  # a pydantic TypeAdapter, for classes
+        if isinstance(spec, dict):
+            self.schema = normalize({"type": "json_object", "schema": spec})["schema"]
+        elif isinstance(spec, type) or getattr(spec, "__origin__", None) is not None:
+            try:
+                from pydantic import TypeAdapter
+            except ImportError:  # pragma: no cover - pydantic ships with the test tools and most stacks
+                raise InvalidRequestError("A class as --schema needs pydantic: pip install pydantic.") from None
+            try:
+                self.adapter = TypeAdapter(spec)
+                self.schema = self.adapter.json_schema()
+            except Exception as exc:  # noqa: BLE001 - pydantic's errors name the field
+                raise InvalidRequestError(f"Cannot make a JSON schema of {_name(spec)}: {exc}") from None
+        else:
+            raise InvalidRequestError(f"--schema names {type(spec).__name__}, not a pydantic model, dataclass, "
+                                      "TypedDict or JSON-schema dict.")
+
+    @property
+    def response_format(self) -> dict[str, Any]:
+        return {"type": "json_object", "schema": self.schema}
+
+    @property
+    def is_list(self) -> bool:
+        return self.schema.get("type") == "array"
+
+    def parse(self, text: str, finish_reason: str) -> Any:
+        """The reply as the object asked for: a pydantic instance (or list of them) for a class,
+        plain JSON values for a dict schema, checked against the schema either way."""
+        if finish_reason == "length":
+            raise ReplyCutError("The reply reached the token limit before its JSON was complete: "
+                                "raise -n (max tokens) and run the cell again.")
+        try:  # strict=False: llama.cpp's JSON grammar lets a raw control character (a tab) into a string
+            value = json.loads(text, strict=False)
+        except ValueError as exc:
+            raise ReplyInvalidError(f"The reply is not JSON ({exc}).") from None
+        if self.adapter is not None:
+            try:
+                return self.adapter.validate_python(value)
+            except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError names the fields
+                raise ReplyInvalidError(f"The reply does not match {_name(self.spec)}: {exc}") from None
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import best_match
+
+        error = best_match(Draft202012Validator(self.schema).iter_errors(value))
+        if error is not None:
+            raise ReplyInvalidError(f"The reply does not match the schema: {error.message}")
+        return value
+
+    def frame(self, value: Any):
+        """A list reply as a DataFrame (one row per item, typed columns)."""
+        import pandas as pd
+
+        if not isinstance(value, list):
+            raise InvalidRequestError("-f frame needs a list schema (e.g. list[Model] or {\"type\": \"array\"}).")
+        rows = [v.model_dump() if hasattr(v, "model_dump") else _as_dict(v) for v in value]
+        return pd.DataFrame.from_records(rows).convert_dtypes()
+
+
+def _as_dict(value: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _name(spec: Any) -> str:
+    return getattr(spec, "__name__", None) or repr(spec)[:80]
