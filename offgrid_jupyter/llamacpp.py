@@ -29,6 +29,14 @@ from .errors import InvalidModelError, OffgridError, UnsupportedSchemaError
 
 # (where, attribute) pairs the adapter relies on; checked by check_compat()
 MODULE_ATTRIBUTES = [
+    # grammar-checked sampling (GrammarChecked)
+    ("llama_cpp", "llama_sampler_init_grammar"),
+    ("llama_cpp", "llama_sampler_apply"),
+    ("llama_cpp", "llama_sampler_accept"),
+    ("llama_cpp", "llama_sampler_free"),
+    ("llama_cpp", "llama_get_logits_ith"),
+    ("llama_cpp", "llama_token_data"),
+    ("llama_cpp", "llama_token_data_array"),
     ("llama_cpp.llama_grammar", "json_schema_to_gbnf"),  # checking a schema before a request is queued
     ("llama_cpp.llama", "suppress_stdout_stderr"),
     ("llama_cpp._internals", "suppress_stdout_stderr"),
@@ -42,7 +50,8 @@ MODULE_ATTRIBUTES = [
     ("llama_cpp.llama_chat_format", "get_chat_completion_handler"),
 ]
 INSTANCE_ATTRIBUTES = ["ctx", "_ctx", "input_ids", "n_tokens", "_requires_eval", "chat_handler", "_chat_handlers",
-                       "chat_format", "_model", "generate", "create_completion", "tokenize"]
+                       "chat_format", "_model", "generate", "create_completion", "tokenize", "_init_sampler",
+                       "_n_vocab"]
 
 
 class IncompatibleLlamaError(OffgridError):
@@ -78,6 +87,59 @@ def check_compat(llm: Any = None) -> None:
         raise IncompatibleLlamaError(
             f"llama-cpp-python {_version()} no longer has {', '.join(missing)}, which offgrid-jupyter uses "
             "(see offgrid_jupyter/llamacpp.py). Install a version within the range pyproject.toml gives.")
+
+
+class GrammarChecked:
+    """A sampler that checks the grammar against the token the chain picked, not against
+    every candidate: llama-cpp-python puts the grammar inside the chain, where it parses each
+    of the vocabulary's 49,152 candidate pieces for every token (structured output decoded
+    at half speed). Here the chain samples as usual; the grammar looks at that one token, and
+    only when it refuses it are the logits filtered by the grammar and sampled again, which is
+    what llama.cpp's own common sampler does. Both see every accepted token."""
+
+    def __init__(self, llm: Any, chain: Any, grammar: Any):
+        import llama_cpp
+
+        self._c = llama_cpp
+        self.chain = chain  # a llama_cpp._internals.LlamaSampler (owns and frees its chain)
+        self.grammar = llama_cpp.llama_sampler_init_grammar(
+            llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+        n = self.n_vocab = llm._n_vocab
+        self.data = (llama_cpp.llama_token_data * n)()
+        self.view = np.ctypeslib.as_array(self.data)  # fields id, logit, p
+        self.ids = np.arange(n, dtype=np.int32)
+        self.candidates = llama_cpp.llama_token_data_array(data=self.data, size=n, selected=-1, sorted=False)
+        self.one = (llama_cpp.llama_token_data * 1)()
+        self.single = llama_cpp.llama_token_data_array(data=self.one, size=1, selected=-1, sorted=False)
+
+    def _pick(self, ctx: Any, idx: int, *, grammar_first: bool) -> int:
+        c = self._c
+        logits = np.ctypeslib.as_array(c.llama_get_logits_ith(ctx.ctx, idx), shape=(self.n_vocab,))
+        self.view["id"], self.view["logit"], self.view["p"] = self.ids, logits, 0.0
+        self.candidates.size, self.candidates.selected, self.candidates.sorted = self.n_vocab, -1, False
+        if grammar_first:
+            c.llama_sampler_apply(self.grammar, ctypes.byref(self.candidates))
+        c.llama_sampler_apply(self.chain.sampler, ctypes.byref(self.candidates))
+        return int(self.candidates.data[self.candidates.selected].id)  # (a sampler may sort in place)
+
+    def _allowed(self, token: int) -> bool:
+        self.one[0].id, self.one[0].logit, self.one[0].p = token, 1.0, 0.0
+        self.single.size, self.single.selected, self.single.sorted = 1, -1, False
+        self._c.llama_sampler_apply(self.grammar, ctypes.byref(self.single))
+        return self.one[0].logit != float("-inf")
+
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        token = self._pick(ctx, idx, grammar_first=False)
+        if not self._allowed(token):
+            token = self._pick(ctx, idx, grammar_first=True)
+        self._c.llama_sampler_accept(self.grammar, token)
+        self._c.llama_sampler_accept(self.chain.sampler, token)
+        return token
+
+    def __del__(self) -> None:
+        if getattr(self, "grammar", None) is not None:
+            self._c.llama_sampler_free(self.grammar)
+            self.grammar = None
 
 
 def grammar_for(schema: dict) -> str:
@@ -151,6 +213,13 @@ class LlamaModel:
         check_compat(self.llm)
         self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: bool(should_abort()))
         self._no_abort_cb = llama_cpp.ggml_abort_callback(0)
+        real_init_sampler = self.llm._init_sampler
+
+        def init_sampler(*args: Any, grammar: Any = None, **kwargs: Any) -> Any:
+            chain = real_init_sampler(*args, **kwargs)  # the same chain, without the grammar in it
+            return chain if grammar is None else GrammarChecked(self.llm, chain, grammar)
+
+        self.llm._init_sampler = init_sampler  # shadows the method on this instance only
         self.threads = (n_threads, n_threads)
 
     @property
