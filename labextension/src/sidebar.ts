@@ -351,7 +351,7 @@ export class OffgridSidebar extends Widget {
   }
 
   private close_(): void {
-    this.stopReply();
+    this.stopReply(); // going back to the list stops a running reply (it keeps what was said)
     this.current = null;
     this.showView('chats');
   }

@@ -28,7 +28,7 @@ export function statusText(model: string, status: GenerationStatus | null, token
 export class OffgridStatus extends Widget {
   private timer = 0;
   private model = '…';
-  private since: number | undefined;
+  private since = Date.now() / 1000 - 86400; // the last day's requests at first, then only newer ones
   private lastSpeed: number | null = null;
 
   constructor(
@@ -68,7 +68,7 @@ export class OffgridStatus extends Widget {
       const [status, rows] = await Promise.all([this.client.generationStatus(), this.client.statsRequests(this.since)]);
       for (const row of rows) {
         if (typeof row.started_at === 'number') {
-          this.since = Math.max(this.since ?? 0, row.started_at + 1e-6);
+          this.since = Math.max(this.since, row.started_at + 1e-6);
         }
         if (typeof row.tokens_per_second === 'number' && row.tokens_per_second > 0) {
           this.lastSpeed = row.tokens_per_second;
