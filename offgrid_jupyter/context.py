@@ -209,17 +209,18 @@ class Context:
     def use(self, ref: str) -> Session:
         return self._adopt(self.store.get(ref, messages=False))
 
-    def new_session(self, name: str | None, *, system_prompt: str | None = None, adopt: bool = True) -> Session:
+    def new_session(self, name: str | None, *, system_prompt: str | None = None, adopt: bool = True,
+                    profile: str | None = None) -> Session:
         """Create a session (named after the notebook when known) and, if *adopt*, make it current."""
         keep = self._adopt if adopt else (lambda s: s)
         if name is not None:
-            return keep(self._create(name=name, system_prompt=system_prompt))
+            return keep(self._create(name=name, system_prompt=system_prompt, profile=profile))
         notebook = self.notebook_path()
         base = _notebook_stem(notebook) if notebook else time.strftime("chat-%Y%m%d-%H%M%S")
         candidates = [base] + [f"{base}-{i}" for i in range(2, 10)] + [f"{base}-{secrets.token_hex(3)}"]
         for candidate in candidates:
             try:
-                return keep(self._create(name=candidate, system_prompt=system_prompt))
+                return keep(self._create(name=candidate, system_prompt=system_prompt, profile=profile))
             except DuplicateNameError:
                 continue
         raise DuplicateNameError(f"Could not find a free session name starting with {base!r}.")
@@ -254,9 +255,9 @@ class Context:
         if self._current == session_id:
             self._current, self._current_spec = None, {}
 
-    def _create(self, name: str | None, system_prompt: str | None) -> Session:
+    def _create(self, name: str | None, system_prompt: str | None, profile: str | None = None) -> Session:
         notebook = self.notebook_path()
-        return self.store.create(name, system_prompt=system_prompt,
+        return self.store.create(name, system_prompt=system_prompt, profile=profile,
                                  metadata={"notebook": notebook} if notebook else None)
 
     def _adopt(self, session: Session) -> Session:

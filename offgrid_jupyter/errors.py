@@ -90,6 +90,10 @@ class UnsupportedSchemaError(InvalidRequestError):
     status = 422
 
 
+class UnknownProfileError(InvalidRequestError):
+    code = "unknown_profile"
+
+
 class InvalidNameError(InvalidRequestError):
     code = "invalid_name"
 

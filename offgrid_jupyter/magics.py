@@ -20,13 +20,14 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
-from traitlets import Bool, Enum, Float, Int, Unicode
+from traitlets import Bool, Dict, Enum, Float, Int, Unicode
 
 from .context import Context
 from .errors import DuplicateNameError, OffgridError, ReplyCutError, SessionNotFoundError
 from .render import Conversation, Note, Progress, Reply, Table
 from .stats import summarize
 from .store import SESSION_ID_RE
+from .profiles import check_profile
 from .structured import Shape
 from .remote import RemoteTurn
 from .turns import ChatTurn, TurnResult
@@ -124,6 +125,8 @@ def _cell_parser() -> _Parser:
     p.add_argument("-s", "--session", metavar="NAME", help="session to use for this cell (id or name)")
     p.add_argument("--new", action="store_true", help="start a new session (named by -s) and keep using it")
     p.add_argument("--system", metavar="TEXT", help="system prompt (stored on the session)")
+    p.add_argument("--profile", metavar="NAME", help="the profile a new session is made with (with --new, or -s "
+                   "naming a session that does not exist yet): its system prompt, sampling defaults and model")
     p.add_argument("-t", "--temperature", type=float, help="sampling temperature, 0 = greedy")
     p.add_argument("-n", "--max-tokens", type=int, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, help="random seed")
@@ -161,6 +164,8 @@ SUBCOMMANDS = {
     "chat": "open the chat panel [NAME] [-n MAX_TOKENS] [-t TEMPERATURE]",
     "connect": "use a Jupyter server's shared model [URL] [--token KEY] (default: OFFGRID_URL)",
     "disconnect": "use a model loaded in this kernel instead of the server's",
+    "profiles": "the profiles sessions can be made with, as a DataFrame",
+    "profile": "add NAME [--system TEXT] [-t T] [-n N] [--model M] [--tools a,b] [--max-rounds N] | delete NAME",
     "engine": "generate on an OpenAI-compatible server URL [--model NAME] [--api-key KEY] [--max-concurrent N], "
               "or `local` for a GGUF in this kernel again",
 }
@@ -198,6 +203,15 @@ def _line_parser() -> _Parser:
     parsers["connect"].add_argument("url", nargs="?")
     parsers["connect"].add_argument("--token")
     parsers["engine"].add_argument("url", metavar="URL|local")
+    parsers["profile"].add_argument("action", choices=("add", "delete"))
+    parsers["profile"].add_argument("name")
+    parsers["profile"].add_argument("--system", metavar="TEXT")
+    parsers["profile"].add_argument("-t", "--temperature", type=float)
+    parsers["profile"].add_argument("-n", "--max-tokens", type=int)
+    parsers["profile"].add_argument("--seed", type=int)
+    parsers["profile"].add_argument("--model", metavar="PATH|NAME")
+    parsers["profile"].add_argument("--tools", metavar="NAME,NAME", help="tools the profile offers (comma-separated)")
+    parsers["profile"].add_argument("--max-rounds", type=int, default=4)
     parsers["engine"].add_argument("--model", metavar="NAME")
     parsers["engine"].add_argument("--api-key", metavar="KEY")
     parsers["engine"].add_argument("--max-concurrent", type=int, metavar="N")
@@ -241,12 +255,16 @@ class OffgridMagics(Magics):
                  help="What re-running a cell does: replace the turn it made before, or append a new one."
                  ).tag(config=True)
     interpolate = Bool(True, help="Replace {name} fields in prompts from the user namespace.").tag(config=True)
+    profiles = Dict(help="Profiles to define: {name: {system_prompt, temperature, max_tokens, top_p, top_k, "
+                    "repeat_penalty, seed, model, tools, max_rounds}} (put in the store the first time a cell or "
+                    "`%offgrid profile(s)` runs).").tag(config=True)
 
     def __init__(self, shell=None, context: Context | None = None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.context = context or Context(shell)
         self._cell_id: str | None = None
         self._cell_parser, self._line_parser = _cell_parser(), _line_parser()
+        self._profiles_defined = False
 
     def pre_run_cell(self, info) -> None:
         """IPython event: remember which notebook cell is running (for re-runs)."""
@@ -330,9 +348,13 @@ class OffgridMagics(Magics):
         """The cell's session, and a note when the cell created it."""
         ctx = self.context
         system = args.system or self.system_prompt
+        self._define_configured()
+        if args.profile and not args.new and (not args.session or self._exists(args.session)):
+            raise UsageError("--profile chooses how a new session is made: add --new, or -s a name that does "
+                             "not exist yet (a session keeps the profile it was made with).")
         if args.new:
             try:
-                s = ctx.new_session(args.session, system_prompt=system)
+                s = ctx.new_session(args.session, system_prompt=system, profile=args.profile)
             except DuplicateNameError:
                 raise DuplicateNameError(
                     f"A session named {args.session!r} already exists: `-s {args.session}` continues it; "
@@ -346,7 +368,7 @@ class OffgridMagics(Magics):
                     raise SessionNotFoundError(f"No session {args.session!r}. `%offgrid sessions` lists them.") \
                         from None
             try:  # a named session is created on first use, so a notebook re-runs anywhere
-                s = ctx.new_session(args.session, system_prompt=system, adopt=False)
+                s = ctx.new_session(args.session, system_prompt=system, adopt=False, profile=args.profile)
             except DuplicateNameError:  # another kernel created it just now
                 return ctx.store.get(args.session, messages=False), None
             return s, f"created session `{s.name}`"
@@ -467,6 +489,45 @@ class OffgridMagics(Magics):
         current = self.context.current_session(create=False)
         frame.insert(2, "current", frame["id"] == (current.id if current else None))
         return frame.head(args.limit) if args.limit else frame
+
+    def _exists(self, ref: str) -> bool:
+        try:
+            self.context.store.get(ref, messages=False)
+            return True
+        except SessionNotFoundError:
+            return False
+
+    def _profiles(self):
+        store = self.context.store
+        if not hasattr(store, "profiles"):
+            raise UsageError("Profiles are kept in the server's store: this kernel is connected to a server elsewhere; "
+                             "GET /offgrid/v1/profiles there lists them.")
+        self._define_configured()
+        return store.profiles
+
+    def _define_configured(self) -> None:
+        """c.OffgridMagics.profiles into the store, once per kernel (the first use, not %load_ext)."""
+        if self.profiles and not self._profiles_defined and hasattr(self.context.store, "profiles"):
+            self.context.store.profiles.define(self.profiles)
+        self._profiles_defined = True
+
+    def _cmd_profiles(self, args):
+        import pandas as pd
+
+        rows = [p.to_dict() for p in self._profiles().list()]
+        return pd.DataFrame(rows, columns=["name", "system_prompt", "params", "model", "tools", "max_rounds", "source"])
+
+    def _cmd_profile(self, args) -> Note:
+        profiles = self._profiles()
+        if args.action == "delete":
+            profiles.delete(args.name)
+            return Note(f"Deleted profile `{args.name}`; sessions made with it keep their messages.")
+        spec = {"system_prompt": args.system, "temperature": args.temperature, "max_tokens": args.max_tokens,
+                "seed": args.seed, "model": args.model, "max_rounds": args.max_rounds,
+                "tools": [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else []}
+        profile = profiles.put(check_profile(args.name, {k: v for k, v in spec.items() if v is not None}))
+        return Note(f"Profile `{profile.name}` saved: `%%offgrid --new --profile {profile.name}` starts a session "
+                    "with it.")
 
     def _cmd_use(self, args) -> Note:
         s = self.context.use(args.name)

@@ -193,8 +193,8 @@ class RemoteStore:
         return self.client.request("GET", "sessions", params={"limit": 1})["total"]
 
     def create(self, name: str | None = None, *, system_prompt: str | None = None, metadata: dict | None = None,
-               **_: Any) -> Session:
-        return _session(self.sessions.create(name, system_prompt=system_prompt, metadata=metadata))
+               profile: str | None = None, **_: Any) -> Session:
+        return _session(self.sessions.create(name, system_prompt=system_prompt, profile=profile, metadata=metadata))
 
     def rename(self, ref: str, new_name: str) -> Session:
         return _session(self.sessions.update(ref, name=new_name))

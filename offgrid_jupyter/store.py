@@ -39,6 +39,7 @@ from .errors import (
     SessionNotFoundError,
     StoreError,
 )
+from .profiles import Profiles, m006_profiles
 from .validation import check_json, check_text
 
 # always used with fullmatch(): "$" alone would also match before a trailing newline
@@ -306,7 +307,7 @@ def m005_turn_marks(conn: sqlite3.Connection) -> None:
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests, m005_turn_marks,
+    m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests, m005_turn_marks, m006_profiles,
 ]
 
 
@@ -450,6 +451,11 @@ class Store:
             raise StoreError(f"Session database {self.path} is corrupt or unreadable: {exc}. "
                              "It was left untouched; restore a backup or move it aside.") from exc
 
+    @property
+    def profiles(self) -> Profiles:
+        """The named presets sessions are created with (see profiles.py)."""
+        return Profiles(self)
+
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (for read queries of other modules, e.g. stats)."""
         return self._conn()
@@ -547,6 +553,8 @@ class Store:
         if name is not None:
             self.check_name(name)
         self._check_fields(system_prompt=system_prompt, profile=profile, model=model, metadata=metadata, title=title)
+        if profile is not None:
+            self.profiles.get(profile)  # an unknown profile is the caller's 400, before anything is stored
         self.prune()  # sessions left empty go before new ones arrive (reads never prune)
         sid, now = new_session_id(), self.clock()
 

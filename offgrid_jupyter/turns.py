@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from .backend import Backend, Generation, GenerationResult
-from .errors import QueueTimeoutError, TurnCancelledError
+from .errors import QueueTimeoutError, TurnCancelledError, UnknownProfileError
 from .models import ModelInfo
 from .store import Message, Store
 from .validation import check_text
@@ -218,15 +218,17 @@ class ChatTurn:
                 sess = self.store.get(sid, messages=True)
                 self.session_id, self.session_name = sess.id, sess.name
                 messages = sess.chat_messages()
+                params, model = self._with_profile(sess, messages)
             except BaseException:
                 self._held.close()
                 raise
         else:
             messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
                 {"role": "user", "content": self.content}]
+            params, model = self.params, self.model
         try:
-            gen = self.engine.generate(messages, session_id=self.session_id, source=self.source, model=self.model,
-                                       **self.params)
+            gen = self.engine.generate(messages, session_id=self.session_id, source=self.source, model=model,
+                                       **params)
         except BaseException:
             self._rollback()
             raise
@@ -235,6 +237,22 @@ class ChatTurn:
             if self._cancelled:
                 gen.cancel()
         _hash_soon(gen.model)
+
+    def _with_profile(self, sess: Any, messages: list[dict]) -> tuple[dict[str, Any], str | None]:
+        """The session's profile applied: its system prompt when the session has none (put in
+        *messages*), its sampling defaults under this turn's own values, its model unless this
+        turn names one. A profile deleted since the session was made is simply not applied."""
+        params, model = self.params, self.model
+        if not sess.profile:
+            return params, model
+        try:
+            profile = self.store.profiles.get(sess.profile)
+        except UnknownProfileError:
+            return params, model
+        if profile.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": profile.system_prompt})
+        own = {k: v for k, v in params.items() if v is not None}
+        return {**profile.params, **own}, model or profile.model
 
     def _cancelled_error(self) -> TurnCancelledError:
         return TurnCancelledError(f"The turn in session {self.session!r} was stopped before it began.")

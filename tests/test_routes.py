@@ -19,7 +19,9 @@ def jp_server_config(tmp_path):
         "ServerApp": {"jpserver_extensions": {"offgrid_jupyter": True}},
         # share_with_kernels=False: this server runs inside pytest; its environment must stay ours
         "OffgridApp": {"data_dir": str(tmp_path / "offgrid"), "n_ctx": 2048, "api_key": API_KEY,
-                       "share_with_kernels": False, "max_body_bytes": 64 * 1024},
+                       "share_with_kernels": False, "max_body_bytes": 64 * 1024,
+                       "profiles": {"terse": {"system_prompt": "Answer in at most five words.", "max_tokens": 12,
+                                              "temperature": 0}}},
     }
 
 
@@ -316,3 +318,19 @@ async def test_rename_fork_end_export_import_and_the_notebook_binding(api, state
     assert code == 404
     code, body, _ = await api("GET", "v1/notebooks/session")
     assert code == 400 and "path" in body["error"]["message"]
+
+
+async def test_profiles_from_config_are_listed_and_sessions_made_with_them_use_them(api):
+    code, body, _ = await api("GET", "v1/profiles")
+    assert code == 200 and [p["name"] for p in body["profiles"]] == ["terse"]
+    assert body["profiles"][0]["source"] == "config" and body["profiles"][0]["params"]["max_tokens"] == 12
+    code, body, _ = await api("POST", "v1/sessions", {"name": "short", "profile_name": "terse"})
+    assert code == 201 and body["profile"] == "terse"
+    code, turn, _ = await api("POST", "v1/sessions/short/chat", {"message": "Describe the sea."})
+    assert code == 200 and turn["usage"]["completion_tokens"] <= 12  # the profile's max_tokens
+    code, turn, _ = await api("POST", "v1/sessions/short/chat", {"message": "More.", "max_tokens": 3})
+    assert code == 200 and turn["usage"]["completion_tokens"] <= 3  # the request's own value wins
+    code, body, _ = await api("POST", "v1/sessions", {"name": "lost", "profile_name": "nope"})
+    assert code == 400 and body["error"]["code"] == "unknown_profile" and "terse" in body["error"]["message"]
+    code, _, _ = await api("GET", "v1/sessions/lost")
+    assert code == 404  # nothing stored

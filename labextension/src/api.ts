@@ -230,6 +230,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/profiles": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The profiles sessions can be created with */
+        get: operations["listProfiles"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/models": {
         parameters: {
             query?: never;
@@ -316,6 +333,8 @@ export interface components {
             profile?: string | null;
             /** @description any JSON object, nested at most 32 levels (the whole body counts) */
             metadata?: Record<string, never> | null;
+            /** @description a profile (GET /profiles lists them): its system prompt, sampling defaults and model apply to every turn of the session; an unknown one is a 400 (seed 002's name; `profile` is the same) */
+            profile_name?: string | null;
         };
         MessageCreate: {
             /** @enum {unknown} */
@@ -556,6 +575,17 @@ export interface components {
             path: string;
             /** @description session id or name */
             session: string;
+        };
+        Profile: {
+            name: string;
+            system_prompt: string | null;
+            /** @description sampling defaults (max_tokens, temperature, top_p, top_k, repeat_penalty, seed) */
+            params: Record<string, never>;
+            model: string | null;
+            tools: string[];
+            max_rounds: number;
+            /** @enum {unknown} */
+            source: "user" | "config";
         };
     };
     responses: {
@@ -1084,6 +1114,29 @@ export interface operations {
             400: components["responses"]["400"];
             403: components["responses"]["403"];
             404: components["responses"]["404"];
+        };
+    };
+    listProfiles: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Profiles, by name */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        profiles: components["schemas"]["Profile"][];
+                    };
+                };
+            };
+            403: components["responses"]["403"];
         };
     };
     models: {

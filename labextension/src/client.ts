@@ -42,6 +42,7 @@ export const ROUTES = {
   cancelGeneration: ['POST', '/generation/cancel'],
   stats: ['GET', '/stats'],
   statsRequests: ['GET', '/stats/requests'],
+  listProfiles: ['GET', '/profiles'],
   models: ['GET', '/models'],
   health: ['GET', '/health'],
   chatCompletions: ['POST', '/chat/completions'],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
-from traitlets import Bool, Float, Int, Unicode, default
+from traitlets import Bool, Dict, Float, Int, Unicode, default
 
 from ..backend import QueueBackend
 from ..engine import MB, Engine
@@ -57,6 +57,9 @@ class OffgridApp(ExtensionApp):
                            "else the first the engine lists).").tag(config=True)
     engine_api_key = Unicode(None, allow_none=True, help="The engine's API key (default: OFFGRID_ENGINE_API_KEY)."
                              ).tag(config=True)
+    profiles = Dict(help="Named presets sessions are created with: {name: {system_prompt, temperature, "
+                    "max_tokens, top_p, top_k, repeat_penalty, seed, model, tools, max_rounds}} (put in the store "
+                    "at start-up, so every kernel and the sidebar see them).").tag(config=True)
     engine_max_concurrent = Int(4, help="Requests sent to the engine at once (it batches them); the rest wait "
                                 "in the queue.").tag(config=True)
 
@@ -89,6 +92,7 @@ class OffgridApp(ExtensionApp):
                                  api_key=self.api_key, kernel_key=kernel_key, max_body_bytes=self.max_body_bytes,
                                  log=self.log)
         self.settings["offgrid_state"] = self.state
+        store.profiles.define(self.profiles)  # a bad profile stops the start with a message naming it
         if self.share_with_kernels:
             # kernels copy the server's environment when they start
             os.environ["OFFGRID_URL"] = url_path_join(self.serverapp.connection_url, "offgrid/v1/")

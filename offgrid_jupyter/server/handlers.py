@@ -47,7 +47,8 @@ class SessionsHandler(OffgridHandler):
 
         def create():
             return self.state.store.create(data.get("name"), system_prompt=data.get("system_prompt"),
-                                           profile=data.get("profile"), metadata=data.get("metadata")).to_dict()
+                                           profile=data.get("profile_name", data.get("profile")),
+                                           metadata=data.get("metadata")).to_dict()
 
         self.send(201, await self.run(create))
 
@@ -212,6 +213,15 @@ def _time(name: str, text: str) -> float:
         raise InvalidRequestError(f"Bad filter: {name}={text[:40]!r}: {exc}.") from None
 
 
+class ProfilesHandler(OffgridHandler):
+    spec_path = "/profiles"
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.send(200, {"profiles": await self.run(lambda: [p.to_dict() for p in self.state.store.profiles.list()])})
+
+
 class ModelsHandler(OffgridHandler):
     spec_path = "/models"
 
@@ -275,6 +285,7 @@ def handlers() -> list[tuple[str, type]]:
         (f"{v1}/generation/cancel", CancelHandler),
         (f"{v1}/stats", StatsHandler),
         (f"{v1}/stats/requests", RequestsHandler),
+        (f"{v1}/profiles", ProfilesHandler),
         (f"{v1}/models", ModelsHandler),
         (f"{v1}/health", HealthHandler),
         (f"{v1}/chat/completions", OpenAIChatHandler),
