@@ -9,6 +9,7 @@ from .errors import OffgridError
 from .models import resolve_model
 from .stats import stats, stats_frame
 from .store import Store, get_store
+from .tools import Tool, tool
 
 try:
     __version__ = version("offgrid-jupyter")
@@ -17,9 +18,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "Backend", "ChatPanel", "Client", "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError",
-    "OpenAIEngine", "Store",
+    "OpenAIEngine", "Store", "Tool",
     "get_engine", "get_store", "load_ipython_extension", "resolve_model", "stats", "stats_frame",
-    "unload_ipython_extension",
+    "tool", "unload_ipython_extension",
     "__version__",
 ]
 

@@ -30,11 +30,12 @@ import uuid
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from .errors import EngineBusyError, InvalidRequestError, OffgridError, QueueTimeoutError
 from .structured import normalize
+from .tools import check_tool_messages, check_tools
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class GenerationParams:
     repeat_penalty: float = 1.1
     seed: int | None = None
     response_format: dict | None = None  # JSON (any, or a schema): see structured.py
+    tools: list | None = None  # OpenAI's function specs: see tools.py
+    tool_choice: Any = None  # "auto" (with tools), "none", "required", {"type": "function", "function": {"name"}}
 
     def validate(self) -> "GenerationParams":
         def number(name: str, low: float, high: float, *, integer: bool = False, low_open: bool = False) -> None:
@@ -87,7 +90,15 @@ class GenerationParams:
         if self.seed is not None:
             number("seed", 0, MAX_SEED, integer=True)
         self.response_format = normalize(self.response_format)
+        self.tools, self.tool_choice = check_tools(self.tools, self.tool_choice)
         return self
+
+    def record(self) -> dict[str, Any]:
+        """The parameters as a request's record keeps them (tools by name, not whole schemas)."""
+        out = asdict(self)
+        if self.tools:
+            out["tools"] = [t["function"]["name"] for t in self.tools]
+        return out
 
 
 @dataclass
@@ -105,6 +116,12 @@ class GenerationResult:
     source: str = "api"
     error: str | None = None
     error_type: str | None = None
+    # a reply that calls a tool: [{id, name, arguments}] (its text is then empty); after a turn's
+    # rounds (tools.Rounds): the calls made, [{name, arguments}], and their [{tool_name, result}]
+    tool_calls: list = field(default_factory=list)
+    tool_results: list = field(default_factory=list)
+    rounds: int = 1
+    note: str | None = None  # why the rounds ended without an answer (max_rounds, stopped)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -668,7 +685,7 @@ class QueueBackend:
                      "tokens_per_second": round(tps, 3)},
             queue_stats={"was_queued": wait_ms > QUEUED_THRESHOLD_MS, "queue_wait_ms": round(wait_ms, 3),
                          "queue_position": gen.position_at_entry, "generation_ms": round(total_ms, 3)},
-            params=asdict(gen.params), started_at=gen.submitted_at, source=gen.source, error_type=error,
+            params=gen.params.record(), started_at=gen.submitted_at, source=gen.source, error_type=error,
         )
 
     def _record(self, result: GenerationResult) -> None:
@@ -687,9 +704,7 @@ def check_messages(messages: list[dict]) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InvalidRequestError(f"messages[{i}] needs a role of system, user, assistant or tool.")
-        if not isinstance(m.get("content"), str):
-            raise InvalidRequestError(f"messages[{i}].content must be a string.")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append(check_tool_messages(i, m))  # content, and OpenAI's tool_calls / tool_call_id
     return out
 
 

@@ -57,6 +57,7 @@ class Client:
                                "or set OFFGRID_URL.")
         self.base_url = base_url.rstrip("/") + "/"
         api_key = api_key if api_key is not None else os.environ.get("OFFGRID_API_KEY")
+        self.api_key = api_key
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_retries = max_retries
         self.http = httpx.Client(base_url=self.base_url, headers=headers, transport=transport,

@@ -35,6 +35,8 @@ from .errors import DuplicateNameError, InvalidRequestError, SessionNotFoundErro
 from .remote import RemoteStore, RemoteTurn
 from .stats import RequestLog, attach
 from .store import Session, Store, get_store
+from .tools import Tool
+from .tools import resolve as resolve_tools
 from .turns import ChatTurn
 
 
@@ -61,6 +63,7 @@ class Context:
         self._local = False  # %offgrid disconnect: ignore the server from the environment
         self._watchers: list[Callable[[], Callable | None]] = []  # weak refs to turn watchers
         self._log: RequestLog | None = None
+        self._server_engine: Backend | None = None  # see server_engine()
         self._current: str | None = None  # session id
         self._current_spec: dict[str, Any] = {}  # name/system prompt, to re-create a pruned empty session
 
@@ -103,6 +106,9 @@ class Context:
         if self._own_engine and self._engine is not None:
             self._engine.close()
             self._engine, self._own_engine = None, False
+        if self._server_engine is not None:
+            self._server_engine.close()
+            self._server_engine = None
 
     # -- where the model runs ----------------------------------------------------------
     @property
@@ -116,7 +122,7 @@ class Context:
         """Where this kernel's turns run: the Jupyter server when connected (unless *local*),
         else this kernel's backend (a GGUF loaded here, or an OpenAI-compatible engine)."""
         client = None if local else self.client
-        return ServerRunner(client) if client is not None else KernelRunner(self)
+        return ServerRunner(client, self) if client is not None else KernelRunner(self)
 
     def connect(self, url: str | None = None, token: str | None = None) -> Client:
         with Client(url, token, max_retries=0) as probe:
@@ -170,13 +176,27 @@ class Context:
         return self.runner().where
 
     def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], local: bool = False,
-                   source: str = "magic",
-                   system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
-                   replace: str | None = None) -> ChatTurn | RemoteTurn:
-        """A turn on the server's model when connected (unless *local*), else on this kernel's backend."""
-        return self.runner(local=local).start_turn(session_id, content, params=params, source=source,
-                                                   system_prompt=system_prompt, model=model, metadata=metadata,
-                                                   replace=replace)
+                   source: str = "magic", **kwargs: Any) -> ChatTurn | RemoteTurn:
+        """A turn on the server's model when connected (unless *local*), else on this kernel's backend.
+        *kwargs*: system_prompt, model, metadata, replace, and the turn's tools (see ChatTurn)."""
+        return self.runner(local=local).start_turn(session_id, content, params=params, source=source, **kwargs)
+
+    def server_engine(self, client: Client) -> Backend:
+        """The server's OpenAI-compatible route as a backend (rounds the kernel drives; the
+        server records each request, so nothing is recorded here)."""
+        engine = self._server_engine
+        if engine is None or engine.url.rstrip("/") != client.base_url.rstrip("/"):
+            from .openai_engine import OpenAIEngine
+
+            if engine is not None:
+                engine.close()
+            engine = self._server_engine = OpenAIEngine(client.base_url, api_key=client.api_key, max_concurrent=4,
+                                                        send_session=True)
+        return engine
+
+    def find_tools(self, names: list[str]) -> list[Tool]:
+        """Tools by name: the notebook's functions (or @tool objects), then every @tool of the kernel."""
+        return resolve_tools(names, getattr(self.shell, "user_ns", None))
 
     # -- the notebook ----------------------------------------------------------------
     def notebook_path(self) -> str | None:
@@ -311,12 +331,10 @@ class KernelRunner:
         return f"Switched to `{info.name}`{size}."
 
     def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], source: str = "magic",
-                   system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
-                   replace: str | None = None) -> ChatTurn:
+                   **kwargs: Any) -> ChatTurn:
         ctx = self.context
         return ChatTurn(ctx.engine, ctx.store, session_id, content, source=source, params=params,
-                        system_prompt=system_prompt, model=model, metadata=metadata, replace=replace,
-                        history=session_id is not None).start()
+                        history=session_id is not None, find_tools=ctx.find_tools, **kwargs).start()
 
 
 class ServerRunner:
@@ -324,8 +342,9 @@ class ServerRunner:
 
     label = "server"
 
-    def __init__(self, client: Client):
+    def __init__(self, client: Client, context: Context | None = None):
         self.client = client
+        self.context = context
         self.where = f"on the Jupyter server ({client.base_url})"
 
     def describe(self) -> dict[str, Any]:
@@ -341,9 +360,43 @@ class ServerRunner:
 
     def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], source: str = "magic",
                    system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
-                   replace: str | None = None) -> RemoteTurn:
+                   replace: str | None = None, tools: list[Tool] | None = None, tool_choice: Any = None,
+                   max_rounds: int | None = None) -> ChatTurn | RemoteTurn:
         if model:
             raise InvalidRequestError("--model needs this kernel's own backend: the server's model is set by its "
                                       "configuration. Add --local to run the cell in this kernel.")
+        ctx = self.context
+        profile_tools = (session_id is not None and tools is None and ctx is not None and not ctx.remote_sessions
+                         and _profile_tools(ctx.local_store, session_id))
+        if tools or profile_tools:
+            return self._tool_turn(session_id, content, params=params, source=source, system_prompt=system_prompt,
+                                   metadata=metadata, replace=replace, tools=tools, tool_choice=tool_choice,
+                                   max_rounds=max_rounds)
         return RemoteTurn(self.client, session_id, content, params=params, metadata=metadata, replace=replace,
                           system_prompt=system_prompt)
+
+    def _tool_turn(self, session_id: str | None, content: str, **kwargs: Any) -> ChatTurn:
+        """Tools are the kernel's functions, so the kernel drives the rounds: each round is one
+        generation on the server's model (its OpenAI-compatible route, which records it in the
+        server's statistics), and the turn is stored in the database this kernel shares with
+        the server, as any turn of the server is."""
+        ctx = self.context
+        if session_id is not None and (ctx is None or ctx.remote_sessions):
+            raise InvalidRequestError(
+                "Tools run in this kernel, but its sessions are on a server elsewhere (`%offgrid connect`): add "
+                "--no-history for a one-shot turn with tools, or --local to use a model in this kernel.")
+        return ChatTurn(ctx.server_engine(self.client), ctx.local_store, session_id, content,
+                        history=session_id is not None, find_tools=ctx.find_tools, **kwargs).start()
+
+
+def _profile_tools(store: Store, session_id: str) -> bool:
+    """Whether a session's profile offers tools (which a kernel, not the server, must run)."""
+    from .errors import UnknownProfileError
+
+    profile = store.get(session_id, messages=False).profile
+    if not profile:
+        return False
+    try:
+        return bool(store.profiles.get(profile).tools)
+    except UnknownProfileError:
+        return False

@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -26,7 +27,8 @@ import numpy as np
 
 from .backend import Generation, GenerationParams, QueueBackend
 from .errors import ContextOverflowError, InvalidRequestError, OffgridError
-from .llamacpp import LlamaModel, grammar_for
+from . import tools
+from .llamacpp import LlamaModel, grammar, grammar_for, tool_grammar
 from .models import ModelInfo, resolve_model
 from .threads import ThreadTuner
 
@@ -148,6 +150,8 @@ class Engine(QueueBackend):
         self._abort_flag = False  # read by llama.cpp's abort callback during prompt evaluation
         self._token_counts: OrderedDict[tuple[str, str], int] = OrderedDict()  # (model, message digest) -> tokens
         self._overhead = 8.0  # template tokens per message, learnt from each fitted prompt
+        self._grammars: dict[str, Any] = {}  # GBNF text -> llama-cpp-python grammar, for tool calls
+        self._grammars_lock = threading.Lock()
 
     # -- the backend contract -------------------------------------------------------
     @property
@@ -238,8 +242,14 @@ class Engine(QueueBackend):
         cannot fit even alone is refused before the history is formatted at all."""
         sampling = dict(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k, repeat_penalty=params.repeat_penalty, seed=params.seed)
-        if params.response_format is not None:  # the chat handler turns it into a llama.cpp grammar
-            sampling["response_format"] = params.response_format
+        calls = tools.offered(params.tools or [], params.tool_choice)
+        if calls:  # the tools go into the system prompt, and the grammar allows a call (or an answer)
+            messages = tools.for_template(messages, tools.instructions(calls, params.tool_choice))
+            sampling["grammar"] = self._tool_grammar(calls, params)
+        else:
+            messages = tools.for_template(messages)  # earlier calls in the history, as the model wrote them
+            if params.response_format is not None:  # the chat handler turns it into a llama.cpp grammar
+                sampling["response_format"] = params.response_format
         budget = self.n_ctx - min(params.max_tokens, max(64, self.n_ctx // 8))
         tokens = [self._count(llm, m) for m in messages]  # the text alone; the template adds ~overhead each
         cost = [t + self._overhead for t in tokens]
@@ -264,6 +274,19 @@ class Engine(QueueBackend):
             if not droppable:
                 raise self._overflow(n)
             excess = max(n - budget, 1)  # the estimate was short: drop more, by the counts again
+
+    def _tool_grammar(self, calls: list[dict], params: GenerationParams) -> Any:
+        forced = params.tool_choice == "required" or isinstance(params.tool_choice, dict)
+        answer = None
+        if params.response_format is not None:
+            answer = params.response_format.get("schema") or {"type": "object"}
+        text = tool_grammar(tools.call_schema(calls), answer, answer=not forced)
+        with self._grammars_lock:  # the caller's thread checks, the engine thread uses
+            cached = self._grammars.pop(text, None) or grammar(text)
+            self._grammars[text] = cached  # most recently used last
+            while len(self._grammars) > 64:
+                self._grammars.pop(next(iter(self._grammars)))
+        return cached
 
     def _overflow(self, tokens: int) -> ContextOverflowError:
         return ContextOverflowError(
@@ -294,6 +317,9 @@ class Engine(QueueBackend):
         schema = (params.response_format or {}).get("schema")
         if schema is not None:
             grammar_for(schema)  # a construct llama.cpp's grammars cannot express is the caller's 400, now
+        calls = tools.offered(params.tools or [], params.tool_choice)
+        if calls:
+            self._tool_grammar(calls, params)  # the same for a tool's parameters
 
     # -- one request -------------------------------------------------------------
     def _execute(self, gen: Generation) -> None:
@@ -308,6 +334,9 @@ class Engine(QueueBackend):
         wait_ms = (start - gen.submitted_mono) * 1000
         gen._emit("start")
         text_parts: list[str] = []
+        calls = tools.offered(gen.params.tools or [], gen.params.tool_choice)
+        held: list[str] | None = [] if calls else None  # a reply that may be a call is shown once it is not
+        tool_calls: list[dict] = []
         prompt_n = cached = completion_n = 0
         ttft = None
         finish = "error"
@@ -354,7 +383,14 @@ class Engine(QueueBackend):
                     choice = chunk["choices"][0]
                     if choice["text"]:
                         text_parts.append(choice["text"])
-                        gen._emit("token", choice["text"])
+                        if held is None:
+                            gen._emit("token", choice["text"])
+                        else:
+                            held.append(choice["text"])
+                            start_text = "".join(held).lstrip()
+                            if start_text and not start_text.startswith("{"):  # plain text: an answer
+                                gen._emit("token", "".join(held))
+                                held = None
                     if choice["finish_reason"]:
                         finish = choice["finish_reason"]
                     if gen.cancelled:
@@ -370,6 +406,12 @@ class Engine(QueueBackend):
                 finish = "length"
             if gen.cancelled:
                 finish = "cancelled"
+            if held is not None:  # it started with "{": a call, or a JSON answer
+                call = tools.parse_call("".join(text_parts), calls) if finish == "stop" else None
+                if call is not None:
+                    tool_calls, text_parts = [call], []
+                elif held:
+                    gen._emit("token", "".join(held))
         except Exception as exc:  # noqa: BLE001 - reported to the caller, engine survives
             error = exc
             finish = "error"
@@ -382,6 +424,7 @@ class Engine(QueueBackend):
                               completion=completion_n, ttft=ttft_ms, total_ms=total_ms,
                               error=type(error).__name__ if error else None,
                               decode_s=(time.monotonic() - ttft) if ttft else 0.0)
+        result.tool_calls = tool_calls
         self._finish(gen, result, error)
 
 

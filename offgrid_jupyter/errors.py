@@ -94,6 +94,20 @@ class UnknownProfileError(InvalidRequestError):
     code = "unknown_profile"
 
 
+class UnknownToolError(InvalidRequestError):
+    """A tool named (by a cell, or a session's profile) that is not defined where the turn runs."""
+
+    code = "unknown_tool"
+
+
+class InvalidToolsError(InvalidRequestError):
+    """Tools that the contract's shapes allow but that cannot be offered together: two with one
+    name, parameters that are not a valid JSON schema, a tool_choice naming none of them."""
+
+    code = "invalid_tools"
+    status = 422
+
+
 class InvalidNameError(InvalidRequestError):
     code = "invalid_name"
 

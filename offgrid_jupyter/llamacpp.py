@@ -38,6 +38,7 @@ MODULE_ATTRIBUTES = [
     ("llama_cpp", "llama_token_data"),
     ("llama_cpp", "llama_token_data_array"),
     ("llama_cpp.llama_grammar", "json_schema_to_gbnf"),  # checking a schema before a request is queued
+    ("llama_cpp.llama_grammar", "LlamaGrammar"),  # the grammar of a reply that offers tools
     ("llama_cpp.llama", "suppress_stdout_stderr"),
     ("llama_cpp._internals", "suppress_stdout_stderr"),
     ("llama_cpp", "llama_state_seq_get_size"),
@@ -154,6 +155,31 @@ def grammar_for(schema: dict) -> str:
     except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
         raise UnsupportedSchemaError(f"The JSON schema cannot be used as a constraint: {str(exc)[:300] or type(exc).__name__}. "
                                   "Simplify or drop that part of the schema.") from None
+
+
+def tool_grammar(calls: dict, answer_schema: dict | None, *, answer: bool) -> str:
+    """The GBNF grammar of a reply that offers tools: one call matching *calls* (a JSON
+    schema, see tools.call_schema), or, when *answer* is allowed, a final answer: plain text
+    that does not start with "{", or JSON matching *answer_schema* when the reply is structured."""
+    if not answer:
+        return grammar_for(calls)
+    if answer_schema is not None:
+        return grammar_for({"anyOf": [calls, answer_schema]})
+    call = grammar_for(calls)
+    lines = call.splitlines()
+    renamed = [("offgrid-call ::=" + line[len("root ::="):]) if line.startswith("root ::=") else line for line in lines]
+    return "\n".join(renamed + ['root ::= [ \\t\\n]* (offgrid-call | offgrid-answer)',
+                                 'offgrid-answer ::= [^{ \\t\\n] [^\\x00]*']) + "\n"
+
+
+def grammar(text: str) -> Any:
+    """A llama-cpp-python grammar object for a GBNF string (what the chat handler takes)."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_string(text, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise UnsupportedSchemaError(f"The tools' schemas make a grammar llama.cpp cannot read: {exc}.") from None
 
 
 class _NoRedirect:

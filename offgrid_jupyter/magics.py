@@ -24,7 +24,7 @@ from traitlets import Bool, Dict, Enum, Float, Int, Unicode
 
 from .context import Context
 from .errors import DuplicateNameError, OffgridError, ReplyCutError, SessionNotFoundError
-from .render import Conversation, Note, Progress, Reply, Table
+from .render import Conversation, Note, Progress, Reply, Table, tool_lines
 from .stats import summarize
 from .store import SESSION_ID_RE
 from .profiles import check_profile
@@ -143,6 +143,12 @@ def _cell_parser() -> _Parser:
                    "its models) to answer this cell with")
     p.add_argument("--no-interpolate", action="store_true", help="leave {name} fields as written")
     p.add_argument("--local", action="store_true", help="use the in-kernel model even when a server is connected")
+    p.add_argument("--tools", metavar="NAME,NAME", help="offer these functions of the notebook (or @tool objects) "
+                   "to the model; the calls it makes run in this kernel")
+    p.add_argument("--tool-choice", metavar="auto|required|none|NAME",
+                   help="as in OpenAI's API: whether the first round must call a tool (required), that tool (NAME), "
+                        "or may (auto, the default)")
+    p.add_argument("--max-rounds", type=int, metavar="N", help="most generations a turn with tools runs (default 4)")
     return p
 
 
@@ -230,7 +236,8 @@ HELP = """**offgrid** — a local LLM in your notebook.
 ```
 %%offgrid [-s NAME] [--new] [--system TEXT] [-t TEMP] [-n MAX_TOKENS] [--seed N]
           [-f markdown|text|code|json|frame] [--schema SPEC] [-o VAR] [--no-stream] [--no-history]
-          [--model PATH] [--no-interpolate]
+          [--model PATH] [--no-interpolate] [--tools a,b] [--tool-choice auto|required|none|NAME]
+          [--max-rounds N]
 <prompt; {name} is replaced from your variables, {{ and }} are literal braces>
 ```
 
@@ -312,11 +319,16 @@ class OffgridMagics(Magics):
                 store.update(session_id, system_prompt=args.system)
             if self._cell_id and self.rerun == "replace":
                 replace = store.cell_turn(session_id, self._cell_id)
+        if (args.tool_choice or args.max_rounds) and not args.tools and args.no_history:
+            raise UsageError("--tool-choice and --max-rounds go with --tools (or a session whose profile offers tools).")
+        tools = self.context.find_tools([t.strip() for t in args.tools.split(",") if t.strip()]) \
+            if args.tools else None
         try:
             turn = self.context.start_turn(session_id, prompt, params=params, local=args.local,
                                            system_prompt=args.system or self.system_prompt, model=args.model,
                                            metadata={"cell_id": self._cell_id} if self._cell_id else None,
-                                           replace=replace)
+                                           replace=replace, tools=tools, tool_choice=args.tool_choice,
+                                           max_rounds=args.max_rounds)
         except KeyboardInterrupt:  # Stop while an earlier turn of this session (a panel's) still runs
             raise Interrupted("stopped while an earlier turn of this session was running; nothing was stored.") \
                 from None
@@ -405,10 +417,19 @@ class OffgridMagics(Magics):
         status = None
         if r.finish_reason == "cancelled":
             status = f"⏹ interrupted after {r.usage['completion_tokens']} tokens"
+        elif r.note:
+            status = r.note
         elif r.finish_reason == "length":
             status = f"stopped at the {r.params['max_tokens']}-token limit (raise it with -n)"
         elif not r.text.strip():
             status = "the model returned an empty reply"
+        calls = tool_lines(r)
+        if calls:
+            status = " · ".join(filter(None, [f"{len(calls)} tool call{'s' * (len(calls) != 1)} in {r.rounds} "
+                                              f"round{'s' * (r.rounds != 1)}", status]))
+            if fmt == "markdown":
+                return Reply("\n\n".join([*calls, r.text]), format=fmt, status=status, done=True,
+                             metadata=outcome.provenance())
         return Reply(r.text, format=fmt, status=status, done=True, metadata=outcome.provenance())
 
     def _deliver(self, outcome: TurnResult, fmt: str, output: str | None, shape: Shape | None = None) -> Any:

@@ -46,11 +46,12 @@ from .errors import (
     OffgridError,
 )
 from .structured import openai_form
+from .tools import new_call_id
 
 DEFAULT_MAX_CONCURRENT = 4
 MAX_RETRY_AFTER_S = 30.0  # a longer Retry-After is answered with an error, not a wait
 BUSY_RETRIES = 3
-FINISH_REASONS = {"stop", "length"}
+FINISH_REASONS = {"stop", "length"}  # ("tool_calls": a stop whose reply is a call)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class OpenAIEngine(QueueBackend):
 
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
                  max_concurrent: int = DEFAULT_MAX_CONCURRENT, read_timeout: float = 300.0,
-                 queue_timeout: float = 1800.0, max_queue: int = 64, defaults: GenerationParams | None = None):
+                 queue_timeout: float = 1800.0, max_queue: int = 64, defaults: GenerationParams | None = None,
+                 send_session: bool = False):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
         if not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= 256:
             raise InvalidRequestError(f"max_concurrent must be an integer from 1 to 256, got {max_concurrent!r}.")
@@ -127,6 +129,7 @@ class OpenAIEngine(QueueBackend):
         self.schema_style = "json_schema"  # how structured output is asked for (see _other_schema_style)
         self.slots = max_concurrent
         self.model_name = model or None
+        self.send_session = send_session  # offgrid's own route takes "session_id" (its KV cache and statistics)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=self.url + "/", headers=headers,
@@ -209,8 +212,13 @@ class OpenAIEngine(QueueBackend):
                 "temperature": p.temperature, "top_p": p.top_p}
         if p.seed is not None:
             body["seed"] = p.seed
+        if self.send_session and gen.session_id:
+            body["session_id"] = gen.session_id
         if p.response_format is not None:
             body["response_format"] = openai_form(p.response_format, self.schema_style)
+        if p.tools:  # the engine's own tool calling (its chat template and its constraint)
+            body["tools"], body["tool_choice"] = p.tools, p.tool_choice
+        calls: dict[int, dict[str, Any]] = {}  # a streamed tool call arrives in pieces, by index
         parts: list[str] = []
         usage: dict[str, Any] = {}
         finish: str | None = None
@@ -227,6 +235,11 @@ class OpenAIEngine(QueueBackend):
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or ():
                         delta = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+                        pieces = (choice.get("delta") or {}).get("tool_calls") if isinstance(choice, dict) else None
+                        if pieces:
+                            if ttft is None:
+                                ttft = time.monotonic()
+                            self._take_calls(calls, pieces)
                         if isinstance(delta, str) and delta:
                             if ttft is None:
                                 ttft = time.monotonic()
@@ -250,6 +263,12 @@ class OpenAIEngine(QueueBackend):
         finally:
             with self._streams_lock:
                 self._streams.pop(gen.request_id, None)
+        tool_calls = []
+        if calls and error is None and finish != "cancelled":
+            try:
+                tool_calls = self._finish_calls(calls)
+            except EngineUnavailableError as exc:
+                error, finish = exc, "error"
         now = time.monotonic()
         completion = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else len(parts)
         prompt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
@@ -260,7 +279,37 @@ class OpenAIEngine(QueueBackend):
                               completion=completion, ttft=None if ttft is None else (ttft - start) * 1000,
                               total_ms=(now - start) * 1000, error=type(error).__name__ if error else None,
                               decode_s=(now - ttft) if ttft else 0.0)
+        result.tool_calls = tool_calls
         self._finish(gen, result, error)
+
+    @staticmethod
+    def _take_calls(calls: dict[int, dict[str, Any]], pieces: Any) -> None:
+        for n, piece in enumerate(pieces if isinstance(pieces, list) else ()):
+            if not isinstance(piece, dict):
+                continue
+            index = piece.get("index") if isinstance(piece.get("index"), int) else n
+            call = calls.setdefault(index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = piece.get("id") or call["id"]
+            fn = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+            if isinstance(fn.get("name"), str) and fn["name"]:  # sent once (OpenAI), or whole in every piece
+                call["name"] = fn["name"]
+            args = fn.get("arguments")
+            call["arguments"] += args if isinstance(args, str) else json.dumps(args) if args is not None else ""
+
+    def _finish_calls(self, calls: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """The streamed calls as ``{id, name, arguments}``; a call that is not JSON ends the turn."""
+        out = []
+        for index in sorted(calls):
+            call = calls[index]
+            try:
+                arguments = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                raise EngineUnavailableError(f"The engine at {self.public_url} sent a tool call whose arguments are "
+                                             f"not JSON ({call['arguments'][:80]!r}). Nothing was stored.") from None
+            if not call["name"] or not isinstance(arguments, dict):
+                raise EngineUnavailableError(f"The engine at {self.public_url} sent a malformed tool call.")
+            out.append({"id": call["id"] or new_call_id(), "name": call["name"], "arguments": arguments})
+        return out
 
     def _open(self, gen: Generation, body: dict[str, Any]):
         """The open response of a streamed chat: a connection never made is retried, a

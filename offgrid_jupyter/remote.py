@@ -149,7 +149,8 @@ class RemoteTurn:
             request_id=data["request_id"], session_id=data.get("session_id"), model=data["model"],
             text=data["text"], finish_reason=data["finish_reason"], usage=data["usage"], timings=data["timings"],
             queue_stats=data["queue_stats"], params=data["params"], started_at=data.get("started_at", 0.0),
-            source="server")
+            source="server", tool_calls=data.get("tool_calls") or [], tool_results=data.get("tool_results") or [],
+            rounds=data.get("rounds") or 1, note=data.get("note"))
         message = Message(**data["message"]) if data.get("message") else None
         reply = Message(**data["response"]) if data.get("response") else None
         return TurnResult(data.get("session_id"), data.get("session_name"), message, reply, result,

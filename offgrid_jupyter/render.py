@@ -12,6 +12,7 @@ import time
 from typing import Any, Iterable, Iterator
 
 from .store import Session
+from .tools import call_label
 
 CURSOR = "▌"
 
@@ -55,19 +56,32 @@ class Progress:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.parts: list[str] = []
+        self.calls: list[str] = []  # one collapsed line per tool call made so far
+        self._call: dict | None = None  # the tool_start waiting for its tool_end
         self.started = clock()
         self.position: int | None = None
         self.phase = "waiting for the model…"
 
     @property
     def text(self) -> str:
-        return "".join(self.parts)
+        """What a display shows: the calls made so far, then the reply's text."""
+        return "\n\n".join([*self.calls, "".join(self.parts)]) if self.calls else "".join(self.parts)
 
     def feed(self, batch: list) -> None:
         for kind, payload in batch:
             if kind == "token":
                 self.parts.append(payload)
                 self.phase = None
+            elif kind == "round_start" and payload["round"] > 1:
+                self.phase = f"round {payload['round']} of {payload['max_rounds']}: thinking…"
+            elif kind == "tool_start":
+                self._call = payload
+                self.phase = f"calling {call_label(payload['tool_name'], payload.get('arguments'))}…"
+            elif kind == "tool_end":
+                arguments = (self._call or {}).get("arguments")
+                self.calls.append(tool_line(payload["tool_name"], arguments,
+                                            payload.get("result", f"Error: {payload.get('error')}")))
+                self.phase = "thinking…"
             elif kind == "queued":
                 self.position = payload or None
             elif kind == "loading":
@@ -93,12 +107,31 @@ class Progress:
     @property
     def status(self) -> str | None:
         """None once text flows; else what the turn is waiting for."""
-        if self.parts:
+        if self.parts and not self._calling:
             return None
         if self.position:
             waited = self.clock() - self.started
             return f"queued: position {self.position} · waiting {waited:.0f} s (another generation is running)"
         return self.phase
+
+
+    @property
+    def _calling(self) -> bool:
+        return self.phase is not None and self.phase.startswith("calling ")
+
+
+def tool_line(name: str, arguments: Any, result: str) -> str:
+    """One tool call as a collapsed line: ``called add(a=2, b=3) → 5``, the whole result inside."""
+    short = " ".join(str(result).split())
+    short = short if len(short) <= 80 else short[:79] + "…"
+    return (f"<details><summary>🔧 called <code>{html.escape(call_label(name, arguments))}</code> → "
+            f"<code>{html.escape(short)}</code></summary>\n\n<pre>{html.escape(str(result))}</pre>\n\n</details>")
+
+
+def tool_lines(result: Any) -> list[str]:
+    """The calls a turn's result made, as :func:`tool_line` lines."""
+    return [tool_line(c["name"], c.get("arguments"), r["result"])
+            for c, r in zip(getattr(result, "tool_calls", None) or [], getattr(result, "tool_results", None) or [])]
 
 
 class Conversation:
@@ -123,6 +156,9 @@ class Conversation:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.timestamp))
             if m.role == "user":
                 parts.append(f"**You** · {when}\n\n{blockquote(m.content)}")
+            elif m.role == "tool":
+                call = m.metadata.get("tool_call") or {}
+                parts.append(tool_line(call.get("name", "tool"), call.get("arguments"), m.content))
             else:
                 model = m.metadata.get("model", m.role)
                 note = " · *interrupted*" if m.finish_reason == "cancelled" else ""

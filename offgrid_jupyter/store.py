@@ -141,11 +141,23 @@ class Session:
             out.pop("messages")
         return out
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """The conversation as ``[{role, content}]`` for the engine, system prompt first."""
-        out = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        out += [{"role": m.role, "content": m.content} for m in self.messages or []
-                if not m.interrupted]  # a question whose process died is not history
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The conversation for the engine, system prompt first, in OpenAI's shapes: a stored
+        tool message (a call and its result, see tools.py) is the assistant's call followed
+        by the ``tool`` message the model read."""
+        out: list[dict[str, Any]] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for m in self.messages or []:
+            if m.interrupted:  # a question whose process died is not history
+                continue
+            call = m.metadata.get("tool_call") if m.role == "tool" else None
+            if isinstance(call, dict) and isinstance(call.get("name"), str):
+                call_id = str(call.get("id") or m.id)
+                out.append({"role": "assistant", "content": "", "tool_calls": [{
+                    "id": call_id, "type": "function",
+                    "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments") or {})}}]})
+                out.append({"role": "tool", "tool_call_id": call_id, "content": m.content})
+            else:
+                out.append({"role": m.role, "content": m.content})
         return out
 
 
@@ -954,9 +966,14 @@ class Store:
         self._forget(msg.session_id)
         return msg, token
 
-    def end_turn(self, token: str, session_id: str, reply: str | None = None, **fields: Any) -> Message | None:
+    def end_turn(self, token: str, session_id: str, reply: str | None = None, *,
+                 steps: list[dict[str, Any]] | None = None, **fields: Any) -> Message | None:
         """Store a turn's reply (when there is one) and clear its mark, in one transaction.
+        *steps* are the tool calls the turn made (``{id, name, arguments, result, ...}``,
+        see tools.Rounds): each is stored before the reply as a ``tool`` message holding
+        the result the model read, the call in its metadata.
         Raises SessionNotFoundError (after clearing the mark) if the session was deleted meanwhile."""
+        tool_messages = [self._tool_message(step) for step in steps or []]
         if reply is not None:
             self._check_content("assistant", reply)
             self._check_fields(**fields)
@@ -966,6 +983,8 @@ class Store:
             conn.execute("DELETE FROM busy WHERE token = ?", (token,))
             if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
                 return False
+            for content, meta in tool_messages:
+                self._insert_message(conn, session_id, "tool", content, now, {"metadata": meta})
             return self._insert_message(conn, session_id, "assistant", reply, now, fields) if reply else None
 
         out = self._tx(apply)
@@ -974,6 +993,14 @@ class Store:
             raise SessionNotFoundError(f"Session {session_id} was deleted while the reply was being generated; "
                                        "the reply was not stored.")
         return out
+
+    def _tool_message(self, step: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        content = step.get("result") or "(the tool returned nothing)"
+        self._check_content("tool", content)
+        meta = {"tool_call": {"id": step.get("id"), "name": step.get("name"), "arguments": step.get("arguments")},
+                "round": step.get("round"), "duration_ms": step.get("duration_ms"), "error": step.get("error")}
+        self._check_fields(metadata=meta)
+        return content, meta
 
     def abandon_turn(self, token: str, session_id: str, message_id: str) -> None:
         """Take a turn's question back out and clear its mark (its generation failed or

@@ -28,10 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from .backend import Backend, Generation, GenerationResult
-from .errors import QueueTimeoutError, TurnCancelledError, UnknownProfileError
+from .errors import QueueTimeoutError, TurnCancelledError, UnknownProfileError, UnknownToolError
 from .models import ModelInfo
 from .store import Message, Store
+from .tools import Rounds, Tool
 from .validation import check_text
+
+DEFAULT_ROUNDS = 4  # a turn's rounds when neither the turn nor its profile says
 
 
 @dataclass
@@ -46,12 +49,16 @@ class TurnResult:
     def provenance(self) -> dict[str, Any]:
         """What a notebook output records about where its text came from."""
         r = self.result
-        return {
+        out = {
             "model": r.model, "model_sha256": self.model_sha256, "session_id": self.session_id,
             "message_id": self.reply.id if self.reply else None, "request_id": r.request_id,
             "params": r.params, "usage": r.usage, "timings": r.timings, "queue_stats": r.queue_stats,
             "finish_reason": r.finish_reason,
         }
+        if r.tool_calls:  # the calls the turn's rounds made, with what each returned
+            out["rounds"] = r.rounds
+            out["tool_calls"] = [{**c, "result": res["result"]} for c, res in zip(r.tool_calls, r.tool_results)]
+        return out
 
 
 # -- one FIFO lock per session, for threads and for asyncio alike ---------------------------
@@ -142,7 +149,9 @@ class ChatTurn:
     def __init__(self, engine: Backend, store: Store, session: str | None, content: str, *,
                  source: str, params: dict[str, Any] | None = None, system_prompt: str | None = None,
                  model: str | None = None, metadata: dict | None = None, replace: str | None = None,
-                 history: bool = True):
+                 history: bool = True, tools: list[Tool] | None = None, tool_choice: Any = None,
+                 max_rounds: int | None = None, find_tools: Callable[[list[str]], list[Tool]] | None = None,
+                 tool_executor: Any = None):
         if history and session is None:
             raise ValueError("a turn with history needs a session")
         engine.params(**(params or {}))  # a bad parameter fails before anything is stored
@@ -151,6 +160,9 @@ class ChatTurn:
         self.session, self.content, self.source = session, content, source
         self.params, self.system_prompt, self.model = params or {}, system_prompt, model
         self.metadata, self.replace, self.history = metadata, replace, history
+        # tools: offered this turn (None: the session's profile's, found by *find_tools*)
+        self.tools, self.tool_choice, self.max_rounds = tools, tool_choice, max_rounds
+        self.find_tools, self.tool_executor = find_tools, tool_executor
         self.user_message: Message | None = None
         self.session_id: str | None = None
         self.session_name: str | None = None
@@ -218,17 +230,22 @@ class ChatTurn:
                 sess = self.store.get(sid, messages=True)
                 self.session_id, self.session_name = sess.id, sess.name
                 messages = sess.chat_messages()
-                params, model = self._with_profile(sess, messages)
+                params, model, tools, rounds = self._with_profile(sess, messages)  # (a tool it lacks: 400)
             except BaseException:
-                self._held.close()
+                self._rollback()  # the question goes back out (and the session's turn is released)
                 raise
         else:
             messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
                 {"role": "user", "content": self.content}]
-            params, model = self.params, self.model
+            params, model, tools, rounds = self.params, self.model, self.tools or [], self.max_rounds
         try:
-            gen = self.engine.generate(messages, session_id=self.session_id, source=self.source, model=model,
-                                       **params)
+            if tools and self.tool_choice != "none":
+                gen = Rounds(self.engine, messages, tools, tool_choice=self.tool_choice or "auto",
+                             max_rounds=rounds or DEFAULT_ROUNDS, session_id=self.session_id, source=self.source,
+                             model=model, params=params, executor=self.tool_executor)
+            else:
+                gen = self.engine.generate(messages, session_id=self.session_id, source=self.source, model=model,
+                                           **params)
         except BaseException:
             self._rollback()
             raise
@@ -238,21 +255,27 @@ class ChatTurn:
                 gen.cancel()
         _hash_soon(gen.model)
 
-    def _with_profile(self, sess: Any, messages: list[dict]) -> tuple[dict[str, Any], str | None]:
+    def _with_profile(self, sess: Any, messages: list[dict]) -> tuple[dict[str, Any], str | None, list[Tool], int | None]:
         """The session's profile applied: its system prompt when the session has none (put in
         *messages*), its sampling defaults under this turn's own values, its model unless this
-        turn names one. A profile deleted since the session was made is simply not applied."""
-        params, model = self.params, self.model
+        turn names one, its tools and max rounds unless this turn offers its own. A profile
+        deleted since the session was made is simply not applied."""
+        params, model, tools, rounds = self.params, self.model, self.tools or [], self.max_rounds
         if not sess.profile:
-            return params, model
+            return params, model, tools, rounds
         try:
             profile = self.store.profiles.get(sess.profile)
         except UnknownProfileError:
-            return params, model
+            return params, model, tools, rounds
         if profile.system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": profile.system_prompt})
         own = {k: v for k, v in params.items() if v is not None}
-        return {**profile.params, **own}, model or profile.model
+        if self.tools is None and profile.tools:
+            if self.find_tools is None:
+                raise UnknownToolError(f"Profile {profile.name!r} offers tools ({', '.join(profile.tools)}), which "
+                                       "cannot run here.")
+            tools = self.find_tools(profile.tools)
+        return {**profile.params, **own}, model or profile.model, tools, rounds or profile.max_rounds
 
     def _cancelled_error(self) -> TurnCancelledError:
         return TurnCancelledError(f"The turn in session {self.session!r} was stopped before it began.")
@@ -304,15 +327,21 @@ class ChatTurn:
 
     def _end(self, result: GenerationResult) -> TurnResult:
         reply = None
+        steps = getattr(self.generation, "steps", None) or []  # the tool calls the rounds made
         try:
             if self._mark is not None:
-                if result.text.strip():
+                text = result.text if result.text.strip() else (
+                    result.note or "(no answer after the tool calls)" if steps else "")
+                if text:
+                    metadata = {"request_id": result.request_id, "model": result.model, "source": result.source,
+                                "params": result.params, "timings": result.timings,
+                                "queue_stats": result.queue_stats}
+                    if steps:
+                        metadata.update(rounds=result.rounds, note=result.note)
                     reply = self.store.end_turn(
-                        self._mark, self.session_id, result.text, usage=result.usage,
-                        finish_reason=result.finish_reason,
-                        metadata={"request_id": result.request_id, "model": result.model, "source": result.source,
-                                  "params": result.params, "timings": result.timings,
-                                  "queue_stats": result.queue_stats})
+                        self._mark, self.session_id, text, steps=steps, usage=result.usage,
+                        finish_reason=result.finish_reason, tool_calls=result.tool_calls,
+                        tool_results=result.tool_results, metadata=metadata)
                     self._mark = None
                 else:
                     self._rollback()

@@ -30,7 +30,7 @@ import traitlets
 
 from .context import Context
 from .errors import OffgridError, TurnCancelledError
-from .render import Progress
+from .render import Progress, tool_line, tool_lines
 from .store import Session
 
 NEW = "__new__"  # a new session with a generated name, not used by the cells
@@ -194,6 +194,9 @@ class ChatPanel(widgets.VBox):
                 bubbles.append(_user_bubble(m.content + ("\n(no reply: interrupted)" if m.interrupted else "")))
             elif m.role == "assistant":
                 bubbles.append(_assistant_bubble(m.content, "interrupted" if m.finish_reason == "cancelled" else None))
+            elif m.role == "tool":  # a call the model made, and what it returned
+                call = m.metadata.get("tool_call") or {}
+                bubbles.append(_assistant_bubble(tool_line(call.get("name", "tool"), call.get("arguments"), m.content)))
         self.messages.children = tuple(bubbles)
 
     def _render_title(self, session: Session) -> None:
@@ -323,7 +326,8 @@ class ChatPanel(widgets.VBox):
                 self._take_back(text)
             else:
                 self._last_tps = r.timings.get("tokens_per_second") or None
-                reply.outputs = _markdown(r.text, _ending(r.finish_reason, r.params))
+                reply.outputs = _markdown("\n\n".join([*tool_lines(r), r.text]), r.note or _ending(r.finish_reason,
+                                                                                                    r.params))
         except TurnCancelledError:  # stopped while an earlier turn of the session was still running
             self._take_back(text)
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never a traceback in another cell

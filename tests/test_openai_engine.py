@@ -323,3 +323,20 @@ def test_offgrid_engine_switches_a_shell_to_the_engine_and_back(llama_server, en
         assert "in this kernel" in dict(result.result.rows)["runs"]
     finally:
         context.close()
+
+
+def test_tools_map_to_the_engines_own_tool_calling_and_rounds_run_on_it(remote, store):
+    """A named tool_choice is what llama-cpp-python's server constrains (its default chat format
+    has no tool prompt of its own); its streamed tool_calls come back as the engine's calls."""
+    from offgrid_jupyter.tools import Rounds
+
+    from .tool_functions import add
+
+    eng = remote()
+    question = [{"role": "user", "content": "What is 2 + 3? Use the add tool."}]
+    result = eng.complete(question, tools=[add.spec()], tool_choice="add", max_tokens=60, **GREEDY)
+    [call] = result.tool_calls
+    assert call["name"] == "add" and add.run(call["arguments"])["error"] is None and result.text == ""
+    rounds = Rounds(eng, question, [add], tool_choice="add", max_rounds=2, params={"max_tokens": 60, **GREEDY})
+    final = rounds.wait()
+    assert final.tool_calls and final.tool_calls[0]["name"] == "add" and final.rounds == 2

@@ -19,7 +19,7 @@ def test_profiles_are_checked_kept_listed_replaced_and_deleted(store):
     assert got.params == {"temperature": 0, "max_tokens": 10} and got.source == "config" and got.max_rounds == 4
     for name, spec, needle in (("bad name", {}, "Invalid session name"), ("x", {"colour": 1}, "unknown setting"),
                                ("x", {"temperature": 9}, "temperature"), ("x", {"tools": ["a b"]}, "tools"),
-                               ("x", {"max_rounds": 0}, "max_rounds"), ("x", {"system_prompt": "\ud800"}, "")):
+                               ("x", {"max_rounds": 0}, "max_rounds"), ("x", {"system_prompt": "\ud800"}, "surrogate")):
         with pytest.raises(InvalidRequestError, match=needle):
             check_profile(name, spec)
     with pytest.raises(InvalidRequestError):
@@ -52,10 +52,12 @@ def test_a_turn_uses_its_sessions_profile_unless_it_says_otherwise(engine, store
 
 def test_magics_add_list_and_use_profiles(make_shell):
     sh = make_shell(profiles={"from-config": {"max_tokens": 5}})
-    result, _ = sh.run('%offgrid profile add pirate --system "You are a pirate." -t 0 -n 8 --tools add,lookup')
+    result, _ = sh.run('%offgrid profile add pirate --system "You are a pirate." -t 0 -n 8')
     assert result.success and "pirate" in result.result.text
+    assert sh.run("%offgrid profile add helper --tools add,lookup --max-rounds 3")[0].success
     frame = sh.run("%offgrid profiles")[0].result
-    assert list(frame["name"]) == ["from-config", "pirate"] and list(frame["tools"])[1] == ["add", "lookup"]
+    assert list(frame["name"]) == ["from-config", "helper", "pirate"] and list(frame["tools"])[1] == ["add", "lookup"]
+    assert list(frame["max_rounds"])[1] == 3
     result, _ = sh.run("%%offgrid --new -s ship --profile pirate\nWho are you?")
     assert result.success
     reply = sh.store.get("ship").messages[-1]
@@ -64,5 +66,7 @@ def test_magics_add_list_and_use_profiles(make_shell):
     one_line_error(*sh.run("%%offgrid -s ship --profile pirate\nAgain?"), "--profile", "--new")
     one_line_error(*sh.run("%%offgrid --new -s boat --profile parrot\nHi"), "No profile 'parrot'")
     one_line_error(*sh.run("%offgrid profile add bad -t 9"), "temperature")
+    # a profile's tools are looked up where the turn runs: here, none is defined yet
+    one_line_error(*sh.run("%%offgrid --new -s helped --profile helper\nHi"), "No tool '")
     result, _ = sh.run("%offgrid profile delete pirate")
-    assert result.success and [p.name for p in sh.store.profiles.list()] == ["from-config"]
+    assert result.success and [p.name for p in sh.store.profiles.list()] == ["from-config", "helper"]

@@ -327,6 +327,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(server):
 
 
 # -- the server's own contract ---------------------------------------------------------------------------
+@pytest.mark.timeout(600)  # a few minutes on 2 cores: every chat it sends generates
 def test_schemathesis_finds_no_server_error_and_no_contract_violation(tmp_path):
     """schemathesis (every check) against the live server's openapi.json: 0 5xx, 0 conformance failures."""
     # A schema-valid request may still be too large in ways a JSON schema cannot say (bytes, tokens in
@@ -339,18 +340,18 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(tmp_path):
     config.write_text(f'[checks.positive_data_acceptance]\nexpected-statuses = [{accepted}]\n\n'
                       '[[operations]]\ninclude-path = "/sessions"\ninclude-method = "POST"\n'
                       f'checks.positive_data_acceptance.expected-statuses = [{accepted}, "400"]\n')
-    with jupyter_server(tmp_path, "--OffgridApp.n_ctx=512", "--OffgridApp.max_body_bytes=65536") as srv:
+    with jupyter_server(tmp_path, "--OffgridApp.n_ctx=384", "--OffgridApp.max_body_bytes=65536") as srv:
         out = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
              srv["url"] + "offgrid/v1/openapi.json",
-             "-H", f"Authorization: token {TOKEN}", "--checks", "all", "--max-examples", "80", "--seed", "20261124",
+             "-H", f"Authorization: token {TOKEN}", "--checks", "all", "--max-examples", "60", "--seed", "20261124",
              "--request-timeout", "60", "--max-response-time", "120", "--generation-database", "none",
              "--no-color",
              "--report-dir", str(tmp_path / "report")],
             capture_output=True, text=True, timeout=540, cwd=tmp_path)
     summary = out.stdout[-6000:]
     assert out.returncode == 0, summary
-    assert "20 selected" in out.stdout and "failure" not in summary.split("SUMMARY")[-1].lower(), summary
+    assert "21 selected" in out.stdout and "failure" not in summary.split("SUMMARY")[-1].lower(), summary
 
 
 # -- kill -9, round after round -----------------------------------------------------------------------

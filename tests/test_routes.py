@@ -21,7 +21,10 @@ def jp_server_config(tmp_path):
         "OffgridApp": {"data_dir": str(tmp_path / "offgrid"), "n_ctx": 2048, "api_key": API_KEY,
                        "share_with_kernels": False, "max_body_bytes": 64 * 1024,
                        "profiles": {"terse": {"system_prompt": "Answer in at most five words.", "max_tokens": 12,
-                                              "temperature": 0}}},
+                                              "temperature": 0},
+                                    "calc": {"tools": ["add"], "max_rounds": 3, "temperature": 0, "seed": 1},
+                                    "lost": {"tools": ["missing_tool"]}},
+                       "tools": ["tests.tool_functions:add", "tests.tool_functions:broken"]},
     }
 
 
@@ -322,8 +325,9 @@ async def test_rename_fork_end_export_import_and_the_notebook_binding(api, state
 
 async def test_profiles_from_config_are_listed_and_sessions_made_with_them_use_them(api):
     code, body, _ = await api("GET", "v1/profiles")
-    assert code == 200 and [p["name"] for p in body["profiles"]] == ["terse"]
-    assert body["profiles"][0]["source"] == "config" and body["profiles"][0]["params"]["max_tokens"] == 12
+    assert code == 200 and [p["name"] for p in body["profiles"]] == ["calc", "lost", "terse"]
+    terse = body["profiles"][2]
+    assert terse["source"] == "config" and terse["params"]["max_tokens"] == 12
     code, body, _ = await api("POST", "v1/sessions", {"name": "short", "profile_name": "terse"})
     assert code == 201 and body["profile"] == "terse"
     code, turn, _ = await api("POST", "v1/sessions/short/chat", {"message": "Describe the sea."})
@@ -334,3 +338,67 @@ async def test_profiles_from_config_are_listed_and_sessions_made_with_them_use_t
     assert code == 400 and body["error"]["code"] == "unknown_profile" and "terse" in body["error"]["message"]
     code, _, _ = await api("GET", "v1/sessions/lost")
     assert code == 404  # nothing stored
+
+
+ADD = "What is 2 + 3? Use the add tool."
+
+
+async def test_a_session_whose_profile_offers_server_tools_runs_them_on_the_server(api):
+    from .tool_functions import CALLS
+
+    code, body, _ = await api("GET", "v1/tools")
+    assert code == 200 and sorted(t["function"]["name"] for t in body["tools"]) == ["add", "broken"]
+    await api("POST", "v1/sessions", {"name": "sums", "profile_name": "calc"})
+    before = len(CALLS)
+    code, text, _ = await api("POST", "v1/sessions/sums/chat", {"message": ADD, "tool_choice": "required",
+                                                               "stream": True}, expect_json=False)
+    assert code == 200
+    events = sse_events(text)
+    kinds = [k for k, _ in events]
+    assert kinds.index("round_start") < kinds.index("start") < kinds.index("tool_start") < kinds.index("tool_end")
+    assert kinds[-1] == "complete" and kinds.count("round_start") >= 2
+    start, end = events[kinds.index("tool_start")][1], events[kinds.index("tool_end")][1]
+    assert start["tool_name"] == "add" and set(start["arguments"]) == {"a", "b"}
+    assert end["result"] == str(start["arguments"]["a"] + start["arguments"]["b"]) and end["duration_ms"] >= 0
+    assert len(CALLS) > before  # the call ran here, in the server's process
+    complete = events[-1][1]
+    assert complete["tool_calls"][0] == {"name": "add", "arguments": start["arguments"]}
+    assert complete["tool_results"][0] == {"tool_name": "add", "result": end["result"]}
+    code, session, _ = await api("GET", "v1/sessions/sums")
+    roles = [m["role"] for m in session["messages"]]
+    assert roles[:2] == ["user", "tool"] and roles[-1] == "assistant"
+    assert session["messages"][-1]["tool_calls"] == complete["tool_calls"]
+    # a profile offering a tool this server does not have: a 400 naming it, nothing stored
+    await api("POST", "v1/sessions", {"name": "nothing", "profile_name": "lost"})
+    code, body, _ = await api("POST", "v1/sessions/nothing/chat", {"message": "Hi."})
+    assert code == 400 and body["error"]["code"] == "unknown_tool" and "missing_tool" in body["error"]["message"]
+    code, session, _ = await api("GET", "v1/sessions/nothing")
+    assert session["messages"] == []
+
+
+async def test_the_openai_route_returns_tool_calls_for_the_client_to_run(api):
+    from .tool_functions import add
+
+    body = {"messages": [{"role": "user", "content": ADD}], "tools": [add.spec()], "tool_choice": "required",
+            "max_tokens": 60, **GREEDY}
+    code, out, _ = await api("POST", "v1/chat/completions", body)
+    assert code == 200, out
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "add"
+    assert add.run(json.loads(call["function"]["arguments"]))["error"] is None
+    code, text, _ = await api("POST", "v1/chat/completions", {**body, "stream": True}, expect_json=False)
+    chunks = [d for _, d in sse_events(text)][:-1]
+    streamed = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert streamed and streamed[0]["function"]["name"] == "add"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
+    # the client runs the call and sends its result back, in OpenAI's shapes
+    result = str(add.run(json.loads(call["function"]["arguments"]))["result"])
+    follow = {"messages": [body["messages"][0], {"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": call["id"], "content": result}],
+              "tools": [add.spec()], "max_tokens": 40, **GREEDY}
+    code, out, _ = await api("POST", "v1/chat/completions", follow)
+    assert code == 200 and out["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    code, out, _ = await api("POST", "v1/chat/completions", {**body, "tool_choice": "subtract"})
+    assert code == 422 and out["error"]["code"] == "invalid_tools"

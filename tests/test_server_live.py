@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -159,6 +160,51 @@ def test_interrupting_a_server_kernel_stops_the_servers_generation(server, clien
     assert kept[1]["finish_reason"] == "cancelled" and kept[1]["id"] == final["message_id"]
     assert 0 < kept[1]["usage"]["completion_tokens"] < 400
     assert after[-1]["content"]["status"] == "ok"  # the next cell works at once
+
+
+def test_a_server_kernel_runs_its_own_tools_and_stop_interrupts_a_running_tool(server, client):
+    """The kernel drives the rounds (its functions run in the kernel; each round is one generation on
+    the server's model); the kernel's Stop button stops a tool that is running."""
+    async def scenario():
+        async with ServerKernel(server["url"]) as kernel:
+            await kernel.run("%load_ext offgrid_jupyter")
+            await kernel.run("import time\ncalls = []\n"
+                             "def add(a: int, b: int) -> int:\n    'Add two integers.'\n"
+                             "    calls.append((a, b))\n    return a + b\n"
+                             "def slow_lookup(word: str) -> str:\n    'Look a word up in the dictionary.'\n"
+                             "    time.sleep(120)\n    return 'found'\n")
+            ok = await kernel.run("%%offgrid -s kernel-tools -t 0 --seed 1 --tools add --tool-choice required\n"
+                                  "What is 2 + 3? Use the add tool.")
+            printed = await kernel.printed("import sys, json; print(json.dumps({'calls': calls, "
+                                           "'llama_cpp': 'llama_cpp' in sys.modules}))")
+            state = {}
+
+            def on_message(msg):
+                shown = msg["content"].get("data", {}).get("text/markdown", "")
+                if msg["msg_type"] == "update_display_data" and "calling slow_lookup" in shown and "at" not in state:
+                    state["at"] = time.monotonic()
+                    return kernel.interrupt()  # the Stop button, while the tool sleeps
+                return None
+
+            stopped = await kernel.run("%%offgrid -s kernel-stop -t 0 --seed 1 --tools slow_lookup "
+                                       "--tool-choice required\nWhat does 'serendipity' mean?", on_message)
+            state["ended"] = time.monotonic()
+            after = await kernel.printed("print('still here')")
+            return ok, json.loads(printed), state, stopped, after
+
+    ok, printed, state, stopped, after = asyncio.run(scenario())
+    assert ok[-1]["content"]["status"] == "ok", ok
+    assert printed["calls"] and not printed["llama_cpp"]  # the tool ran in the kernel; no model there
+    session = client.sessions.get("kernel-tools")
+    roles = [m["role"] for m in session["messages"]]
+    assert roles[:2] == ["user", "tool"] and roles[-1] == "assistant"
+    assert session["messages"][-1]["tool_calls"][0]["name"] == "add"
+    rows = client.stats_frame(session=session["id"])  # each round was a request of the server's, for this session
+    assert len(rows) >= 2 and set(rows["source"]) == {"openai"}
+    assert "at" in state and state["ended"] - state["at"] < 30 and stopped[-1]["content"]["ename"] == "Interrupted"
+    kept = client.sessions.get("kernel-stop")["messages"]
+    assert [m["role"] for m in kept] == ["user", "tool", "assistant"] and kept[-1]["finish_reason"] == "cancelled"
+    assert "stopped by the user" in kept[1]["content"] and after.strip() == "still here"
 
 
 class _Flaky(BaseHTTPRequestHandler):

@@ -96,6 +96,10 @@ class Lab:
         box.click()
         box.fill(text)
         box.press("Enter")
+        # the turn has begun once its question is shown (so wait_idle cannot see the moment before it)
+        self.page.wait_for_function(
+            "([sel, text]) => [...document.querySelectorAll(sel + ' .offgrid-user')].some("
+            "b => b.textContent.trim() === text)", arg=[SIDEBAR, text], timeout=30_000)
 
     def wait_idle(self, timeout: float = 120) -> None:
         """Until no reply streams and Stop is disabled again."""

@@ -50,10 +50,10 @@ def test_database_is_wal_with_recorded_migrations(store):
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests",
-                                  "m005_turn_marks"]
+                                  "m005_turn_marks", "m006_profiles"]
     Store(store.path)  # reopening applies nothing twice
     assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests",
-                                  "m005_turn_marks"]
+                                  "m005_turn_marks", "m006_profiles"]
 
 
 def test_data_dir_honours_offgrid_home(tmp_path, monkeypatch):
@@ -63,6 +63,7 @@ def test_data_dir_honours_offgrid_home(tmp_path, monkeypatch):
 
 
 def test_create_get_by_id_and_name(store):
+    store.profiles.define({"notebook": {}})  # a session's profile must exist (see test_profiles.py)
     s = store.create("analysis", system_prompt="Be terse.", profile="notebook", model="m", metadata={"k": 1})
     assert SESSION_ID_RE.match(s.id)
     assert s.messages == [] and s.message_count == 0 and not s.ended and s.title is None

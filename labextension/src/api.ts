@@ -153,7 +153,7 @@ export interface paths {
         put?: never;
         /**
          * One atomic turn: the question is stored, the reply generated and stored
-         * @description Turns on one session wait for each other (first come, first served). A client that disconnects cancels its turn (or its place in a queue) unless a retry with the same Idempotency-Key is waiting for it. With `stream: true` the answer is Server-Sent Events: `queued` {position} (every 2 s while waiting for the model), `start`, `loading`, `token` {delta}, then `complete` (the JSON answer) or `error` {message, type, code}.
+         * @description Turns on one session wait for each other (first come, first served). A client that disconnects cancels its turn (or its place in a queue) unless a retry with the same Idempotency-Key is waiting for it. With `stream: true` the answer is Server-Sent Events: `queued` {position} (every 2 s while waiting for the model), `start`, `loading`, `token` {delta}; for a session whose profile offers tools, `round_start` {round, max_rounds} before each generation and `tool_start` {tool_name, arguments} / `tool_end` {tool_name, result | error, duration_ms} around each call the server runs; then `complete` (the JSON answer) or `error` {message, type, code}.
          */
         post: operations["chat"];
         delete?: never;
@@ -239,6 +239,23 @@ export interface paths {
         };
         /** The profiles sessions can be created with */
         get: operations["listProfiles"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/tools": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The server's tools (c.OffgridApp.tools), which profiles may offer */
+        get: operations["listTools"];
         put?: never;
         post?: never;
         delete?: never;
@@ -373,6 +390,8 @@ export interface components {
                     strict?: boolean | null;
                 };
             } | null;
+            /** @description for a session whose profile offers tools (server tools, c.OffgridApp.tools): how the first round may use them */
+            tool_choice?: components["schemas"]["ToolChoice"] | null;
         };
         ChatCompletionRequest: {
             /** @description ignored: the server's model answers */
@@ -380,7 +399,21 @@ export interface components {
             messages: {
                 /** @enum {unknown} */
                 role: "system" | "user" | "assistant" | "tool";
-                content: string;
+                /** @description null (with tool_calls) is the same as "" */
+                content?: string | null;
+                /** @description an assistant message's calls (OpenAI's form) */
+                tool_calls?: {
+                    id?: string | null;
+                    /** @constant */
+                    type?: "function";
+                    function: {
+                        name: string;
+                        /** @description the arguments as a JSON text */
+                        arguments?: string;
+                    };
+                }[] | null;
+                /** @description a tool message: the call it answers */
+                tool_call_id?: string | null;
             }[];
             /** @description longest reply in tokens (default 512) */
             max_tokens?: number | null;
@@ -408,6 +441,11 @@ export interface components {
                     strict?: boolean | null;
                 };
             } | null;
+            /** @description functions the model may call; the reply then carries tool_calls for the client to run (finish_reason tool_calls), as OpenAI's does. Decoding is constrained, so a call always parses and matches the tool's parameters */
+            tools?: components["schemas"]["ToolSpec"][] | null;
+            tool_choice?: components["schemas"]["ToolChoice"] | null;
+            /** @description offgrid extension: the session this request belongs to (a kernel running its own tool rounds sends it), for its KV cache and its statistics; nothing is stored */
+            session_id?: string | null;
         };
         ChatCompletion: {
             id: string;
@@ -420,10 +458,20 @@ export interface components {
                 message?: {
                     /** @constant */
                     role?: "assistant";
-                    content?: string;
+                    content?: string | null;
+                    tool_calls?: {
+                        id?: string | null;
+                        /** @constant */
+                        type?: "function";
+                        function: {
+                            name: string;
+                            /** @description the arguments as a JSON text */
+                            arguments?: string;
+                        };
+                    }[];
                 };
                 /** @enum {unknown} */
-                finish_reason?: "stop" | "length";
+                finish_reason?: "stop" | "length" | "tool_calls";
             }[];
             usage: {
                 prompt_tokens?: number;
@@ -497,6 +545,13 @@ export interface components {
                 generation_ms?: number;
             };
             started_at?: number;
+            /** @description present when the turn called tools */
+            tool_calls?: components["schemas"]["ToolCall"][];
+            tool_results?: components["schemas"]["ToolResult"][];
+            /** @description generations the turn ran */
+            rounds?: number;
+            /** @description why the rounds ended without an answer (max_rounds reached, stopped) */
+            note?: string | null;
         };
         GenerationStatus: {
             /** @description the first of `generating` (kept for clients that expect one) */
@@ -586,6 +641,36 @@ export interface components {
             max_rounds: number;
             /** @enum {unknown} */
             source: "user" | "config";
+        };
+        /** @description a function the model may call (OpenAI's form) */
+        ToolSpec: {
+            /** @constant */
+            type: "function";
+            function: {
+                /** @description an ASCII identifier, unique among the tools of a request */
+                name: string;
+                description?: string | null;
+                /** @description a JSON schema of the arguments (an invalid one, or one llama.cpp's grammars cannot express, is a 422) */
+                parameters?: Record<string, never>;
+            };
+        };
+        /** @description "auto" (the default with tools: the reply may call a tool or answer), "none", "required" (a call), a tool's name, or {"type": "function", "function": {"name"}}; one naming no offered tool is a 422. After the first round of a turn with tools, "auto" applies */
+        ToolChoice: ("auto" | "none" | "required") | string | {
+            /** @constant */
+            type: "function";
+            function: {
+                name: string;
+            };
+        };
+        /** @description a call a turn made (seed 002's shape) */
+        ToolCall: {
+            name: string;
+            arguments: Record<string, never>;
+        };
+        /** @description what a call returned, as the model read it (an error as "Error: ...") */
+        ToolResult: {
+            tool_name: string;
+            result: string;
         };
     };
     responses: {
@@ -1133,6 +1218,29 @@ export interface operations {
                 content: {
                     "application/json": {
                         profiles: components["schemas"]["Profile"][];
+                    };
+                };
+            };
+            403: components["responses"]["403"];
+        };
+    };
+    listTools: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Tools, in OpenAI's form */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        tools: components["schemas"]["ToolSpec"][];
                     };
                 };
             };

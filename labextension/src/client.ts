@@ -43,6 +43,7 @@ export const ROUTES = {
   stats: ['GET', '/stats'],
   statsRequests: ['GET', '/stats/requests'],
   listProfiles: ['GET', '/profiles'],
+  listTools: ['GET', '/tools'],
   models: ['GET', '/models'],
   health: ['GET', '/health'],
   chatCompletions: ['POST', '/chat/completions'],
@@ -70,6 +71,9 @@ export type ChatEvent =
   | { event: 'start'; data: { request_id?: string } }
   | { event: 'loading'; data: Record<string, unknown> }
   | { event: 'token'; data: { delta: string } }
+  | { event: 'round_start'; data: { round: number; max_rounds: number } }
+  | { event: 'tool_start'; data: { tool_name: string; arguments: Record<string, unknown> } }
+  | { event: 'tool_end'; data: { tool_name: string; result?: string; error?: string; duration_ms: number } }
   | { event: 'complete'; data: ChatResponse }
   | { event: 'error'; data: { message: string; type: string; code: string } }
   | { event: string; data: any };

@@ -345,7 +345,9 @@ export class OffgridSidebar extends Widget {
     }
     this.chatTitle.textContent = this.label(this.current);
     this.chatView.dataset.sessionId = this.current.id;
-    this.messages.replaceChildren(...this.current.messages.filter(m => m.role !== 'system').map(m => this.bubble(m)));
+    this.messages.replaceChildren(
+      ...this.current.messages.filter(m => m.role !== 'system').map(m => (m.role === 'tool' ? toolLine(m) : this.bubble(m)))
+    );
     this.messages.scrollTop = this.messages.scrollHeight;
     this.showView('chats');
   }
@@ -414,6 +416,7 @@ export class OffgridSidebar extends Widget {
     this.state.textContent = 'Sending…';
     const body = reply.querySelector('.offgrid-bubble-body') as HTMLElement;
     let content = '';
+    const calls: { name: string; arguments: unknown }[] = [];
     const settings = this.opts.settings();
     try {
       const stream = this.client.chat(session.id, message, {
@@ -427,6 +430,13 @@ export class OffgridSidebar extends Widget {
           content += ev.data.delta;
           body.textContent = content;
           this.messages.scrollTop = this.messages.scrollHeight;
+        } else if (ev.event === 'tool_end') {
+          const call = calls.shift();
+          reply.before(
+            toolLine({ content: ev.data.result ?? `Error: ${ev.data.error}`, metadata: { tool_call: call ?? { name: ev.data.tool_name } } })
+          );
+        } else if (ev.event === 'tool_start') {
+          calls.push({ name: ev.data.tool_name, arguments: ev.data.arguments });
         } else if (ev.event === 'complete') {
           content = ev.data.response?.content ?? content;
         } else if (ev.event === 'error') {
@@ -460,6 +470,10 @@ export class OffgridSidebar extends Widget {
       this.state.textContent = 'Loading the model…';
     } else if (ev.event === 'start') {
       this.state.textContent = 'Generating…';
+    } else if (ev.event === 'tool_start') {
+      this.state.textContent = `Calling ${ev.data.tool_name}…`;
+    } else if (ev.event === 'round_start' && ev.data.round > 1) {
+      this.state.textContent = `Round ${ev.data.round} of ${ev.data.max_rounds}…`;
     }
   }
 
@@ -486,4 +500,15 @@ export class OffgridSidebar extends Widget {
     this.showView('chats');
     await this.submit(message);
   }
+}
+
+/** A tool call the model made and what it returned, collapsed to one line (a stored `tool` message). */
+function toolLine(m: { content: string; metadata?: Record<string, any> }): HTMLElement {
+  const call = (m.metadata?.tool_call ?? {}) as { name?: string; arguments?: Record<string, unknown> };
+  const args = Object.entries(call.arguments ?? {})
+    .map(([k, v]) => `${k}=${JSON.stringify(v)}`)
+    .join(', ');
+  const short = m.content.length > 80 ? m.content.slice(0, 79) + '…' : m.content;
+  const summary = h('summary', {}, `🔧 called ${call.name ?? 'a tool'}(${args}) → ${short}`);
+  return h('details', { class: 'offgrid-tool-call', 'data-role': 'tool' }, summary, h('pre', {}, m.content));
 }

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
-from traitlets import Bool, Dict, Float, Int, Unicode, default
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
 from ..backend import QueueBackend
+from ..tools import load as load_tools
 from ..engine import MB, Engine
 from ..stats import attach
 from ..store import DB_FILENAME, Store, data_dir
@@ -60,6 +61,9 @@ class OffgridApp(ExtensionApp):
     profiles = Dict(help="Named presets sessions are created with: {name: {system_prompt, temperature, "
                     "max_tokens, top_p, top_k, repeat_penalty, seed, model, tools, max_rounds}} (put in the store "
                     "at start-up, so every kernel and the sidebar see them).").tag(config=True)
+    tools = List(Unicode(), help="Server tools, as 'package.module:function' (typed functions, or "
+                 "@offgrid_jupyter.tool objects): a REST chat on a session whose profile offers them runs the "
+                 "calls on the server. A name that does not import stops the start.").tag(config=True)
     engine_max_concurrent = Int(4, help="Requests sent to the engine at once (it batches them); the rest wait "
                                 "in the queue.").tag(config=True)
 
@@ -92,6 +96,7 @@ class OffgridApp(ExtensionApp):
                                  api_key=self.api_key, kernel_key=kernel_key, max_body_bytes=self.max_body_bytes,
                                  log=self.log)
         self.settings["offgrid_state"] = self.state
+        self.state.tools = load_tools(self.tools)  # a tool that does not import stops the start, naming it
         store.profiles.define(self.profiles)  # a bad profile stops the start with a message naming it
         if self.share_with_kernels:
             # kernels copy the server's environment when they start

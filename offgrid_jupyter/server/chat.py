@@ -28,6 +28,7 @@ from tornado import web
 from jupyter_server.auth.decorator import authorized
 
 from ..errors import GenerationNotFoundError, IdempotencyConflictError, InvalidRequestError, OffgridError
+from ..tools import openai_call
 from ..turns import ChatTurn, TurnResult
 from .base import OffgridHandler
 from .state import ServerState
@@ -37,9 +38,12 @@ KEY_CHARS = set(map(chr, range(0x21, 0x7F)))
 
 
 def result_payload(r, model_sha256: str) -> dict[str, Any]:
-    return {"text": r.text, "finish_reason": r.finish_reason, "model": r.model, "model_sha256": model_sha256,
-            "request_id": r.request_id, "params": r.params, "usage": r.usage, "timings": r.timings,
-            "queue_stats": r.queue_stats, "started_at": r.started_at}
+    out = {"text": r.text, "finish_reason": r.finish_reason, "model": r.model, "model_sha256": model_sha256,
+           "request_id": r.request_id, "params": r.params, "usage": r.usage, "timings": r.timings,
+           "queue_stats": r.queue_stats, "started_at": r.started_at}
+    if r.tool_calls:  # a turn that called tools: seed 002's shapes, and how many rounds it took
+        out.update(tool_calls=r.tool_calls, tool_results=r.tool_results, rounds=r.rounds, note=r.note)
+    return out
 
 
 def turn_payload(outcome: TurnResult) -> dict[str, Any]:
@@ -133,7 +137,8 @@ class SharedTurn:
         else:
             self._append("complete", payload)
             self.result.set_result(payload)
-            self.log = [("start", ident), ("token", {"delta": payload["text"]}), ("complete", payload)]
+            rounds = [e for e in self.log if e[0] in ("round_start", "tool_start", "tool_end")]  # a replay shows them
+            self.log = [("start", ident), *rounds, ("token", {"delta": payload["text"]}), ("complete", payload)]
         finally:
             self.state.running.pop(ident.get("request_id"), None)
 
@@ -159,7 +164,8 @@ class ChatHandler(OffgridHandler):
         if shared is None:
             turn = ChatTurn(self.state.engine, self.state.store, session.id, data["message"], source="server",
                             params={k: data[k] for k in PARAMS if k in data}, metadata=data.get("metadata"),
-                            replace=data.get("replace_message_id"))
+                            replace=data.get("replace_message_id"), tool_choice=data.get("tool_choice"),
+                            find_tools=self.state.find_tools, tool_executor=self.state.tool_pool)
             shared = SharedTurn(turn, self.state, fingerprint, scope if key else None)
             if key:
                 self.state.remember(scope, shared)
@@ -217,13 +223,13 @@ class OpenAIChatHandler(OffgridHandler):
     @authorized
     async def post(self) -> None:
         data = self.body()
-        params = {k: data[k] for k in PARAMS if k in data}
+        params = {k: data[k] for k in (*PARAMS, "tools", "tool_choice") if k in data}
         if "max_completion_tokens" in data:
             params["max_tokens"] = data["max_completion_tokens"]
         messages = data["messages"]
         if data.get("system_prompt"):  # offgrid extension: a one-shot cell's --system
             messages = [{"role": "system", "content": data["system_prompt"]}, *messages]
-        gen = self.state.engine.generate(messages, source="openai", **params)
+        gen = self.state.engine.generate(messages, source="openai", session_id=data.get("session_id"), **params)
         self._gen = gen
         self.state.running[gen.request_id] = gen
         created = int(time.time())
@@ -232,9 +238,12 @@ class OpenAIChatHandler(OffgridHandler):
         try:
             if not data.get("stream"):
                 result = await gen.wait_async()
+                message: dict[str, Any] = {"role": "assistant", "content": result.text}
+                if result.tool_calls:  # for the client to run, as OpenAI does
+                    message = {"role": "assistant", "content": None,
+                               "tool_calls": [openai_call(c) for c in result.tool_calls]}
                 self.send(200, {"id": ident, "object": "chat.completion", "created": created, "model": model,
-                                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                             "finish_reason": _openai_finish(result.finish_reason)}],
+                                "choices": [{"index": 0, "message": message, "finish_reason": _openai_finish(result)}],
                                 "usage": _openai_usage(result.usage)})
                 return
             await self._stream(gen, ident, created, model)
@@ -257,7 +266,10 @@ class OpenAIChatHandler(OffgridHandler):
                     if kind == "token":
                         await self.event(None, chunk({"content": payload}))
                     elif kind == "complete":
-                        await self.event(None, chunk({}, _openai_finish(payload.finish_reason)))
+                        if payload.tool_calls:
+                            await self.event(None, chunk({"tool_calls": [
+                                {"index": i, **openai_call(c)} for i, c in enumerate(payload.tool_calls)]}))
+                        await self.event(None, chunk({}, _openai_finish(payload)))
                         # OpenAI's usage chunk, plus our full result under a key OpenAI clients ignore
                         await self.event(None, {**chunk({}), "choices": [], "usage": _openai_usage(payload.usage),
                                                 "offgrid": result_payload(payload, gen.model.sha256())})
@@ -272,8 +284,10 @@ class OpenAIChatHandler(OffgridHandler):
             gen.cancel()
 
 
-def _openai_finish(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
+def _openai_finish(result) -> str:
+    if result.tool_calls:
+        return "tool_calls"
+    return result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
 
 
 def _openai_usage(usage: dict) -> dict:

@@ -222,6 +222,15 @@ class ProfilesHandler(OffgridHandler):
         self.send(200, {"profiles": await self.run(lambda: [p.to_dict() for p in self.state.store.profiles.list()])})
 
 
+class ToolsHandler(OffgridHandler):
+    spec_path = "/tools"
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.send(200, {"tools": [t.spec() for t in self.state.tools.values()]})
+
+
 class ModelsHandler(OffgridHandler):
     spec_path = "/models"
 
@@ -286,6 +295,7 @@ def handlers() -> list[tuple[str, type]]:
         (f"{v1}/stats", StatsHandler),
         (f"{v1}/stats/requests", RequestsHandler),
         (f"{v1}/profiles", ProfilesHandler),
+        (f"{v1}/tools", ToolsHandler),
         (f"{v1}/models", ModelsHandler),
         (f"{v1}/health", HealthHandler),
         (f"{v1}/chat/completions", OpenAIChatHandler),

@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Any
 from ..backend import Backend
 from ..stats import RequestLog
 from ..store import Store
+from ..errors import UnknownToolError
+from ..tools import Tool
 
 if TYPE_CHECKING:
     from .chat import SharedTurn
 
 IDEMPOTENCY_KEEP = 1000  # finished turns remembered for replays of retried requests
 STORE_THREADS = 2  # short store calls only: nothing that waits for a turn runs here
+TOOL_THREADS = 4  # server tools running at once (the rest wait their turn in the pool's queue)
 
 
 @dataclass
@@ -33,6 +36,17 @@ class ServerState:
         default_factory=lambda: ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="offgrid-store"))
     keyed: OrderedDict[tuple, "SharedTurn"] = field(default_factory=OrderedDict)  # (route, session, key) -> turn
     running: dict[str, "SharedTurn"] = field(default_factory=dict)  # request id -> turn, for cancel
+    tools: dict[str, Tool] = field(default_factory=dict)  # c.OffgridApp.tools, by name
+    tool_pool: ThreadPoolExecutor = field(  # server tools run here: user code, never on the loop or the store pool
+        default_factory=lambda: ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="offgrid-tool"))
+
+    def find_tools(self, names: list[str]) -> list[Tool]:
+        """A profile's tools among the server's (c.OffgridApp.tools); a missing one is a 400."""
+        missing = [n for n in names if n not in self.tools]
+        if missing:
+            raise UnknownToolError(f"The session's profile offers {', '.join(missing)}, which this server does not "
+                                   f"have: add it to c.OffgridApp.tools (it has: {', '.join(self.tools) or 'none'}).")
+        return [self.tools[n] for n in names]
 
     def key_matches(self, presented: str) -> bool:
         """Constant-time comparison against the configured API key and the kernels' key."""
@@ -55,3 +69,4 @@ class ServerState:
         self.request_log.close()
         self.engine.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.tool_pool.shutdown(wait=False, cancel_futures=True)
