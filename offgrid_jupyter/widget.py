@@ -34,6 +34,7 @@ from .render import Progress, tool_line, tool_lines
 from .store import Session
 
 NEW = "__new__"  # a new session with a generated name, not used by the cells
+NEW_WITH = "__new__:"  # ... made with the profile named after the colon
 CURRENT = "__current__"  # the notebook's session, created by the first message
 PANEL_MIME_KEY = "offgrid_panel"  # output metadata that marks a panel (for the pre-save snapshot)
 FOLLOW_INTERVAL = 0.1  # seconds between redraws of a streaming reply
@@ -138,19 +139,21 @@ class ChatPanel(widgets.VBox):
     def _fill_picker(self, select: str | None) -> None:
         try:
             sessions = self.context.store.list(limit=200)
-            if select not in (None, NEW, CURRENT):
+            if select not in (None, CURRENT) and not self._is_new(select):
                 select = self.context.store.get(select, messages=False).id
         except OffgridError as exc:
             self._fail(exc)
             sessions, select = [], None
         options = [(s.name or s.title or s.id, s.id) for s in sessions]
+        profiles = [NEW_WITH + p.name for p in self._profiles()]
         if not any(value == select for _, value in options):
-            select = select if select in (NEW, CURRENT) else CURRENT
+            select = select if select in (NEW, CURRENT, *profiles) else CURRENT
         if self.context.current_session(create=False) is None:
             options.insert(0, (self._current_label(), CURRENT))
         elif select == CURRENT:
             select = self.context.current_session(create=False).id
         options.append(("New session", NEW))
+        options += [(f"New session with profile {p.name}", NEW_WITH + p.name) for p in self._profiles()]
         self._filling = True  # the picker's own change events wait until it is filled
         try:
             self.picker.options = options
@@ -159,12 +162,23 @@ class ChatPanel(widgets.VBox):
             self._filling = False
         self._picked()
 
+    def _profiles(self) -> list:
+        profiles = getattr(self.context.store, "profiles", None)  # (a server elsewhere keeps its own)
+        try:
+            return profiles.list() if profiles is not None else []
+        except OffgridError:
+            return []
+
+    @staticmethod
+    def _is_new(value: Any) -> bool:
+        return value == NEW or str(value).startswith(NEW_WITH)
+
     def _picked(self, change: Any = None) -> None:
         if self._filling:
             return
         value = self.picker.value
-        self._choice = value if value in (NEW, CURRENT) else None
-        self.session_id = None if value in (None, NEW, CURRENT) else value
+        self._choice = value if value == CURRENT or self._is_new(value) else None
+        self.session_id = None if value in (None, CURRENT) or self._is_new(value) else value
         self.refresh()
 
     def reload(self) -> None:
@@ -175,8 +189,10 @@ class ChatPanel(widgets.VBox):
         """Show the picked session's conversation as it is in the store now."""
         self.error.value = ""
         if self.session_id is None:
-            self.title.value = ("<i>A new session starts with your first message.</i>" if self._choice == NEW else
-                                "<i>This notebook's session starts with your first message (or cell).</i>")
+            profile = self._choice[len(NEW_WITH):] if str(self._choice).startswith(NEW_WITH) else None
+            self.title.value = ("<i>This notebook's session starts with your first message (or cell).</i>"
+                                if self._choice == CURRENT else "<i>A new session starts with your first message"
+                                + (f", made with the profile {html.escape(profile)}" if profile else "") + ".</i>")
             self.messages.children = ()
             return
         try:
@@ -279,8 +295,9 @@ class ChatPanel(widgets.VBox):
         self.error.value = ""
         try:
             if self.session_id is None:
-                if self._choice == NEW:
-                    session = self.context.new_session(None, adopt=False)
+                if self._is_new(self._choice):
+                    profile = self._choice[len(NEW_WITH):] or None if self._choice != NEW else None
+                    session = self.context.new_session(None, adopt=False, profile=profile)
                 else:  # the notebook's session: the one %%offgrid cells use
                     session = self.context.current_session(create=True)
                 self._fill_picker(session.id)

@@ -159,3 +159,17 @@ def test_two_panels_queue_through_one_engine(context, store):
     third.send("And about hail?")
     assert first.join(120) and third.join(120)
     assert [m.role for m in store.get(first.session_id).messages] == ["user", "assistant"] * 3
+
+
+def test_the_new_session_menu_makes_a_session_with_a_profile(context, store):
+    store.profiles.define({"terse": {"system_prompt": "Answer in at most five words.", "max_tokens": 8}})
+    panel = ChatPanel(context=context, temperature=0.0)
+    choices = dict((v, k) for k, v in panel.picker.options)
+    assert choices["__new__:terse"] == "New session with profile terse"
+    panel.picker.value = "__new__:terse"
+    assert "profile terse" in panel.title.value
+    panel.send("Describe the sea.")
+    assert panel.join(120)
+    session = store.get(panel.session_id)
+    assert session.profile == "terse" and [m.role for m in session.messages] == ["user", "assistant"]
+    assert session.messages[1].metadata["params"]["max_tokens"] == 8  # the profile's, as for any turn
