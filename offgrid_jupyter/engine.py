@@ -1,20 +1,19 @@
-"""The in-process inference engine.
+"""The in-process inference engine: one model, one engine thread, continuous batching.
 
-One ``Engine`` per process owns one ``llama_cpp.Llama``. A ``Llama`` is not
-thread-safe, so a single engine thread owns it and every request goes through a
-FIFO queue; callers get a :class:`Generation` handle that streams text deltas
-and ends with a :class:`GenerationResult`.
+One ``Engine`` per process owns one loaded GGUF. A ``Llama`` is not thread-safe, so a
+single engine thread owns it; callers get a :class:`Generation` handle that streams text
+deltas and ends with a :class:`GenerationResult`. Up to ``n_parallel`` requests are served at
+once, decoded together in one llama.cpp context (see :mod:`offgrid_jupyter.batching`); the
+rest wait in the FIFO queue of :class:`~offgrid_jupyter.backend.QueueBackend`, with its bound,
+timeout and statistics. A request for another model waits until the running ones end.
 
-Per-session KV reuse: the context holds one conversation at a time. When a
-request for another session arrives, the current conversation's KV cells are
-copied out with llama.cpp's per-sequence state API (a few ms, no logits buffer)
-into a byte-bounded LRU, and the new session's snapshot, if any, is copied in.
-llama-cpp-python's own prefix matching then evaluates only the new tokens.
+This module turns a request into a prompt: the model's own chat template, the oldest turns
+dropped to fit the context (in about one formatting), tools and JSON schemas turned into
+grammars. Per-session KV reuse and the batching itself are in ``batching.py``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -23,11 +22,10 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
-
-from .backend import Generation, GenerationParams, QueueBackend
-from .errors import ContextOverflowError, InvalidRequestError, OffgridError
 from . import tools
+from .backend import Generation, GenerationParams, QueueBackend
+from .batching import Batcher, KVCache, Slot
+from .errors import InvalidRequestError, ContextOverflowError, OffgridError
 from .llamacpp import LlamaModel, grammar, grammar_for, tool_grammar
 from .models import ModelInfo, resolve_model
 from .threads import ThreadTuner
@@ -36,6 +34,8 @@ log = logging.getLogger(__name__)
 
 MB = 1 << 20
 TOKEN_COUNT_CACHE = 8192  # per-message token counts kept for fitting long histories
+DEFAULT_PARALLEL = 4  # see README "How the engine works": measured on 2 cores (bench/concurrency.py)
+PREFILL_STALL = 0.25  # seconds of prompt a step may read while others decode: bounds their longest stall
 
 
 def available_cores() -> int:
@@ -46,79 +46,8 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class _KVSnapshot:
-    __slots__ = ("tokens", "data", "nbytes")
-
-    def __init__(self, tokens: np.ndarray, data: ctypes.Array):
-        self.tokens = tokens
-        self.data = data
-        self.nbytes = len(data) + tokens.nbytes
-
-
-class KVCache:
-    """Byte-bounded LRU of per-session KV snapshots (engine thread only)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, _KVSnapshot] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self.tokens_reused = 0
-        self.evictions = 0
-
-    def get(self, key: str) -> _KVSnapshot | None:
-        snap = self._items.get(key)
-        if snap is not None:
-            self._items.move_to_end(key)
-        return snap
-
-    def put(self, key: str, snap: _KVSnapshot) -> None:
-        self.discard(key)
-        if snap.nbytes > self.max_bytes:
-            return
-        self._items[key] = snap
-        self.bytes += snap.nbytes
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= old.nbytes
-            self.evictions += 1
-
-    def discard(self, key: str) -> None:
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.bytes -= old.nbytes
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
-
-    def stats(self) -> dict[str, Any]:
-        lookups = self.hits + self.misses
-        return {
-            "entries": len(self._items),
-            "bytes": self.bytes,
-            "max_bytes": self.max_bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": round(self.hits / lookups, 4) if lookups else 0.0,
-            "tokens_reused": self.tokens_reused,
-            "evictions": self.evictions,
-        }
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
-
-
 class Engine(QueueBackend):
-    """One model in this process, one engine thread (a ``Llama`` is not thread-safe), one FIFO queue."""
-
-    slots = 1
+    """One model in this process, one engine thread, up to ``n_parallel`` requests decoded together."""
 
     def __init__(
         self,
@@ -127,6 +56,8 @@ class Engine(QueueBackend):
         n_ctx: int = 4096,
         n_threads: int | None = None,
         n_batch: int = 512,
+        n_parallel: int = DEFAULT_PARALLEL,
+        prefill_stall: float = PREFILL_STALL,
         chat_format: str | None = None,
         queue_timeout: float = 1800.0,
         max_queue: int = 64,
@@ -134,20 +65,24 @@ class Engine(QueueBackend):
         defaults: GenerationParams | None = None,
     ):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
+        for name, value, low, high in (("n_ctx", n_ctx, 64, 1 << 22), ("n_parallel", n_parallel, 1, 64),
+                                       ("n_batch", n_batch, 8, 1 << 16)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidRequestError(f"{name} must be an integer from {low} to {high}, got {value!r}.")
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.n_threads = n_threads or available_cores()
-        self.n_batch = n_batch
+        self.n_parallel = self.slots = n_parallel
+        self.prefill_stall = float(prefill_stall)
+        self.n_batch = max(n_batch, n_parallel + 16)  # a step: every decoding token and some prompt
         self.chat_format = chat_format
         self.kv = KVCache(kv_cache_bytes)
         self.tuner = ThreadTuner(self.n_threads)
 
         self._model: ModelInfo | None = None
         self._llm: LlamaModel | None = None
-        self._owner: str | None = None  # session whose conversation is in the context
-        self._owner_dirty = False
+        self._batcher: Batcher | None = None
         self._loaded: ModelInfo | None = None
-        self._abort_flag = False  # read by llama.cpp's abort callback during prompt evaluation
         self._token_counts: OrderedDict[tuple[str, str], int] = OrderedDict()  # (model, message digest) -> tokens
         self._overhead = 8.0  # template tokens per message, learnt from each fitted prompt
         self._grammars: dict[str, Any] = {}  # GBNF text -> llama-cpp-python grammar, for tool calls
@@ -170,7 +105,9 @@ class Engine(QueueBackend):
         return resolve_model(model)
 
     def _interrupt(self, gen: Generation) -> None:
-        self._abort_flag = True
+        batcher = self._batcher
+        if batcher is not None:
+            batcher.interrupt(gen)
 
     def _queue_extra(self) -> dict[str, Any]:
         return {"cache": self.kv.stats()}
@@ -183,7 +120,7 @@ class Engine(QueueBackend):
         return {
             "kind": "llama.cpp", "name": m.name, "path": str(m.path), "source": m.source,
             "size_bytes": m.size_bytes, "loaded": self.loaded, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
-            "decode_threads": self.tuner.current,
+            "n_parallel": self.n_parallel, "decode_threads": self.tuner.current,
             "chat_format": getattr(self._llm, "chat_format", self.chat_format),
         }
 
@@ -206,16 +143,17 @@ class Engine(QueueBackend):
             return self._llm
         self._unload()
         llm = LlamaModel(str(info.path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
-                         chat_format=self.chat_format, should_abort=lambda: self._abort_flag)
-        self._llm, self._loaded, self._owner = llm, info, None
+                         n_parallel=self.n_parallel, chat_format=self.chat_format,
+                         should_abort=lambda: self._batcher is not None and self._batcher.aborting)
+        self._llm, self._loaded = llm, info
+        self._batcher = Batcher(llm, self.kv, self.tuner, n_threads=self.n_threads, stall=self.prefill_stall,
+                                done=self._slot_done)
         return llm
 
     def _unload(self) -> None:
         if self._llm is not None:
             self._llm.close()
-        self._llm = None
-        self._loaded = None
-        self._owner = None
+        self._llm = self._loaded = self._batcher = None
         self.kv.clear()
 
     def _count(self, llm: LlamaModel, message: dict) -> int:
@@ -293,26 +231,6 @@ class Engine(QueueBackend):
             f"The prompt is {tokens} tokens, more than the {self.n_ctx}-token context allows with room for a "
             "reply. Shorten the message or raise n_ctx.")
 
-    def _prepare_kv(self, llm: LlamaModel, session_id: str | None, prompt: list[int]) -> int:
-        """Put the best available KV state for this prompt in the context; return
-        how many prompt tokens will be reused."""
-        tokens = np.asarray(prompt, dtype=np.intc)
-        if session_id != self._owner:
-            if self._owner is not None and self._owner_dirty and len(llm.tokens) > 0:
-                self.kv.put(self._owner, _KVSnapshot(*llm.snapshot()))
-            snap = self.kv.get(session_id) if session_id else None
-            if snap is not None:
-                if _common_prefix(snap.tokens, tokens) > _common_prefix(llm.tokens, tokens):
-                    llm.restore(snap.tokens, snap.data)  # on failure the context starts clean
-                self.kv.hits += 1
-            elif session_id:
-                self.kv.misses += 1
-            self._owner = session_id
-        self._owner_dirty = True
-        reused = min(_common_prefix(llm.tokens, tokens), max(0, len(prompt) - 1))
-        self.kv.tokens_reused += reused
-        return reused
-
     def _check(self, params: GenerationParams) -> None:
         schema = (params.response_format or {}).get("schema")
         if schema is not None:
@@ -321,110 +239,97 @@ class Engine(QueueBackend):
         if calls:
             self._tool_grammar(calls, params)  # the same for a tool's parameters
 
-    # -- one request -------------------------------------------------------------
-    def _execute(self, gen: Generation) -> None:
-        self._abort_flag = gen.cancelled
-        try:
-            self._run_one(gen)
-        finally:
-            self._abort_flag = False
 
-    def _run_one(self, gen: Generation) -> None:
-        start = gen.started_mono
-        wait_ms = (start - gen.submitted_mono) * 1000
+    # -- the engine thread ----------------------------------------------------------------
+    def _ensure_threads(self) -> None:
+        """One engine thread serves every slot (a Llama is not thread-safe)."""
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if not self._threads:
+            thread = threading.Thread(target=self._run, name="offgrid-engine", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._pending and not self._busy():
+                    self._cv.wait()
+                if self._closed:
+                    break
+                gen = self._admissible()
+            if gen is not None:
+                self._start(gen)  # new requests join before the next step
+            elif self._busy():
+                self._step()
+            else:  # pragma: no cover - a head that cannot start with nothing running cannot happen
+                time.sleep(0.01)
+        if self._batcher is not None:
+            self._batcher.cancel_all()
+
+    def _busy(self) -> bool:
+        return self._batcher is not None and bool(self._batcher.active)
+
+    def _admissible(self) -> Generation | None:
+        """The queue's first request, taken out of it, if it can start now (under the lock)."""
+        if not self._pending:
+            return None
+        gen = self._pending[0]
+        if self._busy():
+            same_model = self._llm is not None and self._loaded == gen.model
+            if not same_model or not self._batcher.free:
+                return None  # another model waits for the running requests to end; FIFO behind it
+        self._pending.popleft()
+        gen.started_mono = time.monotonic()
+        gen.state = "running"
+        self._running.append(gen)
+        return gen
+
+    def _start(self, gen: Generation) -> None:
         gen._emit("start")
-        text_parts: list[str] = []
-        calls = tools.offered(gen.params.tools or [], gen.params.tool_choice)
-        held: list[str] | None = [] if calls else None  # a reply that may be a call is shown once it is not
-        tool_calls: list[dict] = []
-        prompt_n = cached = completion_n = 0
-        ttft = None
-        finish = "error"
-        error: BaseException | None = None
         try:
             if self._llm is None or self._loaded != gen.model:
                 gen._emit("loading", {"model": gen.model.name, "size_bytes": gen.model.size_bytes})
             llm = self._load(gen.model)
             kwargs = self._fit(llm, gen.messages, gen.params)
-            prompt_n = len(kwargs["prompt"])
             # a reply stops where the context ends ("length"), never with llama.cpp out of KV cells
-            # (llama-cpp-python skips its own max_tokens check while a character is incomplete,
-            # so the hook below enforces the limit too)
-            limit = kwargs["max_tokens"] = max(1, min(gen.params.max_tokens, self.n_ctx - prompt_n))
-            at_limit = False
-            cached = self._prepare_kv(llm, gen.session_id, kwargs["prompt"])
-            sampled: list[int] = []
-            tuner = self.tuner
+            limit = max(1, min(gen.params.max_tokens, self.n_ctx - len(kwargs["prompt"])))
+            self._batcher.admit(gen, kwargs, limit)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, the engine survives
+            self._end(gen, error=exc, prompt=0)
 
-            def on_token(tok: int) -> bool:
-                # Sees every sampled token: counts them, stamps time to first token,
-                # stops within one token on cancel, and lets the tuner pick threads.
-                nonlocal ttft, at_limit
-                now = time.monotonic()
-                if ttft is None:
-                    ttft = now
-                    llm.set_abort(False)  # prompt done: no per-node callback while decoding
-                if gen.cancelled:
-                    return False
-                if len(sampled) >= limit:
-                    at_limit = True
-                    return False
-                sampled.append(tok)
-                threads = tuner.token(now)
-                if threads is not None:
-                    llm.set_threads(threads, tuner.current)
-                return True
+    def _step(self) -> None:
+        try:
+            self._batcher.step()
+        except Exception as exc:  # noqa: BLE001 - unexpected: the running requests end, the engine survives
+            log.exception("offgrid engine: a decode step failed")
+            self._batcher.fail_all(exc)
 
-            decode = tuner.start()
-            llm.set_threads(decode, tuner.current)
-            llm.set_abort(True)
-            try:
-                for chunk in llm.stream(kwargs, on_token):
-                    choice = chunk["choices"][0]
-                    if choice["text"]:
-                        text_parts.append(choice["text"])
-                        if held is None:
-                            gen._emit("token", choice["text"])
-                        else:
-                            held.append(choice["text"])
-                            start_text = "".join(held).lstrip()
-                            if start_text and not start_text.startswith("{"):  # plain text: an answer
-                                gen._emit("token", "".join(held))
-                                held = None
-                    if choice["finish_reason"]:
-                        finish = choice["finish_reason"]
-                    if gen.cancelled:
-                        break
-            except RuntimeError:
-                if not gen.cancelled:  # a real decode failure, not our abort
-                    raise
-            finally:
-                llm.set_abort(False)
-            # generation ends at the first end-of-generation token: only the last can be one
-            completion_n = len(sampled) - bool(sampled and llm.is_eog(sampled[-1]))
-            if at_limit:
-                finish = "length"
-            if gen.cancelled:
-                finish = "cancelled"
-            if held is not None:  # it started with "{": a call, or a JSON answer
-                call = tools.parse_call("".join(text_parts), calls) if finish == "stop" else None
-                if call is not None:
-                    tool_calls, text_parts = [call], []
-                elif held:
-                    gen._emit("token", "".join(held))
-        except Exception as exc:  # noqa: BLE001 - reported to the caller, engine survives
-            error = exc
-            finish = "error"
-            self._owner = None  # context state unknown: do not trust it for this session
-            if self._llm is not None:
-                self._llm.reset()
-        total_ms = (time.monotonic() - start) * 1000
-        ttft_ms = None if ttft is None else (ttft - start) * 1000
-        result = self._result(gen, "".join(text_parts), finish, wait_ms, prompt=prompt_n, cached=cached,
-                              completion=completion_n, ttft=ttft_ms, total_ms=total_ms,
+    def _slot_done(self, slot: Slot) -> None:
+        """A slot ended (on the engine thread): resolve its request."""
+        now = time.monotonic()
+        gen = slot.gen
+        call = None
+        if slot.calls and slot.finish == "stop":  # a reply that started with "{": a call, or a JSON answer
+            call = tools.parse_call("".join(slot.text) + slot.pending if slot.deciding else "", slot.calls)
+        text = "" if call else "".join(slot.text)
+        self._end(gen, error=slot.error, prompt=len(slot.prompt), cached=slot.cached, completion=len(slot.sampled),
+                  text=text, finish=slot.finish, ttft=slot.ttft, now=now, tool_calls=[call] if call else [])
+
+    def _end(self, gen: Generation, *, error: BaseException | None, prompt: int, cached: int = 0,
+             completion: int = 0, text: str = "", finish: str = "error", ttft: float | None = None,
+             now: float | None = None, tool_calls: list | None = None) -> None:
+        now = now or time.monotonic()
+        start = gen.started_mono
+        result = self._result(gen, text, "error" if error else finish, (start - gen.submitted_mono) * 1000,
+                              prompt=prompt, cached=cached, completion=completion,
+                              ttft=None if ttft is None else (ttft - start) * 1000, total_ms=(now - start) * 1000,
                               error=type(error).__name__ if error else None,
-                              decode_s=(time.monotonic() - ttft) if ttft else 0.0)
-        result.tool_calls = tool_calls
+                              decode_s=(now - ttft) if ttft else 0.0)
+        result.tool_calls = tool_calls or []
+        with self._cv:
+            if gen in self._running:
+                self._running.remove(gen)
+            self._cv.notify_all()
         self._finish(gen, result, error)
 
 
@@ -432,6 +337,7 @@ def engine_settings_from_env() -> dict[str, Any]:
     """Engine keyword arguments from OFFGRID_* environment variables."""
     out: dict[str, Any] = {}
     for env, key, cast in (("OFFGRID_N_CTX", "n_ctx", int), ("OFFGRID_THREADS", "n_threads", int),
+                           ("OFFGRID_N_PARALLEL", "n_parallel", int),
                            ("OFFGRID_CHAT_FORMAT", "chat_format", str),
                            ("OFFGRID_QUEUE_TIMEOUT", "queue_timeout", float),
                            ("OFFGRID_MAX_QUEUE", "max_queue", int),

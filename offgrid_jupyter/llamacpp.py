@@ -4,11 +4,12 @@ The engine needs a few things ``llama_cpp.Llama`` does not offer publicly:
 
 - the exact prompt a chat handler would build (we run the handler against a
   stand-in whose ``create_completion`` captures its arguments);
-- a per-token hook inside ``create_completion`` (to count tokens, stamp the first,
-  stop within one token, and tune threads), done by shadowing ``Llama.generate``;
-- the context's tokens and KV cells (``input_ids``, ``n_tokens``, ``_ctx``), to
-  snapshot one conversation and restore another with llama.cpp's per-sequence
-  state API;
+- a context of our own with several sequences (``llama_context_params.n_seq_max``,
+  ``kv_unified``; ``_internals.LlamaContext`` and ``LlamaBatch``), decoded in batches
+  with ``llama_decode``, and each sequence's KV cells saved and restored with
+  llama.cpp's per-sequence state API;
+- the samplers llama-cpp-python builds (``Llama._init_sampler``, its seed rule), so a
+  sequence samples exactly as ``create_completion`` would;
 - quiet loading that does not swap the process's stdout/stderr
   (``suppress_stdout_stderr`` in ``llama_cpp.llama`` and ``llama_cpp._internals``).
 
@@ -20,8 +21,7 @@ an upgrade of llama-cpp-python that moves one fails loudly in one test, not as a
 from __future__ import annotations
 
 import ctypes
-import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -47,12 +47,16 @@ MODULE_ATTRIBUTES = [
     ("llama_cpp", "llama_set_abort_callback"),
     ("llama_cpp", "ggml_abort_callback"),
     ("llama_cpp", "llama_set_n_threads"),
+    ("llama_cpp", "llama_decode"),
+    ("llama_cpp._internals", "LlamaContext"),  # our own context with n_parallel sequences
+    ("llama_cpp._internals", "LlamaBatch"),
+    ("llama_cpp:llama_context_params", "n_seq_max"),  # (module:class, attribute)
+    ("llama_cpp:llama_context_params", "kv_unified"),
     ("llama_cpp", "llama_vocab_is_eog"),
     ("llama_cpp.llama_chat_format", "get_chat_completion_handler"),
 ]
-INSTANCE_ATTRIBUTES = ["ctx", "_ctx", "input_ids", "n_tokens", "_requires_eval", "chat_handler", "_chat_handlers",
-                       "chat_format", "_model", "generate", "create_completion", "tokenize", "_init_sampler",
-                       "_n_vocab"]
+INSTANCE_ATTRIBUTES = ["context_params", "chat_handler", "_chat_handlers", "chat_format", "_model", "create_completion",
+                       "tokenize", "_init_sampler", "_n_vocab", "_seed", "set_seed"]
 
 
 class IncompatibleLlamaError(OffgridError):
@@ -72,18 +76,17 @@ def check_compat(llm: Any = None) -> None:
     import importlib
 
     missing = []
-    for module, attr in MODULE_ATTRIBUTES:
-        if not hasattr(importlib.import_module(module), attr):
-            missing.append(f"{module}.{attr}")
+    for where, attr in MODULE_ATTRIBUTES:
+        module, _, cls = where.partition(":")
+        owner = importlib.import_module(module)
+        if cls:
+            owner = getattr(owner, cls, None)
+        if not hasattr(owner, attr):
+            missing.append(f"{where.replace(':', '.')}.{attr}")
     if llm is not None:
         missing += [f"Llama.{a}" for a in INSTANCE_ATTRIBUTES if not hasattr(llm, a)]
-        if hasattr(llm, "_ctx") and not hasattr(llm._ctx, "kv_cache_seq_rm"):
-            missing.append("Llama._ctx.kv_cache_seq_rm")
-        if hasattr(llm, "_model") and not hasattr(llm._model, "vocab"):
-            missing.append("Llama._model.vocab")
-        params = inspect.signature(type(llm).generate).parameters
-        if "tokens" not in params:
-            missing.append("Llama.generate(tokens, ...)")
+        if hasattr(llm, "_model"):
+            missing += [f"Llama._model.{a}" for a in ("vocab", "detokenize", "model") if not hasattr(llm._model, a)]
     if missing:
         raise IncompatibleLlamaError(
             f"llama-cpp-python {_version()} no longer has {', '.join(missing)}, which offgrid-jupyter uses "
@@ -218,25 +221,47 @@ class _CaptureLlama:
 
 
 class LlamaModel:
-    """One loaded GGUF: a ``llama_cpp.Llama`` plus the few private operations the engine needs.
-    Not thread-safe: the engine thread is its only user."""
+    """One loaded GGUF, for the engine's batched decoding. Not thread-safe: the engine thread is
+    its only user.
+
+    A ``llama_cpp.Llama`` gives the tokenizer, the chat template (its handler builds the exact
+    prompt, captured by :meth:`format`) and the samplers llama-cpp-python would build
+    (:meth:`sampler`). Decoding happens in a context of our own, made from the same model with
+    ``n_parallel`` sequences in one unified KV cache: every step, :meth:`decode` runs one
+    ``llama_decode`` over the batch the engine filled (a token for each generating sequence,
+    a chunk of prompt for those still reading theirs). The Llama's own context is never
+    decoded, so it is made as small as llama.cpp allows."""
+
+    OWN_CTX = 256  # the Llama's unused context: llama.cpp pads smaller ones up to this anyway
 
     def __init__(self, path: str, *, n_ctx: int, n_batch: int, n_threads: int, chat_format: str | None,
-                 should_abort: Callable[[], bool] = lambda: False):
+                 n_parallel: int = 1, should_abort: Callable[[], bool] = lambda: False):
         import llama_cpp
-        import llama_cpp._internals
+        import llama_cpp._internals as internals
         import llama_cpp.llama
 
         check_compat()
         llama_cpp.llama.suppress_stdout_stderr = _NoRedirect
-        llama_cpp._internals.suppress_stdout_stderr = _NoRedirect
+        internals.suppress_stdout_stderr = _NoRedirect
         try:
-            self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                       n_threads_batch=n_threads, chat_format=chat_format, verbose=False)
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=self.OWN_CTX, n_batch=8, n_ubatch=8,
+                                       n_threads=n_threads, n_threads_batch=n_threads, chat_format=chat_format,
+                                       verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise InvalidModelError(f"llama.cpp could not load the model {path}: {exc}. "
                                     "The file may be truncated or of an unsupported architecture.") from exc
         check_compat(self.llm)
+        params = self.llm.context_params  # a ctypes struct (copied by value into the new context)
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch  # one ubatch per decode
+        params.n_seq_max, params.kv_unified = n_parallel, True  # sequences share the n_ctx cells
+        params.n_threads = params.n_threads_batch = n_threads
+        try:
+            self.ctx = internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            self.llm.close()
+            raise InvalidModelError(f"llama.cpp could not make a {n_ctx}-token context for {path}: {exc}.") from exc
+        self.batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=n_parallel, verbose=False)
+        self.n_ctx, self.n_batch, self.n_parallel = n_ctx, n_batch, n_parallel
         self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: bool(should_abort()))
         self._no_abort_cb = llama_cpp.ggml_abort_callback(0)
         real_init_sampler = self.llm._init_sampler
@@ -247,6 +272,7 @@ class LlamaModel:
 
         self.llm._init_sampler = init_sampler  # shadows the method on this instance only
         self.threads = (n_threads, n_threads)
+        self._vocab = self.llm._model.vocab
 
     @property
     def chat_format(self) -> str | None:
@@ -270,79 +296,94 @@ class LlamaModel:
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
-    # -- the context's tokens and KV cells -----------------------------------------------
+    def piece(self, token: int) -> bytes:
+        """A generated token's bytes (a multi-byte character may span several tokens)."""
+        return self.llm._model.detokenize([token], special=False)
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def sampler(self, kwargs: dict) -> Any:
+        """The sampler ``create_completion(**kwargs)`` would build (the same chain, the same seed
+        rule), for one sequence; ``sample(ctx, i)`` picks from the logits of batch row *i* and
+        accepts the token. A grammar in *kwargs* is checked as :class:`GrammarChecked` does."""
+        import random
+
+        seed = kwargs.get("seed")
+        self.llm.set_seed(seed if seed is not None else random.Random(self.llm._seed).randint(0, 2**32))
+        return self.llm._init_sampler(
+            top_k=kwargs.get("top_k", 40), top_p=kwargs.get("top_p", 0.95), min_p=kwargs.get("min_p", 0.05),
+            typical_p=kwargs.get("typical_p", 1.0), temp=kwargs.get("temperature", 0.8),
+            repeat_penalty=kwargs.get("repeat_penalty", 1.0), frequency_penalty=kwargs.get("frequency_penalty", 0.0),
+            presence_penalty=kwargs.get("presence_penalty", 0.0), tfs_z=kwargs.get("tfs_z", 1.0),
+            mirostat_mode=kwargs.get("mirostat_mode", 0), mirostat_eta=kwargs.get("mirostat_eta", 0.1),
+            mirostat_tau=kwargs.get("mirostat_tau", 5.0), grammar=kwargs.get("grammar"))
+
+    # -- one batch ----------------------------------------------------------------------------
+    def clear(self) -> None:
+        self.batch.batch.n_tokens = 0
+
     @property
-    def tokens(self) -> np.ndarray:
-        """The tokens whose KV cells are in the context now."""
-        return self.llm.input_ids[: self.llm.n_tokens]
+    def batched(self) -> int:
+        return self.batch.batch.n_tokens
 
-    def reset(self) -> None:
-        """Forget the context's contents (state unknown after a failure)."""
-        self.llm.n_tokens = 0
+    def add(self, tokens: list[int], start: int, seq_id: int, logits_last: bool) -> int:
+        """Put *tokens* of sequence *seq_id* at positions start.. in the batch; the last one's
+        logits are kept when *logits_last*. Returns the last one's row."""
+        b = self.batch.batch
+        n0 = b.n_tokens
+        for k, token in enumerate(tokens):
+            i = n0 + k
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, start + k, 1, False
+            b.seq_id[i][0] = seq_id
+        b.n_tokens = n0 + len(tokens)
+        b.logits[b.n_tokens - 1] = logits_last
+        return b.n_tokens - 1
 
-    def snapshot(self) -> tuple[np.ndarray, ctypes.Array]:
-        """The current conversation's tokens and KV cells (sequence 0), a few ms."""
+    def decode(self, *, abortable: bool = False) -> int:
+        """One llama_decode of the batch: 0 done, 1 no room in the KV cache, 2 aborted (nothing of
+        it kept: a batch is one ubatch), < 0 an error. *abortable* installs the abort callback
+        (prompt chunks; decoding alone pays nothing for it)."""
         import llama_cpp
 
-        llm = self.llm
-        llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)  # cells past n_tokens are stale
-        size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        llama_cpp.llama_state_seq_get_data(llm.ctx, buf, size, 0)
-        return llm.input_ids[: llm.n_tokens].copy(), buf
-
-    def restore(self, tokens: np.ndarray, data: ctypes.Array) -> bool:
-        """Put a snapshot back into the context; False (and an empty context) if llama.cpp refused it."""
-        import llama_cpp
-
-        llm = self.llm
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        ok = bool(llama_cpp.llama_state_seq_set_data(llm.ctx, data, len(data), 0))
-        if ok:
-            llm.input_ids[: len(tokens)] = tokens
-            llm.n_tokens = len(tokens)
-        else:
-            llm.n_tokens = 0
-        llm._requires_eval = True  # the restored cells carry no logits
-        return ok
-
-    # -- running ---------------------------------------------------------------------------
-    def set_abort(self, on: bool) -> None:
-        """Install llama.cpp's abort callback (checked between graph nodes, for long
-        prompt evaluations), or remove it so decoding pays nothing for it."""
-        import llama_cpp
-
-        llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort_cb if on else self._no_abort_cb, None)
+        llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._abort_cb if abortable else self._no_abort_cb, None)
+        return int(llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch))
 
     def set_threads(self, decode: int, batch: int) -> None:
         import llama_cpp
 
         if (decode, batch) != self.threads:
-            llama_cpp.llama_set_n_threads(self.llm.ctx, decode, batch)
+            llama_cpp.llama_set_n_threads(self.ctx.ctx, decode, batch)
             self.threads = (decode, batch)
 
-    def is_eog(self, token: int) -> bool:
+    # -- the sequences' KV cells ---------------------------------------------------------------
+    def seq_rm(self, seq_id: int, start: int = 0) -> None:
+        """Forget sequence *seq_id*'s cells from position *start* on."""
+        self.ctx.kv_cache_seq_rm(seq_id, start, -1)
+
+    def seq_save(self, seq_id: int) -> ctypes.Array:
+        """Sequence *seq_id*'s KV cells, copied out (a few ms; no logits)."""
         import llama_cpp
 
-        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buf, size, seq_id)
+        return buf
 
-    def stream(self, kwargs: dict, on_token: Callable[[int], bool]) -> Iterator[dict]:
-        """``create_completion(**kwargs, stream=True)``, calling *on_token(token)* for every
-        sampled token before it is used; generation stops when it returns False."""
-        llm = self.llm
-        real_generate = llm.generate
+    def seq_load(self, seq_id: int, data: ctypes.Array) -> bool:
+        """Put saved cells into sequence *seq_id* (any sequence: a session's snapshot goes into the
+        slot it gets); False, with the sequence left empty, if llama.cpp refused them."""
+        import llama_cpp
 
-        def hooked_generate(*args: Any, **kw: Any):
-            for tok in real_generate(*args, **kw):
-                if not on_token(tok):
-                    return
-                yield tok
-
-        llm.generate = hooked_generate  # shadows the method on this instance only
-        try:
-            yield from llm.create_completion(**{**kwargs, "stream": True})
-        finally:
-            del llm.generate
+        self.seq_rm(seq_id)
+        if llama_cpp.llama_state_seq_set_data(self.ctx.ctx, data, len(data), seq_id):
+            return True
+        self.seq_rm(seq_id)
+        return False
 
     def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
         self.llm.close()

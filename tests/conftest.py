@@ -17,8 +17,10 @@ GREEDY = {"temperature": 0.0, "seed": 42}
 @pytest.fixture(scope="session")
 def engine():
     """One real engine on the embedded default model, shared by the tests that
-    only need ordinary behaviour (tests that reconfigure the queue make their own)."""
-    eng = Engine(n_ctx=4096)
+    only need ordinary behaviour (tests that reconfigure the queue make their own).
+    One slot, so a long generation makes the next request queue, which many tests need;
+    tests/test_batching.py and every server the tests start use the default n_parallel."""
+    eng = Engine(n_ctx=4096, n_parallel=1)
     yield eng
     eng.close()
 
@@ -28,7 +30,7 @@ def make_engine():
     made = []
 
     def make(**kwargs):
-        eng = Engine(**{"n_ctx": 2048, **kwargs})
+        eng = Engine(**{"n_ctx": 2048, "n_parallel": 1, **kwargs})
         made.append(eng)
         return eng
 

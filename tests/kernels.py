@@ -214,3 +214,52 @@ def llama_engine(port: int | None = None, *, n_ctx: int = 2048):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+@contextmanager
+def slots_taken(base: str, n: int, headers: dict | None = None, max_tokens: int = 600):
+    """*n* long streamed chats on fresh sessions of the server at *base* (its ``offgrid/v1/``),
+    each holding one of the engine's slots until the block ends (closing a stream cancels its
+    turn). With every slot taken, the next request queues: how the tests see the queue now that
+    several requests decode together. (Each reserves its prompt and *max_tokens* of the context's
+    KV cells: they must fit beside what already runs, or they wait instead of generating.)"""
+    import httpx
+
+    headers = headers or AUTH
+    generating = threading.Semaphore(0)
+    stop = threading.Event()
+
+    def hold(i: int) -> None:
+        name = f"filler-{uuid.uuid4().hex[:8]}"
+        with httpx.Client(base_url=base, headers=headers, timeout=120) as c:
+            c.post("sessions", json={"name": name})
+            body = {"message": "Write a very long essay about the history of maps.", "max_tokens": max_tokens,
+                    "temperature": 0, "repeat_penalty": 1.0, "stream": True}
+            with c.stream("POST", f"sessions/{name}/chat", json=body) as r:
+                told = False
+                for line in r.iter_lines():
+                    if line == "event: token" and not told:
+                        generating.release()
+                        told = True
+                    if stop.is_set():
+                        return
+
+    threads = [threading.Thread(target=hold, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for _ in range(n):
+        assert generating.acquire(timeout=120), "a filler chat never started generating"
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+
+
+def parallel_slots(base: str, headers: dict | None = None) -> int:
+    """How many requests the server's model decodes at once (1 for a backend without batching)."""
+    import httpx
+
+    current = httpx.get(base + "models", headers=headers or AUTH, timeout=30).json()["current"]
+    return int(current.get("n_parallel") or current.get("max_concurrent") or 1)

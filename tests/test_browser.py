@@ -11,6 +11,10 @@ import pytest
 
 from .browser import (CELLS, CURSOR, Notebook, api, browser, jp_asyncio_loop, jp_server_cleanup,  # noqa: F401 - fixtures
                       jupyter_lab, screenshots_on_failure, write_notebook)
+from .browser import TOKEN as LAB_TOKEN
+from .kernels import parallel_slots, slots_taken
+
+LAB_AUTH = {"Authorization": f"token {LAB_TOKEN}"}
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = "Write a long story about a lighthouse keeper, in many paragraphs."
@@ -169,14 +173,17 @@ def test_a_second_notebook_shows_its_queue_position_then_completes(lab, open_not
         first.run(1)
         first.page.wait_for_function("([sel, c]) => document.querySelectorAll(sel)[1].textContent.includes(c)",
                                      arg=[CELLS, CURSOR])
-        second.run(1)
-        output = second.cell(1).locator(".jp-OutputArea")
-        output.get_by_text("queued: position 1").wait_for(timeout=60_000)
-        with api(lab) as c:  # let the first one go: the second is served next
-            running = c.get("offgrid/v1/generation/status").json()
-            assert c.post("offgrid/v1/generation/cancel",
-                          json={"request_id": running["generating_request_id"]}).status_code == 200
-        second.wait_done(1)
+        base = lab["url"] + "offgrid/v1/"
+        with api(lab) as c:
+            running = c.get("offgrid/v1/generation/status").json()  # the first notebook's turn
+        with slots_taken(base, parallel_slots(base, LAB_AUTH) - 1, LAB_AUTH):  # the model's other slots busy too
+            second.run(1)
+            output = second.cell(1).locator(".jp-OutputArea")
+            output.get_by_text("queued: position 1").wait_for(timeout=60_000)
+            with api(lab) as c:  # let the first one go: the second is served next
+                assert c.post("offgrid/v1/generation/cancel",
+                              json={"request_id": running["generating_request_id"]}).status_code == 200
+            second.wait_done(1)
         assert "queued" not in output.inner_text() and output.inner_text().strip()
         assert second.errors_shown() == []
 

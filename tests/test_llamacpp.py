@@ -1,7 +1,6 @@
 """llama-cpp-python's private parts we rely on are all there (and we would say so if not)."""
 
 import llama_cpp
-import numpy as np
 import pytest
 
 from offgrid_jupyter import llamacpp
@@ -11,7 +10,7 @@ from offgrid_jupyter.models import resolve_model
 
 @pytest.fixture(scope="module")
 def model():
-    m = LlamaModel(str(resolve_model(None).path), n_ctx=512, n_batch=128, n_threads=2, chat_format=None)
+    m = LlamaModel(str(resolve_model(None).path), n_ctx=512, n_batch=128, n_threads=2, chat_format=None, n_parallel=3)
     yield m
     m.close()
 
@@ -32,21 +31,25 @@ def test_loading_does_not_swap_the_process_streams(model):
     assert llama_cpp.llama.suppress_stdout_stderr is llamacpp._NoRedirect
 
 
-def test_prompt_capture_snapshot_restore_and_the_token_hook(model):
+def test_prompt_capture_batched_decode_and_a_sequence_moved_to_another_slot(model):
     kwargs = model.format([{"role": "user", "content": "Say yes."}], max_tokens=4, temperature=0.0, seed=1)
     prompt = kwargs["prompt"]
     assert isinstance(prompt, list) and len(prompt) > 3 and kwargs["stop"] is not None
-    seen = []
-    text = "".join(c["choices"][0]["text"] for c in model.stream(
-        {**kwargs, "max_tokens": 4}, lambda tok: seen.append(tok) or True))
-    assert seen and text
-    assert "generate" not in model.llm.__dict__  # the hook is gone afterwards
-    tokens, data = model.snapshot()
-    assert np.array_equal(tokens, model.tokens) and len(data) > 0
-    model.reset()
-    assert len(model.tokens) == 0
-    assert model.restore(tokens, data) and np.array_equal(model.tokens, tokens)
-    stopped = list(model.stream({**kwargs, "max_tokens": 20}, lambda tok: False))  # the hook can stop it
-    assert "".join(c["choices"][0]["text"] for c in stopped) == ""
+    model.clear()
+    row0 = model.add(prompt, 0, 0, True)  # two sequences in one batch, one llama_decode
+    row1 = model.add(prompt, 0, 1, True)
+    assert (row0, row1) == (len(prompt) - 1, 2 * len(prompt) - 1) and model.decode() == 0
+    first = [model.sampler(kwargs).sample(model.ctx, row) for row in (row0, row1)]
+    assert first[0] == first[1]  # the same prompt, the same greedy token, from either row
+    saved = model.seq_save(0)
+    assert len(saved) > 0
+    model.seq_rm(0)
+    assert model.seq_load(2, saved)  # sequence 0's cells, now in slot 2: decoding goes on from there
+    model.clear()
+    model.add([first[0]], len(prompt), 2, True)
+    assert model.decode() == 0
+    assert model.piece(first[0]) and not model.is_eog(first[0])
     model.set_threads(1, 2)
     assert model.threads == (1, 2)
+    for seq in range(3):
+        model.seq_rm(seq)

@@ -23,15 +23,17 @@ import pytest
 
 from offgrid_jupyter.store import Store
 
-from .kernels import AUTH, TOKEN, Load, jupyter_server, unanswered
+from .kernels import parallel_slots, slots_taken, AUTH, TOKEN, Load, jupyter_server, unanswered
 
 GREEDY = {"temperature": 0, "seed": 42}
 SERVER_ARGS = ("--OffgridApp.n_ctx=1024", "--OffgridApp.max_body_bytes=65536")
+# the module's own server: two slots in a 2,048-token context, so a queue forms behind two turns
+MODULE_ARGS = ("--OffgridApp.n_ctx=2048", "--OffgridApp.max_body_bytes=65536", "--OffgridApp.n_parallel=2")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with jupyter_server(tmp_path_factory.mktemp("reliable"), *SERVER_ARGS) as srv:
+    with jupyter_server(tmp_path_factory.mktemp("reliable"), *MODULE_ARGS) as srv:
         yield srv
 
 
@@ -203,12 +205,14 @@ def test_a_disconnect_cancels_a_chat_waiting_for_its_session_or_for_the_model(se
     t.start()
     assert generating.wait(60)
     running = wait_for(api, lambda st: st["generating_session_id"] == busy_id)
-    for_session = Vanishing(server, f"sessions/{busy}/chat", {"message": "Me too (session).", "max_tokens": 50})
-    for_model = Vanishing(server, f"sessions/{queued}/chat", {"message": "Me too (queue).", "max_tokens": 50})
-    wait_for(api, lambda st: st["waiting_for_session"].get(busy_id) == 1 and queued_id in st["queued_session_ids"])
-    for_session.vanish()
-    for_model.vanish()
-    wait_for(api, lambda st: not st["waiting_for_session"] and not st["queued_session_ids"])  # both let go
+    base = server["url"] + "offgrid/v1/"
+    with slots_taken(base, parallel_slots(base) - 1, max_tokens=1000):  # every other slot busy: the next queues
+        for_session = Vanishing(server, f"sessions/{busy}/chat", {"message": "Me too (session).", "max_tokens": 50})
+        for_model = Vanishing(server, f"sessions/{queued}/chat", {"message": "Me too (queue).", "max_tokens": 50})
+        wait_for(api, lambda st: st["waiting_for_session"].get(busy_id) == 1 and queued_id in st["queued_session_ids"])
+        for_session.vanish()
+        for_model.vanish()
+        wait_for(api, lambda st: not st["waiting_for_session"] and not st["queued_session_ids"])  # both let go
     assert api.post("generation/cancel", json={"request_id": running["generating_request_id"]}).status_code == 200
     t.join(120)
     assert holder["events"][-1][0] == "complete" and holder["events"][-1][1]["finish_reason"] == "cancelled"

@@ -18,7 +18,7 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
 from ..backend import QueueBackend
 from ..tools import load as load_tools
-from ..engine import MB, Engine
+from ..engine import DEFAULT_PARALLEL, MB, Engine
 from ..stats import attach
 from ..store import DB_FILENAME, Store, data_dir
 from .handlers import handlers
@@ -40,6 +40,8 @@ class OffgridApp(ExtensionApp):
     queue_timeout = Float(1800.0, help="Seconds a request may wait in the queue (then 503).").tag(config=True)
     max_queue = Int(64, help="Requests that may wait at once (then 503).").tag(config=True)
     kv_cache_mb = Float(512.0, help="Memory for per-session KV snapshots, MB.").tag(config=True)
+    n_parallel = Int(DEFAULT_PARALLEL, help="Requests the in-process model decodes together (continuous "
+                     "batching, one context); the rest wait in the queue. 1 serves one at a time.").tag(config=True)
     api_key = Unicode(None, allow_none=True, help="Also accept `Authorization: Bearer <key>` "
                       "(default: OFFGRID_API_KEY). Jupyter's own authentication always works.").tag(config=True)
     data_dir = Unicode(help="Where the session database lives (default: OFFGRID_HOME, else "
@@ -121,7 +123,7 @@ class OffgridApp(ExtensionApp):
                                 max_concurrent=self.engine_max_concurrent, queue_timeout=self.queue_timeout,
                                 max_queue=self.max_queue)
         return Engine(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads, queue_timeout=self.queue_timeout,
-                      max_queue=self.max_queue, kv_cache_bytes=int(self.kv_cache_mb * MB))
+                      max_queue=self.max_queue, kv_cache_bytes=int(self.kv_cache_mb * MB), n_parallel=self.n_parallel)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())
