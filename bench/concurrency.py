@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from offgrid_jupyter.engine import DEFAULT_PARALLEL, PREFILL_STALL, Engine, available_cores
 from offgrid_jupyter.models import resolve_model
@@ -55,32 +55,36 @@ class Stream:
 
 
 def aggregate(engine: Engine, streams: int, tokens: int) -> float:
-    """Completion tokens of *streams* concurrent sessions / wall time from submission to the last token."""
-    t0 = time.perf_counter()
-    gens = [engine.generate(user(STORY.format(i=i)), session_id=f"agg-{streams}-{i}-{time.time_ns()}",
-                            max_tokens=tokens, **PARAMS) for i in range(streams)]
-    results = [g.wait() for g in gens]
-    return sum(r.usage["completion_tokens"] for r in results) / (time.perf_counter() - t0)
+    """Decode tokens/s of *streams* concurrent sessions: their completion tokens over the span from
+    the first token of any of them to the last token of all (prompt reading before it excluded)."""
+    runs = [Stream(engine.generate(user(STORY.format(i=i)), session_id=f"agg-{streams}-{i}-{time.time_ns()}",
+                                   max_tokens=tokens, **PARAMS)) for i in range(streams)]
+    results = [s.gen.wait() for s in runs]
+    first, last = min(s.times[0] for s in runs), max(s.times[-1] for s in runs)
+    return sum(r.usage["completion_tokens"] for r in results) / (last - first)
 
 
-def plain_decode(path: str, threads: int, tokens: int, reps: int) -> list[float]:
-    """Plain llama-cpp-python on a thread of its own (first to last streamed token)."""
-    import llama_cpp
+PLAIN = """
+import sys, time, json, llama_cpp
+path, threads, tokens, rep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+out = []
+for r in range(2):  # the first is a warm-up
+    times = [time.perf_counter() for c in llm.create_chat_completion(
+        [{"role": "user", "content": %r.format(i=rep)}], max_tokens=tokens, stream=True, **%r)
+        if c["choices"][0]["delta"].get("content")]
+    out.append((len(times) - 1) / (times[-1] - times[0]))
+print(json.dumps(out[-1]))
+""" % (STORY, PARAMS)
 
-    def run() -> list[float]:
-        llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
-        out = []
-        for rep in range(reps + 1):
-            times = [time.perf_counter() for c in llm.create_chat_completion(
-                user(STORY.format(i=rep)), max_tokens=tokens, stream=True, **PARAMS)
-                if c["choices"][0]["delta"].get("content")]
-            if rep:  # the first is a warm-up
-                out.append((len(times) - 1) / (times[-1] - times[0]))
-        llm.close()
-        return out
 
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(run).result()
+def plain_decode(path: str, threads: int, tokens: int, rep: int) -> float:
+    """Plain llama-cpp-python (its own process: one llama.cpp thread per process), first to last token."""
+    out = subprocess.run([sys.executable, "-c", PLAIN, path, str(threads), str(tokens), str(rep)],
+                         capture_output=True, text=True, check=True, timeout=600)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 
 
 def history(turns: int, tag: str) -> list[dict]:
@@ -111,7 +115,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats (about a minute)")
     ap.add_argument("--model", help="GGUF path (default: the embedded default)")
+    ap.add_argument("--parts", default="aggregate,single,stall,followup",
+                    help="which measurements to run (comma-separated; default: all)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     tokens, reps, turns = (48, 1, 12) if args.quick else (128, 3, 45)
     info = resolve_model(args.model)
     threads = available_cores()
@@ -119,69 +126,78 @@ def main() -> None:
     med = statistics.median
     counts = (1, 2, 4, 8)
 
+    result: dict = {"bench": "concurrency", "quick": args.quick, "model": info.name, "threads": threads,
+                    "tokens_per_stream": tokens, "default_n_parallel": DEFAULT_PARALLEL}
     # one engine at a time in the process (each side alone: see bench/engine.py)
-    curves: dict[str, dict[int, float]] = {}
-    singles: dict[str, list[float]] = {}
-    for label, n_parallel in (("serial", 1), ("batched", 8), ("default", DEFAULT_PARALLEL)):
-        log(f"aggregate decode, n_parallel={n_parallel}")
-        eng = Engine(info.path, n_ctx=4096, n_threads=threads, n_parallel=n_parallel)
+    if "aggregate" in parts:
+        curves: dict[str, dict[int, float]] = {}
+        for label, n_parallel in (("serial", 1), ("batched", 8), ("default", DEFAULT_PARALLEL)):
+            log(f"aggregate decode, n_parallel={n_parallel}")
+            eng = Engine(info.path, n_ctx=4096, n_threads=threads, n_parallel=n_parallel)
+            eng.complete(user("Hi."), max_tokens=2)
+            curves[label] = {n: round(med([aggregate(eng, n, tokens) for _ in range(reps)]), 2) for n in counts}
+            eng.close()
+        result.update(
+            aggregate_tok_s={label: {str(n): v for n, v in curve.items()} for label, curve in curves.items()},
+            aggregate_speedup_8=round(curves["batched"][8] / curves["serial"][8], 3),
+            aggregate_speedup_8_default=round(curves["default"][8] / curves["serial"][8], 3))
+
+    if "single" in parts:
+        log("single stream: ours (default n_parallel) and plain llama-cpp-python, alternated")
+        ours_single, plain_single = [], []
+        for rep in range(reps + 1):
+            eng = Engine(info.path, n_ctx=4096, n_threads=threads)
+            eng.complete(user("Hi."), max_tokens=2)
+            ours_single.append(eng.complete(user(STORY.format(i=rep)), session_id=f"single-{rep}",
+                                            max_tokens=tokens * 2, **PARAMS).timings["tokens_per_second"])
+            eng.close()
+            plain_single.append(plain_decode(str(info.path), threads, tokens * 2, rep))
+        result.update(single_stream_tok_s=round(med(ours_single), 2), plain_single_tok_s=round(med(plain_single), 2),
+                      single_stream_ratio=round(med(ours_single) / med(plain_single), 3))
+
+    if "stall" in parts:
+        log("8 streams, one with a ~2,000-token prompt")
+        # a context that holds all eight at once: each request reserves its prompt and its max_tokens
+        eng = Engine(info.path, n_ctx=8192, n_threads=threads, n_parallel=8)
         eng.complete(user("Hi."), max_tokens=2)
-        curves[label] = {n: round(med([aggregate(eng, n, tokens) for _ in range(reps)]), 2) for n in counts}
-        singles[label] = [eng.complete(user(STORY.format(i=r)), session_id=f"single-{r}", max_tokens=tokens,
-                                       **PARAMS).timings["tokens_per_second"] for r in range(reps + 1)][1:]
+        shorts = [Stream(eng.generate(user(STORY.format(i=i)), session_id=f"stall-{i}", max_tokens=tokens * 4,
+                                      **{**PARAMS, "repeat_penalty": 1.3})) for i in range(7)]
+        while not all(len(s.times) >= 8 for s in shorts):  # all seven decoding for a while
+            time.sleep(0.01)
+        notes = " ".join(f"Note {i}: the reading at station {i % 17} was steady at noon." for i in range(160))
+        long = Stream(eng.generate(user("Summarise these notes: " + notes), session_id="stall-long", max_tokens=8,
+                                   **PARAMS))
+        long_result = long.gen.wait()
+        read_start, read_end = long.submitted, long.times[0] if long.times else time.perf_counter()
+        chunk = eng._batcher.chunk
+        for s in shorts:
+            s.gen.cancel()
+            s.gen.wait()
+        stall = max((max(s.gaps_ms(read_start, read_end), default=0.0) for s in shorts), default=0.0)
+        before = [g for s in shorts for g in s.gaps_ms(min(s.times[1] for s in shorts), read_start)]
+        ttfts = sorted([s.ttft_ms for s in shorts] + [long.ttft_ms])
         eng.close()
+        result.update(ttft_ms_p50_8=round(ttfts[len(ttfts) // 2], 1), ttft_ms_p95_8=round(ttfts[-1], 1),
+                      long_prompt_ttft_ms=round(long.ttft_ms, 1),
+                      long_prompt_tokens=long_result.usage["prompt_tokens"], max_stall_ms=round(stall, 1),
+                      decode_gap_ms_p50=round(med(before or [0.0]), 1), stall_budget_ms=PREFILL_STALL * 1000,
+                      prompt_chunk_tokens=chunk)
 
-    log("8 streams, one with a ~2,000-token prompt")
-    eng = Engine(info.path, n_ctx=4096, n_threads=threads, n_parallel=8)
-    eng.complete(user("Hi."), max_tokens=2)
-    shorts = [Stream(eng.generate(user(STORY.format(i=i)), session_id=f"stall-{i}", max_tokens=tokens * 2,
-                                  **PARAMS)) for i in range(7)]
-    while not all(s.times for s in shorts):
-        time.sleep(0.01)
-    notes = " ".join(f"Note {i}: the reading at station {i % 17} was steady at noon." for i in range(160))
-    long = Stream(eng.generate(user("Summarise these notes: " + notes), session_id="stall-long", max_tokens=8,
-                               **PARAMS))
-    long_result = long.gen.wait()
-    read_start, read_end = long.submitted, long.times[0] if long.times else time.perf_counter()
-    for s in shorts:
-        s.gen.wait()
-    stall = max((max(s.gaps_ms(read_start, read_end), default=0.0) for s in shorts), default=0.0)
-    decode_gaps = [g for s in shorts for g in s.gaps_ms(0, read_start)]
-    ttfts = sorted([s.ttft_ms for s in shorts] + [long.ttft_ms])
-    chunk = eng._batcher.chunk
-    eng.close()
+    if "followup" in parts:
+        log("follow-ups of 4 interleaved sessions: with KV snapshots, then without")
+        ours = Engine(info.path, n_ctx=8192, n_threads=threads, n_parallel=4)
+        f_ours, history_tokens, cached = followups(ours, turns, "kv")
+        ours.close()
+        naive = Engine(info.path, n_ctx=8192, n_threads=threads, n_parallel=4, kv_cache_bytes=0)
+        f_naive = followups(naive, turns, "naive")[0]  # a session whose cells were freed re-evaluates its history
+        naive.close()
+        result.update(followup_history_tokens=history_tokens, followup_cached_tokens=cached,
+                      followup_ttft_ms=round(med(f_ours), 1), naive_followup_ttft_ms=round(med(f_naive), 1),
+                      followup_speedup=round(med(f_naive) / med(f_ours), 2))
 
-    log("follow-ups of 4 interleaved sessions: with KV snapshots, then without")
-    ours = Engine(info.path, n_ctx=8192, n_threads=threads, n_parallel=4)
-    f_ours, history_tokens, cached = followups(ours, turns, "kv")
-    ours.close()
-    naive = Engine(info.path, n_ctx=8192, n_threads=threads, n_parallel=4, kv_cache_bytes=0)
-    f_naive = followups(naive, turns, "naive")[0]  # a session whose cells were freed re-evaluates its history
-    naive.close()
-
-    log("single stream: plain llama-cpp-python")
-    plain = plain_decode(str(info.path), threads, tokens, reps)
-
-    result = {
-        "bench": "concurrency", "quick": args.quick, "model": info.name, "threads": threads,
-        "tokens_per_stream": tokens,
-        "aggregate_tok_s": {label: {str(n): v for n, v in curve.items()} for label, curve in curves.items()},
-        "aggregate_speedup_8": round(curves["batched"][8] / curves["serial"][8], 3),
-        "aggregate_speedup_8_default": round(curves["default"][8] / curves["serial"][8], 3),
-        "default_n_parallel": DEFAULT_PARALLEL,
-        "single_stream_tok_s": round(med(singles["default"]), 2), "plain_single_tok_s": round(med(plain), 2),
-        "single_stream_ratio": round(med(singles["default"]) / med(plain), 3),
-        "ttft_ms_p50_8": round(ttfts[len(ttfts) // 2], 1), "ttft_ms_p95_8": round(ttfts[-1], 1),
-        "long_prompt_tokens": long_result.usage["prompt_tokens"],
-        "max_stall_ms": round(stall, 1), "decode_gap_ms_p50": round(med(decode_gaps), 1),
-        "stall_budget_ms": PREFILL_STALL * 1000, "prompt_chunk_tokens": chunk,
-        "followup_history_tokens": history_tokens, "followup_cached_tokens": cached,
-        "followup_ttft_ms": round(med(f_ours), 1), "naive_followup_ttft_ms": round(med(f_naive), 1),
-        "followup_speedup": round(med(f_naive) / med(f_ours), 2),
-        "targets": {"aggregate_speedup_8": ">= 1.5", "single_stream_ratio": ">= 0.95", "followup_speedup": ">= 5",
-                    "max_stall_ms": f"about the stall budget ({PREFILL_STALL * 1000:.0f} ms) plus a decode step"},
-        "elapsed_s": round(time.perf_counter() - t0, 1),
-    }
+    result["targets"] = {"aggregate_speedup_8": ">= 1.5", "single_stream_ratio": ">= 0.95", "followup_speedup": ">= 5",
+                         "max_stall_ms": f"about the stall budget ({PREFILL_STALL * 1000:.0f} ms) and a decode step"}
+    result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
 
 

@@ -13,7 +13,7 @@ How (engine thread only):
 - Every :meth:`Batcher.step` is one ``llama_decode`` over one batch: the last sampled token
   of every generating slot, then as much of the waiting prompts as the step's budget allows
   (while others generate, as many prompt tokens as the measured cost per token fits in the
-  stall budget, 0.25 s by default, so a long prompt stalls nobody for much longer than that;
+  stall budget, 0.5 s by default, so a long prompt stalls nobody for much longer than that;
   the whole batch when it is alone). New requests join at the next step.
 - Each slot samples from its own rows with its own sampler: the chain llama-cpp-python's
   ``create_completion`` would build (temperature, top-p/top-k, repeat penalty, seed, grammar).
@@ -176,7 +176,8 @@ class Batcher:
         self.llm, self.kv, self.tuner = llm, kv, tuner
         self.n_ctx, self.n_batch = llm.n_ctx, llm.n_batch
         self.n_threads, self.stall, self.done = n_threads, stall, done
-        self.token_cost = 0.004  # seconds per prompt token in a step (measured; a first guess)
+        self.token_cost = 0.004  # seconds per prompt token read in a step (measured; a first guess)
+        self.decode_cost = 0.0  # seconds of a decode-only step (measured)
         self.seqs = [Sequence(i) for i in range(llm.n_parallel)]
         self.active: list[Slot] = []
         self._order = 0
@@ -267,7 +268,8 @@ class Batcher:
     def chunk(self) -> int:
         """Prompt tokens a step may read while others decode: as many as fit in the stall budget
         at the measured cost per token (at least 16, so a long prompt still moves on)."""
-        return max(16, min(self.n_batch - len(self.seqs), int(self.stall / max(self.token_cost, 1e-5))))
+        room = max(0.0, self.stall - self.decode_cost)  # a step also decodes everyone's next token
+        return max(16, min(self.n_batch - len(self.seqs), int(room / max(self.token_cost, 1e-5))))
 
     # -- one step -------------------------------------------------------------------------------
     def step(self) -> None:
@@ -314,9 +316,11 @@ class Batcher:
         now = time.monotonic()
         if chunked:
             self._tuning = False
-            cost = (now - started) / llm.batched  # seconds per token of a step that read prompts
-            self.token_cost += 0.3 * (cost - self.token_cost)
+            read = llm.batched - len(decoding)  # the step's time, less what its decoding tokens cost
+            # the latest measure, not an average: the cost grows with the cells every token attends to
+            self.token_cost = max(0.0, now - started - (self.decode_cost if decoding else 0.0)) / max(read, 1)
         else:
+            self.decode_cost = now - started
             if not self._tuning:
                 self.tuner.start()  # the gap since the last decode-only step is no token time
                 self._tuning = True

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MB = 1 << 20
 TOKEN_COUNT_CACHE = 8192  # per-message token counts kept for fitting long histories
 DEFAULT_PARALLEL = 4  # see README "How the engine works": measured on 2 cores (bench/concurrency.py)
-PREFILL_STALL = 0.25  # seconds of prompt a step may read while others decode: bounds their longest stall
+PREFILL_STALL = 0.5  # seconds of prompt a step may read while others decode: bounds their longest stall
 
 
 def available_cores() -> int:
