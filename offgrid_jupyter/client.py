@@ -63,6 +63,7 @@ class Client:
         self.http = httpx.Client(base_url=self.base_url, headers=headers, transport=transport,
                                  timeout=httpx.Timeout(timeout, connect=10.0))
         self.sessions = Sessions(self)
+        self.collections = Collections(self)
 
     def close(self) -> None:
         self.http.close()
@@ -278,3 +279,41 @@ class Sessions:
                 yield sse.event, data
                 if sse.event == "complete":
                     return
+
+
+class Collections:
+    """A server's learned files (``client.collections``): the same calls as ``store.library``,
+    over the ``collections`` routes (paths are the server's, under its root directory)."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def collections(self) -> list[dict[str, Any]]:
+        return self.client.request("GET", "collections")["collections"]
+
+    list = collections
+
+    def learn(self, paths: list[str], collection: str = "default", progress: Any = None) -> Any:
+        """Learn *paths* on the server; returns a :class:`~offgrid_jupyter.rag.LearnReport`."""
+        from .rag import LearnReport
+
+        out = self.client.request("POST", "collections", body={"name": collection, "paths": list(paths)},
+                                  idempotent=True)  # learning again changes nothing: safe to retry
+        return LearnReport(**out)
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.client.request("GET", f"collections/{_ref(name)}")
+
+    def delete(self, name: str) -> None:
+        self.client.request("DELETE", f"collections/{_ref(name)}")
+
+    def search(self, query: str, collection: str | None = None, k: int = 5) -> list[Any]:
+        """The best chunks for *query* in *collection* (or in every collection), as ``rag.Hit``."""
+        from .rag import Hit
+
+        names = [collection] if collection else [c["name"] for c in self.collections()]
+        hits = []
+        for name in names:
+            out = self.client.request("GET", f"collections/{_ref(name)}/search", params={"q": query, "k": k})
+            hits += [Hit(**h) for h in out["hits"]]
+        return sorted(hits, key=lambda h: -h.score)[:k]

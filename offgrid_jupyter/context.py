@@ -361,7 +361,7 @@ class ServerRunner:
     def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], source: str = "magic",
                    system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
                    replace: str | None = None, tools: list[Tool] | None = None, tool_choice: Any = None,
-                   max_rounds: int | None = None) -> ChatTurn | RemoteTurn:
+                   max_rounds: int | None = None, rag: dict | None = None) -> ChatTurn | RemoteTurn:
         if model:
             raise InvalidRequestError("--model needs this kernel's own backend: the server's model is set by its "
                                       "configuration. Add --local to run the cell in this kernel.")
@@ -371,9 +371,12 @@ class ServerRunner:
         if tools or profile_tools:
             return self._tool_turn(session_id, content, params=params, source=source, system_prompt=system_prompt,
                                    metadata=metadata, replace=replace, tools=tools, tool_choice=tool_choice,
-                                   max_rounds=max_rounds)
+                                   max_rounds=max_rounds, rag=rag)
+        if rag is not None and session_id is None:
+            raise InvalidRequestError("--rag on the server's model needs a session (its chat route retrieves): "
+                                      "drop --no-history, or add --local.")
         return RemoteTurn(self.client, session_id, content, params=params, metadata=metadata, replace=replace,
-                          system_prompt=system_prompt)
+                          system_prompt=system_prompt, rag=rag)
 
     def _tool_turn(self, session_id: str | None, content: str, **kwargs: Any) -> ChatTurn:
         """Tools are the kernel's functions, so the kernel drives the rounds: each round is one

@@ -28,6 +28,7 @@ from .render import Conversation, Note, Progress, Reply, Table, tool_lines
 from .stats import summarize
 from .store import SESSION_ID_RE
 from .profiles import check_profile
+from .rag import sources_markdown
 from .structured import Shape
 from .remote import RemoteTurn
 from .turns import ChatTurn, TurnResult
@@ -149,6 +150,10 @@ def _cell_parser() -> _Parser:
                    help="as in OpenAI's API: whether the first round must call a tool (required), that tool (NAME), "
                         "or may (auto, the default)")
     p.add_argument("--max-rounds", type=int, metavar="N", help="most generations a turn with tools runs (default 4)")
+    p.add_argument("--rag", nargs="?", const="", metavar="COLLECTION",
+                   help="answer from your learned files (`%%offgrid learn`): the best excerpts of COLLECTION (default: "
+                        "every collection) go into the prompt, and the reply lists its sources")
+    p.add_argument("-k", type=int, default=None, metavar="N", help="excerpts --rag retrieves (default 5)")
     return p
 
 
@@ -172,6 +177,8 @@ SUBCOMMANDS = {
     "disconnect": "use a model loaded in this kernel instead of the server's",
     "profiles": "the profiles sessions can be made with, as a DataFrame",
     "profile": "add NAME [--system TEXT] [-t T] [-n N] [--model M] [--tools a,b] [--max-rounds N] | delete NAME",
+    "learn": "learn files, folders or globs for --rag: PATH [PATH...] [--collection NAME] | --list | --delete NAME",
+    "search": "the learned chunks that best match QUERY, as a DataFrame [-k N] [--collection NAME]",
     "engine": "generate on an OpenAI-compatible server URL [--model NAME] [--api-key KEY] [--max-concurrent N], "
               "or `local` for a GGUF in this kernel again",
 }
@@ -206,6 +213,8 @@ def _line_parser() -> _Parser:
     parsers["chat"].add_argument("name", nargs="?")
     parsers["chat"].add_argument("-n", "--max-tokens", type=int, help="longest reply, in tokens")
     parsers["chat"].add_argument("-t", "--temperature", type=float, help="sampling temperature")
+    parsers["chat"].add_argument("--rag", nargs="?", const=True, metavar="COLLECTION",
+                                 help="answer every message from learned files (a collection, default all)")
     parsers["connect"].add_argument("url", nargs="?")
     parsers["connect"].add_argument("--token")
     parsers["engine"].add_argument("url", metavar="URL|local")
@@ -218,6 +227,13 @@ def _line_parser() -> _Parser:
     parsers["profile"].add_argument("--model", metavar="PATH|NAME")
     parsers["profile"].add_argument("--tools", metavar="NAME,NAME", help="tools the profile offers (comma-separated)")
     parsers["profile"].add_argument("--max-rounds", type=int, default=4)
+    parsers["learn"].add_argument("paths", nargs="*", metavar="PATH")
+    parsers["learn"].add_argument("--collection", "-c", default="default", metavar="NAME")
+    parsers["learn"].add_argument("--list", action="store_true", help="the collections, as a DataFrame")
+    parsers["learn"].add_argument("--delete", metavar="NAME", help="delete a collection")
+    parsers["search"].add_argument("query", nargs="+")
+    parsers["search"].add_argument("-k", type=int, default=5)
+    parsers["search"].add_argument("--collection", "-c", metavar="NAME")
     parsers["engine"].add_argument("--model", metavar="NAME")
     parsers["engine"].add_argument("--api-key", metavar="KEY")
     parsers["engine"].add_argument("--max-concurrent", type=int, metavar="N")
@@ -237,7 +253,7 @@ HELP = """**offgrid** — a local LLM in your notebook.
 %%offgrid [-s NAME] [--new] [--system TEXT] [-t TEMP] [-n MAX_TOKENS] [--seed N]
           [-f markdown|text|code|json|frame] [--schema SPEC] [-o VAR] [--no-stream] [--no-history]
           [--model PATH] [--no-interpolate] [--tools a,b] [--tool-choice auto|required|none|NAME]
-          [--max-rounds N]
+          [--max-rounds N] [--rag [COLLECTION]] [-k N]
 <prompt; {name} is replaced from your variables, {{ and }} are literal braces>
 ```
 
@@ -323,12 +339,15 @@ class OffgridMagics(Magics):
             raise UsageError("--tool-choice and --max-rounds go with --tools (or a session whose profile offers tools).")
         tools = self.context.find_tools([t.strip() for t in args.tools.split(",") if t.strip()]) \
             if args.tools else None
+        if args.k is not None and args.rag is None:
+            raise UsageError("-k is how many excerpts --rag retrieves: add --rag [COLLECTION].")
+        rag = None if args.rag is None else {"collection": args.rag or None, "k": args.k or 5}
         try:
             turn = self.context.start_turn(session_id, prompt, params=params, local=args.local,
                                            system_prompt=args.system or self.system_prompt, model=args.model,
                                            metadata={"cell_id": self._cell_id} if self._cell_id else None,
                                            replace=replace, tools=tools, tool_choice=args.tool_choice,
-                                           max_rounds=args.max_rounds)
+                                           max_rounds=args.max_rounds, rag=rag)
         except KeyboardInterrupt:  # Stop while an earlier turn of this session (a panel's) still runs
             raise Interrupted("stopped while an earlier turn of this session was running; nothing was stored.") \
                 from None
@@ -423,6 +442,9 @@ class OffgridMagics(Magics):
             status = f"stopped at the {r.params['max_tokens']}-token limit (raise it with -n)"
         elif not r.text.strip():
             status = "the model returned an empty reply"
+        if outcome.sources and fmt == "markdown":  # the reply ends with its sources, as links
+            return Reply("\n\n".join([*tool_lines(r), r.text, sources_markdown(outcome.sources)]), format=fmt,
+                         status=status, done=True, metadata=outcome.provenance())
         calls = tool_lines(r)
         if calls:
             status = " · ".join(filter(None, [f"{len(calls)} tool call{'s' * (len(calls) != 1)} in {r.rounds} "
@@ -550,6 +572,41 @@ class OffgridMagics(Magics):
         return Note(f"Profile `{profile.name}` saved: `%%offgrid --new --profile {profile.name}` starts a session "
                     "with it.")
 
+    def _library(self):
+        """Where this kernel's collections are: its store, or the server's (connected elsewhere)."""
+        ctx = self.context
+        return ctx.client.collections if ctx.remote_sessions else ctx.store.library
+
+    def _cmd_learn(self, args):
+        import pandas as pd
+
+        library = self._library()
+        if args.delete:
+            library.delete(args.delete)
+            return Note(f"Deleted collection `{args.delete}`; the files themselves are untouched.")
+        if args.list or not args.paths:
+            rows = library.collections()
+            frame = pd.DataFrame(rows, columns=["name", "documents", "chunks", "bytes", "last_learned_at"])
+            frame = frame.rename(columns={"name": "collection", "last_learned_at": "last_learned"})
+            frame["last_learned"] = pd.to_datetime(frame["last_learned"], unit="s", utc=True)
+            return frame
+        from tqdm.auto import tqdm
+
+        report = library.learn(args.paths, args.collection,
+                               progress=lambda files: tqdm(files, desc=f"learning {args.collection}", unit="file",
+                                                           leave=False))
+        return Note(report.summary() if hasattr(report, "summary") else str(report))
+
+    def _cmd_search(self, args):
+        import pandas as pd
+
+        hits = self._library().search(" ".join(args.query), args.collection, args.k)
+        rows = [{"path": h.path, "lines": f"{h.start}-{h.end}" if h.start != h.end else str(h.start), "unit": h.unit,
+                 "heading": h.heading, "score": h.score, "collection": h.collection, "chunk_id": h.chunk_id,
+                 "text": h.text[:200]} for h in hits]
+        return pd.DataFrame(rows, columns=["path", "lines", "unit", "heading", "score", "collection", "chunk_id",
+                                           "text"])
+
     def _cmd_use(self, args) -> Note:
         s = self.context.use(args.name)
         return Note(f"Using session `{s.name or s.id}` ({s.message_count} messages) for the following cells.")
@@ -625,7 +682,8 @@ class OffgridMagics(Magics):
 
         return ChatPanel(args.name, context=self.context,
                          max_tokens=args.max_tokens if args.max_tokens is not None else self.max_tokens,
-                         temperature=args.temperature if args.temperature is not None else self.temperature)
+                         temperature=args.temperature if args.temperature is not None else self.temperature,
+                         rag=args.rag)
 
     def _cmd_connect(self, args) -> Note:
         client = self.context.connect(args.url, args.token)

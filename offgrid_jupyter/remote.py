@@ -129,8 +129,13 @@ class RemoteGeneration:
 
 class RemoteTurn:
     def __init__(self, client: Client, session: str | None, content: str, *, params: dict[str, Any],
-                 metadata: dict | None = None, replace: str | None = None, system_prompt: str | None = None):
+                 metadata: dict | None = None, replace: str | None = None, system_prompt: str | None = None,
+                 rag: dict | None = None):
         body = {k: v for k, v in params.items() if v is not None}
+        if rag is not None:  # the server retrieves from its own collections
+            body.update({"rag": True, "rag_k": rag.get("k")}, **({"collection": rag["collection"]}
+                                                               if rag.get("collection") else {}))
+            body = {k: v for k, v in body.items() if v is not None}
         if session is not None:
             body.update({k: v for k, v in (("metadata", metadata), ("replace_message_id", replace)) if v})
         elif system_prompt:
@@ -154,7 +159,7 @@ class RemoteTurn:
         message = Message(**data["message"]) if data.get("message") else None
         reply = Message(**data["response"]) if data.get("response") else None
         return TurnResult(data.get("session_id"), data.get("session_name"), message, reply, result,
-                          data["model_sha256"])
+                          data["model_sha256"], data.get("sources") or [])
 
 
 def _message(d: dict[str, Any]) -> Message:

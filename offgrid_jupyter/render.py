@@ -12,6 +12,7 @@ import time
 from typing import Any, Iterable, Iterator
 
 from .store import Session
+from .rag import sources_markdown
 from .tools import call_label
 
 CURSOR = "▌"
@@ -162,7 +163,8 @@ class Conversation:
             else:
                 model = m.metadata.get("model", m.role)
                 note = " · *interrupted*" if m.finish_reason == "cancelled" else ""
-                parts.append(f"**{model}** · {when}{note}\n\n{m.content}")
+                sources = sources_markdown(m.metadata.get("sources") or [])
+                parts.append(f"**{model}** · {when}{note}\n\n{m.content}" + (f"\n\n{sources}" if sources else ""))
         if not self.messages:
             parts.append("*No messages yet.*")
         return "\n\n---\n\n".join(parts)

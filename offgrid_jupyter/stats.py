@@ -281,7 +281,7 @@ def stats_document(engine: Backend, store: Store) -> dict[str, Any]:
                   "requests": q["requests"], "avg_queue_wait_ms": q["avg_queue_wait_ms"],
                   "max_queue_wait_ms": q["max_queue_wait_ms"]},
         "sessions": store.session_stats(),
-        "rag": {"enabled": False},
+        "rag": store.library.stats(),
     }
 
 

@@ -40,6 +40,7 @@ from .errors import (
     StoreError,
 )
 from .profiles import Profiles, m006_profiles
+from .rag import Library, m007_library
 from .validation import check_json, check_text
 
 # always used with fullmatch(): "$" alone would also match before a trailing newline
@@ -320,6 +321,7 @@ def m005_turn_marks(conn: sqlite3.Connection) -> None:
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests, m005_turn_marks, m006_profiles,
+    m007_library,
 ]
 
 
@@ -467,6 +469,11 @@ class Store:
     def profiles(self) -> Profiles:
         """The named presets sessions are created with (see profiles.py)."""
         return Profiles(self)
+
+    @property
+    def library(self) -> Library:
+        """The collections of learned files, for retrieval (see rag.py)."""
+        return Library(self)
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (for read queries of other modules, e.g. stats)."""

@@ -24,11 +24,11 @@ from collections import deque
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from .backend import Backend, Generation, GenerationResult
-from .errors import QueueTimeoutError, TurnCancelledError, UnknownProfileError, UnknownToolError
+from .errors import InvalidRequestError, QueueTimeoutError, TurnCancelledError, UnknownProfileError, UnknownToolError
 from .models import ModelInfo
 from .store import Message, Store
 from .tools import Rounds, Tool
@@ -45,6 +45,7 @@ class TurnResult:
     reply: Message | None
     result: GenerationResult
     model_sha256: str
+    sources: list[dict[str, Any]] = field(default_factory=list)  # what retrieval gave the model
 
     def provenance(self) -> dict[str, Any]:
         """What a notebook output records about where its text came from."""
@@ -55,6 +56,8 @@ class TurnResult:
             "params": r.params, "usage": r.usage, "timings": r.timings, "queue_stats": r.queue_stats,
             "finish_reason": r.finish_reason,
         }
+        if self.sources:
+            out["sources"] = self.sources
         if r.tool_calls:  # the calls the turn's rounds made, with what each returned
             out["rounds"] = r.rounds
             out["tool_calls"] = [{**c, "result": res["result"]} for c, res in zip(r.tool_calls, r.tool_results)]
@@ -151,7 +154,7 @@ class ChatTurn:
                  model: str | None = None, metadata: dict | None = None, replace: str | None = None,
                  history: bool = True, tools: list[Tool] | None = None, tool_choice: Any = None,
                  max_rounds: int | None = None, find_tools: Callable[[list[str]], list[Tool]] | None = None,
-                 tool_executor: Any = None):
+                 tool_executor: Any = None, rag: dict[str, Any] | None = None):
         if history and session is None:
             raise ValueError("a turn with history needs a session")
         engine.params(**(params or {}))  # a bad parameter fails before anything is stored
@@ -163,6 +166,9 @@ class ChatTurn:
         # tools: offered this turn (None: the session's profile's, found by *find_tools*)
         self.tools, self.tool_choice, self.max_rounds = tools, tool_choice, max_rounds
         self.find_tools, self.tool_executor = find_tools, tool_executor
+        # retrieval: {"collection": NAME or None for all, "k": N}; the excerpts it found (rag.Hit)
+        self.rag = _check_rag(rag)
+        self.sources: list[Any] = []
         self.user_message: Message | None = None
         self.session_id: str | None = None
         self.session_name: str | None = None
@@ -239,6 +245,8 @@ class ChatTurn:
                 {"role": "user", "content": self.content}]
             params, model, tools, rounds = self.params, self.model, self.tools or [], self.max_rounds
         try:
+            if self.rag is not None:
+                messages[-1] = {**messages[-1], "content": self._retrieved(messages[-1]["content"])}
             if tools and self.tool_choice != "none":
                 gen = Rounds(self.engine, messages, tools, tool_choice=self.tool_choice or "auto",
                              max_rounds=rounds or DEFAULT_ROUNDS, session_id=self.session_id, source=self.source,
@@ -276,6 +284,16 @@ class ChatTurn:
                                        "cannot run here.")
             tools = self.find_tools(profile.tools)
         return {**profile.params, **own}, model or profile.model, tools, rounds or profile.max_rounds
+
+    def _retrieved(self, question: str) -> str:
+        """The question as the model reads it: the collection's best excerpts first, numbered for
+        citation, within about 40% of the model's context (the stored question stays as asked)."""
+        from .rag import with_sources
+
+        hits = self.store.library.search(question, self.rag["collection"], self.rag["k"])
+        n_ctx = self.engine.describe().get("n_ctx") or 4096
+        text, self.sources = with_sources(question, hits, budget_chars=int(n_ctx * 0.4 * 3.5))
+        return text
 
     def _cancelled_error(self) -> TurnCancelledError:
         return TurnCancelledError(f"The turn in session {self.session!r} was stopped before it began.")
@@ -338,6 +356,8 @@ class ChatTurn:
                                 "queue_stats": result.queue_stats}
                     if steps:
                         metadata.update(rounds=result.rounds, note=result.note)
+                    if self.sources:
+                        metadata["sources"] = [h.source() for h in self.sources]
                     reply = self.store.end_turn(
                         self._mark, self.session_id, text, steps=steps, usage=result.usage,
                         finish_reason=result.finish_reason, tool_calls=result.tool_calls,
@@ -348,7 +368,7 @@ class ChatTurn:
         finally:
             self._held.close()
         return TurnResult(self.session_id, self.session_name, self.user_message, reply, result,
-                          self.generation.model.sha256())
+                          self.generation.model.sha256(), [h.source() for h in self.sources])
 
     def _rollback(self) -> None:
         try:
@@ -357,3 +377,19 @@ class ChatTurn:
             self._mark, self.user_message = None, None
         finally:
             self._held.close()
+
+
+def _check_rag(rag: Any) -> dict[str, Any] | None:
+    """``None`` (no retrieval), or ``{"collection": NAME | None, "k": N}`` checked."""
+    if rag is None or rag is False:
+        return None
+    from .rag import DEFAULT_K, MAX_K
+    from .store import Store
+
+    spec = {"collection": None, "k": DEFAULT_K, **(rag if isinstance(rag, dict) else {})}
+    if spec["collection"] is not None:
+        Store.check_name(spec["collection"])
+    k = spec["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise InvalidRequestError(f"k must be an integer from 1 to {MAX_K}, got {k!r}.")
+    return {"collection": spec["collection"], "k": k}

@@ -30,6 +30,7 @@ import traitlets
 
 from .context import Context
 from .errors import OffgridError, TurnCancelledError
+from .rag import sources_markdown
 from .render import Progress, tool_line, tool_lines
 from .store import Session
 
@@ -84,9 +85,11 @@ class ChatPanel(widgets.VBox):
     """``%offgrid chat [SESSION]``: pick a session, chat, watch the reply stream in."""
 
     def __init__(self, session: str | None = None, *, context: Context | None = None, max_tokens: int | None = None,
-                 temperature: float | None = None, **kwargs: Any):
+                 temperature: float | None = None, rag: str | bool | None = None, **kwargs: Any):
         self.context = context or _kernel_context()
         self.params = {"max_tokens": max_tokens, "temperature": temperature}
+        # retrieval for every message: a collection's name, or True for every collection
+        self.rag = None if rag in (None, False) else {"collection": None if rag is True else rag, "k": 5}
         self.session_id: str | None = None
         self._choice = CURRENT
         self._turn = None
@@ -209,7 +212,8 @@ class ChatPanel(widgets.VBox):
             if m.role == "user":
                 bubbles.append(_user_bubble(m.content + ("\n(no reply: interrupted)" if m.interrupted else "")))
             elif m.role == "assistant":
-                bubbles.append(_assistant_bubble(m.content, "interrupted" if m.finish_reason == "cancelled" else None))
+                body = "\n\n".join(filter(None, [m.content, sources_markdown(m.metadata.get("sources") or [])]))
+                bubbles.append(_assistant_bubble(body, "interrupted" if m.finish_reason == "cancelled" else None))
             elif m.role == "tool":  # a call the model made, and what it returned
                 call = m.metadata.get("tool_call") or {}
                 bubbles.append(_assistant_bubble(tool_line(call.get("name", "tool"), call.get("arguments"), m.content)))
@@ -329,7 +333,7 @@ class ChatPanel(widgets.VBox):
     def _generate(self, session_id: str, text: str, reply: widgets.Output) -> None:
         progress = Progress()
         try:
-            self._turn = self.context.start_turn(session_id, text, params=self.params, source="panel")
+            self._turn = self.context.start_turn(session_id, text, params=self.params, source="panel", rag=self.rag)
             if self._stopping:
                 self._turn.cancel()
             self.context.turn_started(session_id, self._turn)
@@ -343,8 +347,8 @@ class ChatPanel(widgets.VBox):
                 self._take_back(text)
             else:
                 self._last_tps = r.timings.get("tokens_per_second") or None
-                reply.outputs = _markdown("\n\n".join([*tool_lines(r), r.text]), r.note or _ending(r.finish_reason,
-                                                                                                    r.params))
+                body = "\n\n".join(filter(None, [*tool_lines(r), r.text, sources_markdown(outcome.sources)]))
+                reply.outputs = _markdown(body, r.note or _ending(r.finish_reason, r.params))
         except TurnCancelledError:  # stopped while an earlier turn of the session was still running
             self._take_back(text)
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never a traceback in another cell

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -166,7 +167,7 @@ async def test_stats_route_agrees_with_the_in_process_document(api, state):
     code, doc, _ = await api("GET", "v1/stats")
     local = stats_document(state.engine, state.store)
     assert code == 200 and doc["inference"] == local["inference"] and doc["sessions"]["total_sessions"] == 1
-    assert set(doc) == set(local) and doc["rag"] == {"enabled": False}
+    assert set(doc) == set(local) and doc["rag"]["enabled"] is False and doc["rag"]["collections"] == 0
     code, rows, _ = await api("GET", "v1/stats/requests")
     assert code == 200 and len(rows["data"]) == doc["inference"]["aggregate"]["total_requests"] == 1
     code, text, headers = await api("GET", "metrics", expect_json=False)
@@ -239,7 +240,7 @@ def test_the_route_table_and_openapi_json_name_the_same_routes_and_methods():
     for pattern, cls in handlers():
         if not pattern.startswith("/offgrid/v1"):
             continue
-        path = pattern.removeprefix("/offgrid/v1").replace("(?P<ref>[^/]+)", "{ref}")
+        path = re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", pattern.removeprefix("/offgrid/v1"))
         assert cls.spec_path == path, (cls, path)
         served[path] = sorted(m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
                               if getattr(cls, m.lower()) is not getattr(RequestHandler, m.lower()))
@@ -402,3 +403,34 @@ async def test_the_openai_route_returns_tool_calls_for_the_client_to_run(api):
     assert code == 200 and out["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
     code, out, _ = await api("POST", "v1/chat/completions", {**body, "tool_choice": "subtract"})
     assert code == 422 and out["error"]["code"] == "invalid_tools"
+
+
+async def test_collections_are_learned_under_the_root_searched_and_used_by_chats(api, jp_root_dir):
+    from .test_rag import PROJECTS, corpus
+
+    corpus(jp_root_dir)
+    code, report, _ = await api("POST", "v1/collections", {"name": "projects", "paths": ["notes", "missing.md"]})
+    assert code == 200 and report["added"] == len(PROJECTS) and report["failed"][0]["path"] == "missing.md"
+    for bad in ("../elsewhere", "/etc/passwd", "notes/../../x"):
+        code, body, _ = await api("POST", "v1/collections", {"name": "projects", "paths": [bad]})
+        assert code == 403 and body["error"]["code"] == "path_refused", body
+    code, body, _ = await api("GET", "v1/collections")
+    assert code == 200 and body["collections"][0]["documents"] == len(PROJECTS)
+    code, body, _ = await api("GET", "v1/collections/projects")
+    assert code == 200 and {d["path"] for d in body["documents"]} == {f"notes/{n}.md" for n in PROJECTS}
+    code, body, _ = await api("GET", "v1/collections/projects/search", q="refracting telescope aperture", k="2")
+    assert code == 200 and body["hits"][0]["path"] == "notes/vesper.md" and len(body["hits"]) <= 2
+    code, body, _ = await api("GET", "v1/collections/nope/search", q="x")
+    assert code == 404 and body["error"]["code"] == "collection_not_found"
+    await api("POST", "v1/sessions", {"name": "asker"})
+    code, turn, _ = await api("POST", "v1/sessions/asker/chat", {"message": "What is Brindle's pilot budget?",
+                                                                 "collection": "projects", "max_tokens": 30, **GREEDY})
+    assert code == 200 and turn["sources"][0]["path"] == "notes/brindle.md"
+    assert turn["response"]["metadata"]["sources"] == turn["sources"]
+    code, doc, _ = await api("GET", "v1/stats")
+    assert doc["rag"]["enabled"] and doc["rag"]["documents"] == len(PROJECTS) and doc["rag"]["chunks"] > 0
+    assert doc["rag"]["retrieval"]["searches"] >= 2
+    code, _, _ = await api("DELETE", "v1/collections/projects")
+    assert code == 204
+    code, body, _ = await api("GET", "v1/collections")
+    assert body["collections"] == []

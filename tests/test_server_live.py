@@ -207,6 +207,29 @@ def test_a_server_kernel_runs_its_own_tools_and_stop_interrupts_a_running_tool(s
     assert "stopped by the user" in kept[1]["content"] and after.strip() == "still here"
 
 
+def test_the_sdk_learns_on_the_server_and_a_server_kernel_answers_from_it(server, client):
+    from offgrid_jupyter.rag import PathRefusedError
+
+    from .test_rag import PROJECTS, corpus
+
+    corpus(server["home"].parent)  # the server's root directory
+    report = client.collections.learn(["notes"], "live-notes")
+    assert report.added == len(PROJECTS) and report.failed == []
+    hits = client.collections.search("refracting telescope aperture", "live-notes", k=2)
+    assert hits[0].path == "notes/vesper.md" and hits[0].unit == "line"
+    assert [c["name"] for c in client.collections.collections()] == ["live-notes"]
+    with pytest.raises(PathRefusedError, match="'..'"):
+        client.collections.learn(["../outside"], "live-notes")
+    outputs = ServerKernel.run_cells(server["url"], [
+        "%load_ext offgrid_jupyter",
+        "%%offgrid -s rag-live -t 0 --seed 1 -n 30 --rag live-notes\nWhat aperture has the Vesper telescope?"])
+    assert outputs[1][-1]["content"]["status"] == "ok", outputs[1]
+    final = [m for m in outputs[1] if m["msg_type"] in ("display_data", "update_display_data")][-1]["content"]
+    assert "**Sources**" in final["data"]["text/markdown"]
+    assert final["metadata"]["offgrid"]["sources"][0]["path"] == "notes/vesper.md"  # retrieved by the server
+    client.collections.delete("live-notes")
+
+
 class _Flaky(BaseHTTPRequestHandler):
     """Answers 503 (Retry-After: 0) to the first request of each path, then 200."""
 

@@ -173,3 +173,17 @@ def test_the_new_session_menu_makes_a_session_with_a_profile(context, store):
     session = store.get(panel.session_id)
     assert session.profile == "terse" and [m.role for m in session.messages] == ["user", "assistant"]
     assert session.messages[1].metadata["params"]["max_tokens"] == 8  # the profile's, as for any turn
+
+
+def test_a_panel_with_rag_answers_from_learned_files_and_shows_its_sources(context, store, tmp_path):
+    from .test_rag import corpus
+
+    store.library.learn([str(corpus(tmp_path))], "projects", root=tmp_path)
+    panel = ChatPanel(context=context, rag="projects", **PARAMS)
+    panel.send("Which language is the Ostrich pipeline written in?")
+    assert panel.join(120)
+    shown = markdown(last_reply(panel))
+    assert "**Sources**" in shown and "notes/ostrich.md" in shown
+    assert store.get(panel.session_id).messages[1].metadata["sources"][0]["path"] == "notes/ostrich.md"
+    panel.refresh()  # the stored conversation shows them too
+    assert "notes/ostrich.md" in markdown(last_reply(panel))

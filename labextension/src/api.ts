@@ -264,6 +264,68 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/collections": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The collections of learned files */
+        get: operations["listCollections"];
+        put?: never;
+        /**
+         * Learn files, folders or globs (under the server's root directory) into a collection
+         * @description Incremental: unchanged files are skipped (size and mtime, then sha256), changed ones replaced, files gone dropped. A path outside the root directory (`..`, an absolute path elsewhere, a symbolic link out) is a 403 naming the rule; a file that cannot be read is listed in `failed` with its reason.
+         */
+        post: operations["learn"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/collections/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description a collection's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** A collection's documents */
+        get: operations["getCollection"];
+        put?: never;
+        post?: never;
+        /** Forget a collection (the files are untouched) */
+        delete: operations["deleteCollection"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/collections/{name}/search": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description a collection's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** The chunks that best match a query (BM25) */
+        get: operations["searchCollection"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/models": {
         parameters: {
             query?: never;
@@ -392,6 +454,12 @@ export interface components {
             } | null;
             /** @description for a session whose profile offers tools (server tools, c.OffgridApp.tools): how the first round may use them */
             tool_choice?: components["schemas"]["ToolChoice"] | null;
+            /** @description answer from learned files: the best excerpts (of `collection`, else of every collection) go into the prompt, numbered for citation; the reply's `sources` and its message's `metadata.sources` say which */
+            rag?: boolean | null;
+            /** @description retrieve from this collection (implies rag); an unknown one is a 404 */
+            collection?: string | null;
+            /** @description excerpts to retrieve (default 5) */
+            rag_k?: number | null;
         };
         ChatCompletionRequest: {
             /** @description ignored: the server's model answers */
@@ -552,6 +620,8 @@ export interface components {
             rounds?: number;
             /** @description why the rounds ended without an answer (max_rounds reached, stopped) */
             note?: string | null;
+            /** @description with rag: the excerpts the model was given */
+            sources?: components["schemas"]["Source"][];
         };
         GenerationStatus: {
             /** @description the first of `generating` (kept for clients that expect one) */
@@ -671,6 +741,49 @@ export interface components {
         ToolResult: {
             tool_name: string;
             result: string;
+        };
+        Collection: {
+            name: string;
+            created_at?: number;
+            last_learned_at?: number | null;
+            documents: number;
+            chunks: number;
+            bytes: number;
+        };
+        LearnReport: {
+            collection: string;
+            added: number;
+            updated: number;
+            unchanged: number;
+            removed: number;
+            chunks: number;
+            failed: {
+                path: string;
+                reason: string;
+            }[];
+            seconds?: number;
+        };
+        Hit: {
+            path: string;
+            start: number;
+            end: number;
+            /** @enum {unknown} */
+            unit: "line" | "cell" | "page";
+            heading?: string;
+            score: number;
+            chunk_id: number;
+            collection: string;
+            text: string;
+        };
+        Source: {
+            path: string;
+            start: number;
+            end: number;
+            /** @enum {unknown} */
+            unit?: "line" | "cell" | "page";
+            score: number;
+            chunk_id: number;
+            collection: string;
         };
     };
     responses: {
@@ -1245,6 +1358,144 @@ export interface operations {
                 };
             };
             403: components["responses"]["403"];
+        };
+    };
+    listCollections: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Collections, by name */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        collections: components["schemas"]["Collection"][];
+                    };
+                };
+            };
+            403: components["responses"]["403"];
+        };
+    };
+    learn: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description the collection (default: default) */
+                    name?: string;
+                    paths: string[];
+                };
+            };
+        };
+        responses: {
+            /** @description What was learned */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LearnReport"];
+                };
+            };
+            400: components["responses"]["400"];
+            403: components["responses"]["403"];
+            413: components["responses"]["413"];
+        };
+    };
+    getCollection: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description a collection's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Its documents */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        name: string;
+                        documents: Record<string, never>[];
+                    };
+                };
+            };
+            403: components["responses"]["403"];
+            404: components["responses"]["404"];
+        };
+    };
+    deleteCollection: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description a collection's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            403: components["responses"]["403"];
+            404: components["responses"]["404"];
+        };
+    };
+    searchCollection: {
+        parameters: {
+            query: {
+                q: string;
+                k?: number;
+            };
+            header?: never;
+            path: {
+                /** @description a collection's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Hits, best first */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        collection: string;
+                        query: string;
+                        hits: components["schemas"]["Hit"][];
+                    };
+                };
+            };
+            400: components["responses"]["400"];
+            403: components["responses"]["403"];
+            404: components["responses"]["404"];
         };
     };
     models: {

@@ -92,7 +92,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
       return true;
     };
 
-    const sidebar = new OffgridSidebar({ client, rendermime, settings: () => settings, insert, storage: window.localStorage });
+    const open = (path: string) => void app.commands.execute('docmanager:open', { path });
+    const sidebar = new OffgridSidebar({ client, rendermime, settings: () => settings, insert, storage: window.localStorage, open });
     sidebar.title.icon = offgridIcon;
     app.shell.add(sidebar, 'left', { rank: 600 });
     restorer?.add(sidebar, 'offgrid-sidebar');

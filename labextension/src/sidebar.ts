@@ -28,6 +28,8 @@ export interface SidebarOptions {
   insert: (text: string, kind: 'code' | 'markdown') => boolean;
   /** Where the open session is remembered across page reloads. */
   storage?: Storage;
+  /** Open a file (a reply's source) in JupyterLab. */
+  open?: (path: string) => void;
 }
 
 const POLL_MS = 2000;
@@ -358,18 +360,38 @@ export class OffgridSidebar extends Widget {
     this.showView('chats');
   }
 
-  private bubble(m: Pick<Message, 'role' | 'content'> & { id?: string }, streaming = false): HTMLElement {
+  private bubble(m: Pick<Message, 'role' | 'content'> & { id?: string; metadata?: unknown }, streaming = false): HTMLElement {
     const body = h('div', { class: 'offgrid-bubble-body' });
     const el = h('div', { class: `offgrid-bubble offgrid-${m.role}`, 'data-role': m.role, 'data-message-id': m.id }, body);
     if (streaming) {
       body.textContent = m.content;
     } else {
       this.renderMarkdown(body, m.content);
+      const sources = ((m as any).metadata?.sources ?? []) as { path: string; start: number; end: number; unit?: string }[];
+      if (m.role === 'assistant' && sources.length) {
+        el.append(this.sources(sources));
+      }
       if (m.role === 'assistant') {
         el.append(this.actions(m.content));
       }
     }
     return el;
+  }
+
+  /** A reply's sources (retrieval): each opens its file. */
+  private sources(sources: { path: string; start: number; end: number; unit?: string }[]): HTMLElement {
+    const list = h('div', { class: 'offgrid-sources' }, 'Sources: ');
+    sources.forEach((s, i) => {
+      const span = s.start === s.end ? `${s.start}` : `${s.start}-${s.end}`;
+      const where = s.unit === 'cell' ? 'cell' : s.unit === 'page' ? 'page' : 'lines';
+      const link = h('a', { href: '#', class: 'offgrid-source', title: `Open ${s.path}` }, `[${i + 1}] ${s.path} ${where} ${span}`);
+      link.addEventListener('click', event => {
+        event.preventDefault();
+        this.opts.open?.(s.path);
+      });
+      list.append(link, ' ');
+    });
+    return list;
   }
 
   private renderMarkdown(into: HTMLElement, text: string): void {

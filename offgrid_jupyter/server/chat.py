@@ -50,7 +50,8 @@ def turn_payload(outcome: TurnResult) -> dict[str, Any]:
     return {"session_id": outcome.session_id, "session_name": outcome.session_name,
             "message": outcome.user_message.to_dict() if outcome.user_message else None,
             "response": outcome.reply.to_dict() if outcome.reply else None,
-            **result_payload(outcome.result, outcome.model_sha256)}
+            **result_payload(outcome.result, outcome.model_sha256),
+            **({"sources": outcome.sources} if outcome.sources else {})}
 
 
 def _retrieved(fut: asyncio.Future) -> None:
@@ -165,7 +166,9 @@ class ChatHandler(OffgridHandler):
             turn = ChatTurn(self.state.engine, self.state.store, session.id, data["message"], source="server",
                             params={k: data[k] for k in PARAMS if k in data}, metadata=data.get("metadata"),
                             replace=data.get("replace_message_id"), tool_choice=data.get("tool_choice"),
-                            find_tools=self.state.find_tools, tool_executor=self.state.tool_pool)
+                            find_tools=self.state.find_tools, tool_executor=self.state.tool_pool,
+                            rag={"collection": data.get("collection"), "k": data.get("rag_k", 5)}
+                            if data.get("rag") or data.get("collection") else None)
             shared = SharedTurn(turn, self.state, fingerprint, scope if key else None)
             if key:
                 self.state.remember(scope, shared)

@@ -21,6 +21,7 @@ from ..stats import stats_document, stats_frame, to_epoch
 from ..validation import check_text
 from . import spec
 from .base import OffgridHandler
+from .collections import CollectionHandler, CollectionsHandler, SearchHandler
 from .chat import CancelHandler, ChatHandler, OpenAIChatHandler
 
 
@@ -296,6 +297,9 @@ def handlers() -> list[tuple[str, type]]:
         (f"{v1}/stats/requests", RequestsHandler),
         (f"{v1}/profiles", ProfilesHandler),
         (f"{v1}/tools", ToolsHandler),
+        (f"{v1}/collections", CollectionsHandler),
+        (f"{v1}/collections/{SESSION.replace('ref', 'name')}", CollectionHandler),
+        (f"{v1}/collections/{SESSION.replace('ref', 'name')}/search", SearchHandler),
         (f"{v1}/models", ModelsHandler),
         (f"{v1}/health", HealthHandler),
         (f"{v1}/chat/completions", OpenAIChatHandler),

@@ -1,0 +1,475 @@
+"""Retrieval: learn your files into the store, find the chunks that answer a question.
+
+Why this shape:
+
+- Offline with no extra model: BM25 through SQLite's FTS5 in the store's own database
+  (``documents``, ``chunks`` and an external-content ``chunks_fts`` index kept in step by
+  triggers), so learning and searching need nothing downloaded and every process that shares
+  the store (kernels, the server) sees the same collections.
+- Chunks follow the files' structure (``chunking.py``) and carry their path and line, cell or
+  page range, so an answer can cite exactly where it read something.
+- Learning is incremental: a file whose size and mtime are unchanged is skipped, then one whose
+  sha256 is unchanged; a changed file's chunks are replaced in one transaction; files that are
+  gone are dropped. A file that cannot be read is reported with its reason and the rest goes on.
+- A server learns only paths inside its root directory (:func:`inside`): no ``..``, no
+  absolute path elsewhere, no symlink out.
+- A question becomes an FTS5 query of its words (each quoted, joined by OR, common words
+  dropped), ranked by ``bm25()`` with a heading and the path weighed above the body.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import sqlite3
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .chunking import KNOWN, Unreadable, chunk
+from .errors import InvalidRequestError, OffgridError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+MAX_FILE_BYTES = 20 << 20  # a larger file is listed as unreadable (it is data, not notes)
+MAX_K = 50
+COMMON = 0.1  # a word in more than this share of the chunks is left out of a query (see Library._query)
+DEFAULT_K = 5
+SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".ipynb_checkpoints", ".venv", "venv",
+             ".mypy_cache", ".pytest_cache", ".tox", "build", "dist"}
+STOP = set("""a about above after again against all am an and any are as at be because been before being below
+between both but by can could did do does doing down during each few for from further had has have having he her
+here hers him his how i if in into is it its itself just me more most my no nor not now of off on once only or
+other our out over own same she should so some such than that the their them then there these they this those
+through to too under until up very was we were what when where which while who whom why will with would you your
+yours please tell explain give show find""".split())
+_latencies: deque[float] = deque(maxlen=2000)  # this process's searches, ms (the stats document's figures)
+_latencies_lock = threading.Lock()
+
+
+class PathRefusedError(OffgridError):
+    """A path a server will not learn: outside its root directory."""
+
+    code = "path_refused"
+    status = 403
+
+
+class CollectionNotFoundError(OffgridError):
+    code = "collection_not_found"
+    status = 404
+
+
+@dataclass
+class Hit:
+    path: str
+    start: int
+    end: int
+    unit: str
+    heading: str
+    score: float
+    chunk_id: int
+    collection: str
+    text: str
+
+    def source(self) -> dict[str, Any]:
+        """What a reply's metadata keeps of it (``metadata.sources``)."""
+        return {"path": self.path, "start": self.start, "end": self.end, "unit": self.unit, "score": self.score,
+                "chunk_id": self.chunk_id, "collection": self.collection}
+
+    def label(self) -> str:
+        where = {"line": "lines", "cell": "cell", "page": "page"}.get(self.unit, self.unit)
+        span = str(self.start) if self.start == self.end else f"{self.start}-{self.end}"
+        return f"{self.path}, {where} {span}"
+
+
+@dataclass
+class LearnReport:
+    collection: str
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    chunks: int = 0  # chunks written by this run
+    failed: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        parts = [f"{self.added} added", f"{self.updated} updated", f"{self.unchanged} unchanged",
+                 f"{self.removed} removed"]
+        text = f"Collection `{self.collection}`: {', '.join(parts)} ({self.chunks} chunks written, {self.seconds:.1f} s)."
+        if self.failed:
+            text += f" {len(self.failed)} could not be read: " + "; ".join(
+                f"`{f['path']}`: {f['reason']}" for f in self.failed[:10]) + ("…" if len(self.failed) > 10 else "")
+        return text
+
+
+# -- the schema ---------------------------------------------------------------------------------
+def m007_library(conn: sqlite3.Connection) -> None:
+    """Learned files: collections, documents, chunks and their FTS5 index (see rag.py)."""
+    for sql in (
+        "CREATE TABLE collections (name TEXT PRIMARY KEY, created_at REAL NOT NULL, last_learned_at REAL)",
+        "CREATE TABLE documents (id INTEGER PRIMARY KEY, collection TEXT NOT NULL REFERENCES collections(name) "
+        "ON DELETE CASCADE, path TEXT NOT NULL, abspath TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER NOT NULL, "
+        "mtime REAL NOT NULL, sha256 TEXT NOT NULL, learned_at REAL NOT NULL, UNIQUE (collection, path))",
+        "CREATE TABLE chunks (id INTEGER PRIMARY KEY, document_id INTEGER NOT NULL REFERENCES documents(id) "
+        "ON DELETE CASCADE, collection TEXT NOT NULL, path TEXT NOT NULL, start INTEGER NOT NULL, "
+        "end INTEGER NOT NULL, unit TEXT NOT NULL, heading TEXT NOT NULL, text TEXT NOT NULL)",
+        "CREATE INDEX chunks_document ON chunks(document_id)",
+        "CREATE VIRTUAL TABLE chunks_fts USING fts5(text, heading, path, content='chunks', content_rowid='id', "
+        "tokenize='porter unicode61')",
+        "INSERT INTO chunks_fts(chunks_fts, rank) VALUES ('rank', 'bm25(1.0, 2.0, 1.5)')",
+        "CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN INSERT INTO chunks_fts(rowid, text, heading, path) "
+        "VALUES (new.id, new.text, new.heading, new.path); END",
+        "CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN INSERT INTO chunks_fts(chunks_fts, rowid, text, "
+        "heading, path) VALUES ('delete', old.id, old.text, old.heading, old.path); END",
+        "CREATE VIRTUAL TABLE chunks_vocab USING fts5vocab(chunks_fts, 'row')",
+        # each term's chunk count, copied from chunks_vocab after learning (reading it there scans the postings)
+        "CREATE TABLE term_df (term TEXT PRIMARY KEY, df INTEGER NOT NULL) WITHOUT ROWID",
+    ):
+        conn.execute(sql)
+
+
+# -- paths -----------------------------------------------------------------------------------------
+def inside(root: Path, given: str) -> Path:
+    """*given* (relative to *root*, or absolute) resolved, if it stays inside *root*; else a 403
+    naming the rule it broke."""
+    if not isinstance(given, str) or not given.strip() or "\x00" in given:
+        raise InvalidRequestError("A path to learn must be a non-empty string.")
+    if ".." in Path(given).parts:
+        raise PathRefusedError(f"{given[:200]!r}: paths may not contain '..'; give them relative to the server's "
+                               "root directory.")
+    root = root.resolve()
+    candidate = Path(given) if os.path.isabs(given) else root / given
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root):
+        why = "it leads outside through a symbolic link" if candidate.absolute().is_relative_to(root) else \
+            "it is outside"
+        raise PathRefusedError(f"{given[:200]!r}: {why} the server's root directory; only files under it can be "
+                               "learned.")
+    return resolved
+
+
+def _expand(given: Iterable[str], root: Path | None) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files named by *given* (files, folders, globs), and what could not be found."""
+    files: list[Path] = []
+    failed: list[dict[str, str]] = []
+    for item in given:
+        try:
+            files += _expand_one(item, root, failed)
+        except OSError as exc:  # a name too long, a folder we may not read...
+            failed.append({"path": item[:500], "reason": exc.strerror or type(exc).__name__})
+    seen, out = set(), []
+    for f in files:
+        key = str(f.resolve())
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out, failed
+
+
+def _expand_one(item: str, root: Path | None, failed: list[dict[str, str]]) -> list[Path]:
+    if not isinstance(item, str) or not item.strip() or "\x00" in item:
+        raise InvalidRequestError("A path to learn must be a non-empty string without NUL characters.")
+    base = root or Path.cwd()
+    pattern = item if os.path.isabs(item) else str(base / item)
+    if glob.has_magic(item):
+        if root is not None:
+            inside(root, item.split("*")[0].split("?")[0].split("[")[0] or ".")  # the fixed part must be inside
+        matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+        if not matches:
+            failed.append({"path": item[:500], "reason": "the pattern matches no file"})
+    else:
+        matches = [inside(root, item) if root else Path(pattern)]
+    out: list[Path] = []
+    for m in matches:
+        if root is not None:
+            m = inside(root, str(m))
+        if m.is_dir():
+            out += _walk(m, root)
+        elif m.is_file():
+            out.append(m)
+        else:
+            failed.append({"path": item[:500], "reason": "no such file or directory"})
+    return out
+
+
+def _walk(folder: Path, root: Path | None) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # symbolic links to folders are not followed
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.suffix.lower() not in KNOWN:
+                continue
+            if root is not None and not path.resolve().is_relative_to(root.resolve()):
+                continue  # a symbolic link out of the root
+            out.append(path)
+    return out
+
+
+def _shown(path: Path, root: Path | None) -> str:
+    """How a document's path is kept and cited: relative to the root (a server) or to the working
+    directory (a kernel: the notebook's folder), else absolute."""
+    base = (root or Path.cwd()).resolve()
+    resolved = path.resolve()
+    return resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else str(resolved)
+
+
+# -- the library ----------------------------------------------------------------------------------
+class Library:
+    """The store's collections of learned files (``store.library``)."""
+
+    def __init__(self, store: "Store"):
+        self.store = store
+
+    def learn(self, paths: list[str], collection: str = "default", *, root: str | os.PathLike | None = None,
+              progress: Callable[[Iterable], Iterable] | None = None) -> LearnReport:
+        """Learn *paths* (files, folders, globs) into *collection*; see the module docstring.
+        *root*: refuse paths outside it (a server's root directory). *progress* wraps the file
+        loop (e.g. ``tqdm.auto.tqdm``)."""
+        from .store import Store
+
+        Store.check_name(collection)
+        if not isinstance(paths, list) or not paths:
+            raise InvalidRequestError("Give at least one path to learn (a file, a folder or a glob).")
+        started = time.monotonic()
+        root_path = Path(root).resolve() if root is not None else None
+        files, failed = _expand(paths, root_path)
+        report = LearnReport(collection, failed=failed)
+        now = self.store.clock()
+        self.store.transaction(lambda c: c.execute(
+            "INSERT INTO collections (name, created_at) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
+            (collection, now)))
+        conn = self.store.connection()
+        known = {r["path"]: r for r in conn.execute("SELECT * FROM documents WHERE collection = ?", (collection,))}
+        seen = set()
+        for f in (progress(files) if progress else files):
+            shown = _shown(f, root_path)
+            seen.add(shown)
+            try:
+                self._learn_file(f, shown, collection, known.get(shown), report)
+            except (OSError, Unreadable) as exc:
+                report.failed.append({"path": shown, "reason": str(exc) or type(exc).__name__})
+        gone = [r["id"] for p, r in known.items() if p not in seen and not Path(r["abspath"]).exists()]
+        if gone:
+            self.store.transaction(lambda c: c.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in gone]))
+        report.removed = len(gone)
+
+        def finish(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE collections SET last_learned_at = ? WHERE name = ?", (self.store.clock(), collection))
+            if report.added or report.updated or report.removed:
+                _count_terms(c)
+
+        self.store.transaction(finish)
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
+
+    def _learn_file(self, f: Path, shown: str, collection: str, row: sqlite3.Row | None, report: LearnReport) -> None:
+        st = f.stat()
+        if row is not None and row["size"] == st.st_size and row["mtime"] == st.st_mtime:
+            report.unchanged += 1
+            return
+        if st.st_size > MAX_FILE_BYTES:
+            raise Unreadable(f"larger than {MAX_FILE_BYTES >> 20} MB")
+        data = f.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if row is not None and row["sha256"] == digest:  # touched, not changed
+            self.store.transaction(lambda c: c.execute("UPDATE documents SET size = ?, mtime = ? WHERE id = ?",
+                                                       (st.st_size, st.st_mtime, row["id"])))
+            report.unchanged += 1
+            return
+        kind, pieces = chunk(f, data)
+        now = self.store.clock()
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM documents WHERE collection = ? AND path = ?", (collection, shown))
+            doc = conn.execute(
+                "INSERT INTO documents (collection, path, abspath, kind, size, mtime, sha256, learned_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (collection, shown, str(f.resolve()), kind, st.st_size, st.st_mtime, digest, now)).lastrowid
+            conn.executemany(
+                "INSERT INTO chunks (document_id, collection, path, start, end, unit, heading, text) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(doc, collection, shown, p.start, p.end, p.unit, p.heading, p.text) for p in pieces])
+
+        self.store.transaction(write)
+        report.chunks += len(pieces)
+        if row is None:
+            report.added += 1
+        else:
+            report.updated += 1
+
+    def collections(self) -> list[dict[str, Any]]:
+        """Every collection: documents, chunks, bytes of text, when it was last learned."""
+        rows = self.store.connection().execute(
+            "SELECT c.name, c.created_at, c.last_learned_at, "
+            "(SELECT count(*) FROM documents d WHERE d.collection = c.name) AS documents, "
+            "(SELECT count(*) FROM chunks k WHERE k.collection = c.name) AS chunks, "
+            "(SELECT coalesce(sum(d.size), 0) FROM documents d WHERE d.collection = c.name) AS bytes "
+            "FROM collections c ORDER BY c.name").fetchall()
+        return [dict(r) for r in rows]
+
+    def documents(self, collection: str) -> list[dict[str, Any]]:
+        self._need(collection)
+        return [dict(r) for r in self.store.connection().execute(
+            "SELECT path, kind, size, learned_at, (SELECT count(*) FROM chunks k WHERE k.document_id = d.id) AS "
+            "chunks FROM documents d WHERE collection = ? ORDER BY path", (collection,))]
+
+    def delete(self, collection: str) -> None:
+        self._need(collection)
+
+        def drop(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM collections WHERE name = ?", (collection,))
+            _count_terms(c)
+
+        self.store.transaction(drop)
+
+    def _need(self, collection: str) -> None:
+        if not isinstance(collection, str) or self.store.connection().execute(
+                "SELECT 1 FROM collections WHERE name = ?", (collection,)).fetchone() is None:
+            names = ", ".join(c["name"] for c in self.collections()) or "none yet"
+            raise CollectionNotFoundError(f"No collection {str(collection)[:80]!r} (known: {names}). "
+                                          "`%offgrid learn PATH --collection NAME` makes one.")
+
+    def search(self, query: str, collection: str | None = None, k: int = DEFAULT_K) -> list[Hit]:
+        """The *k* chunks that best match *query* (BM25), in *collection* or in all of them."""
+        from .validation import check_text
+
+        check_text(query, "The query")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise InvalidRequestError(f"k must be an integer from 1 to {MAX_K}, got {k!r}.")
+        if collection is not None:
+            self._need(collection)
+        started = time.perf_counter()
+        match = self._query(query)
+        if not match:
+            return []
+        conn = self.store.connection()
+        top = ("SELECT c.id, c.collection, c.path, c.start, c.end, c.unit, c.heading, c.text, f.rank FROM "
+               "(SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?) f "
+               "JOIN chunks c ON c.id = f.rowid ORDER BY f.rank")
+        # the index's own top results (FTS5 ranks without joining every match), then the collection's;
+        # when other collections crowd it out of them, every match of this one is ranked instead
+        rows = conn.execute(top, (match, k if collection is None else k * 20)).fetchall()
+        if collection is not None:
+            mine = [r for r in rows if r["collection"] == collection]
+            if len(mine) < k and len(rows) == k * 20:
+                mine = conn.execute(
+                    "SELECT c.id, c.collection, c.path, c.start, c.end, c.unit, c.heading, c.text, chunks_fts.rank "
+                    "FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid WHERE chunks_fts MATCH ? "
+                    "AND c.collection = ? ORDER BY chunks_fts.rank LIMIT ?", (match, collection, k)).fetchall()
+            rows = mine[:k]
+        with _latencies_lock:
+            _latencies.append((time.perf_counter() - started) * 1000)
+        return [Hit(r["path"], r["start"], r["end"], r["unit"], r["heading"], round(-r["rank"], 4), r["id"],
+                    r["collection"], r["text"]) for r in rows]
+
+    def _query(self, text: str) -> str:
+        """The question's words as an FTS5 query, without the words most chunks have: BM25 gives
+        them almost no weight, yet matching them means scoring most of the index (100,000 chunks:
+        tens of ms). The index's own tokenizer stems each word (a temporary FTS5 table), so the
+        counts are looked up for exactly the terms the index holds."""
+        words = query_words(text)
+        if len(words) <= 2:
+            return " OR ".join(f'"{w}"' for w in words)
+        conn = self.store.connection()
+        conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.offgrid_q USING fts5(w, tokenize='porter unicode61')")
+        conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.offgrid_qi USING fts5vocab(temp, offgrid_q, 'instance')")
+        conn.executemany("INSERT INTO temp.offgrid_q(rowid, w) VALUES (?, ?)", list(enumerate(words)))
+        stems = dict(conn.execute("SELECT doc, term FROM temp.offgrid_qi").fetchall())
+        conn.execute("DELETE FROM temp.offgrid_q")
+        terms = sorted(set(stems.values()))
+        counts = dict(conn.execute(f"SELECT term, df FROM term_df WHERE term IN ({','.join('?' * len(terms))})",
+                                   terms).fetchall()) if terms else {}
+        total = conn.execute("SELECT coalesce(max(id), 0) FROM chunks").fetchone()[0]  # (an upper bound)
+        rare = [w for i, w in enumerate(words) if 0 < counts.get(stems.get(i), 0) <= COMMON * total]
+        if not rare:  # every word is common: the rarest few still rank
+            present = [(counts.get(stems.get(i), 0), w) for i, w in enumerate(words) if counts.get(stems.get(i))]
+            rare = [w for _, w in sorted(present)[:2]]
+        return " OR ".join(f'"{w}"' for w in rare)
+
+    def stats(self) -> dict[str, Any]:
+        """The stats document's ``rag`` section."""
+        conn = self.store.connection()
+        cols = self.collections()
+        try:
+            index_bytes = conn.execute("SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name LIKE 'chunks%'"
+                                       ).fetchone()[0]
+        except sqlite3.DatabaseError:  # a build without the dbstat table: the text's size instead
+            index_bytes = conn.execute("SELECT coalesce(sum(length(text)), 0) FROM chunks").fetchone()[0]
+        with _latencies_lock:
+            times = sorted(_latencies)
+        last = max((c["last_learned_at"] or 0 for c in cols), default=0) or None
+        return {"enabled": bool(cols), "collections": len(cols), "documents": sum(c["documents"] for c in cols),
+                "chunks": sum(c["chunks"] for c in cols), "index_bytes": int(index_bytes), "last_learned_at": last,
+                "retrieval": {"searches": len(times),
+                              "p50_ms": round(statistics.median(times), 3) if times else None,
+                              "p95_ms": round(times[int(0.95 * (len(times) - 1))], 3) if times else None}}
+
+
+def _count_terms(conn: sqlite3.Connection) -> None:
+    """Refresh every term's chunk count (one scan of the index, after the index changed)."""
+    conn.execute("DELETE FROM term_df")
+    conn.execute("INSERT INTO term_df SELECT term, doc FROM chunks_vocab")
+
+
+def query_words(text: str) -> list[str]:
+    """A question's words that can match: lower case, English stop words and single letters left
+    out (numbers kept), each once."""
+    words, seen = [], set()
+    for w in re.findall(r"\w+", text.lower()):
+        if (w in STOP or len(w) < 2) and not w.isdigit() or w in seen:
+            continue
+        seen.add(w)
+        words.append(w)
+    return words[:64]
+
+
+def fts_query(text: str) -> str:
+    """A question as an FTS5 query: its words, each quoted (nothing in them is FTS syntax),
+    joined by OR (BM25 ranks chunks that have more of them first)."""
+    return " OR ".join(f'"{w}"' for w in query_words(text))
+
+
+# -- into a prompt ----------------------------------------------------------------------------------
+def with_sources(question: str, hits: list[Hit], budget_chars: int) -> tuple[str, list[Hit]]:
+    """The question as the model reads it: the excerpts, numbered, within *budget_chars*, then the
+    question. Returns the text and the hits that made it in."""
+    used, parts, size = [], [], 0
+    for hit in hits:
+        block = f"[{len(used) + 1}] {hit.label()}\n{hit.text}"
+        if used and size + len(block) > budget_chars:
+            break
+        block = block[:budget_chars]  # a single excerpt longer than the budget is cut
+        parts.append(block)
+        size += len(block)
+        used.append(hit)
+    if not used:
+        return question, []
+    text = ("Answer the question using these excerpts from the user's files. Cite them as [1], [2]... "
+            "If they do not contain the answer, say so.\n\n" + "\n\n".join(parts) + f"\n\nQuestion: {question}")
+    return text, used
+
+
+def sources_markdown(sources: list[dict[str, Any]]) -> str:
+    """A reply's sources as Markdown links (relative paths open in JupyterLab)."""
+    if not sources:
+        return ""
+    lines = []
+    for n, s in enumerate(sources, start=1):
+        where = {"line": "lines", "cell": "cell", "page": "page"}.get(s.get("unit", "line"), "lines")
+        span = str(s["start"]) if s["start"] == s["end"] else f"{s['start']}-{s['end']}"
+        target = s["path"].replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+        lines.append(f"[{n}] [{s['path']}]({target}) {where} {span}")
+    return "**Sources**\n\n" + "  \n".join(lines)
+
