@@ -31,6 +31,7 @@ from . import spec
 from .state import ServerState
 
 AUTH_RESOURCE = "offgrid"
+JUPYTER_QUERY = frozenset({"token", "_xsrf"})  # Jupyter's own: a token may come in the URL
 
 
 @web.stream_request_body
@@ -58,9 +59,23 @@ class OffgridHandler(APIHandler):
             await super().prepare()
             if self.current_user is None:  # refuse before reading a body
                 raise web.HTTPError(403)
+        self._check_query()
         declared = self.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > self.state.max_body_bytes:
             raise self._too_large(int(declared))
+
+    def _check_query(self) -> None:
+        """A query argument the route does not take is a 400 naming it, not silently ignored
+        (a misspelt ``limt=5`` would otherwise answer as if it had not been sent)."""
+        method = self.request.method.lower()
+        if self.spec_path is None or method.upper() not in spec.methods(self.spec_path):
+            return  # (a method the route has not: 405, not this)
+        known = spec.query_names(self.spec_path, method)
+        unknown = sorted(set(self.request.query_arguments) - known - JUPYTER_QUERY)
+        if unknown:
+            takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+            raise InvalidRequestError(f"{self.request.method} {self.request.path} has no query argument "
+                                      f"{unknown[0][:40]!r}: {takes}.")
 
     def check_xsrf_cookie(self) -> None:
         if getattr(self, "_key_authenticated", False):  # a bearer key is not a cookie: no XSRF risk

@@ -62,6 +62,13 @@ def body_required(path: str, method: str) -> bool:
     return bool(document()["paths"][path][method].get("requestBody", {}).get("required"))
 
 
+@lru_cache(maxsize=None)
+def query_names(path: str, method: str) -> frozenset[str]:
+    """The query parameters the document gives (*path*, *method*)."""
+    op = document()["paths"].get(path, {}).get(method, {})
+    return frozenset(p["name"] for p in op.get("parameters", []) if p.get("in") == "query")
+
+
 def methods(path: str) -> list[str]:
     """The HTTP methods the document gives *path* (for 405's Allow header)."""
     ops = document()["paths"].get(path, {})
