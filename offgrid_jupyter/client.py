@@ -293,9 +293,16 @@ class Collections:
 
     list = collections
 
-    def learn(self, paths: list[str], collection: str = "default", progress: Any = None) -> Any:
-        """Learn *paths* on the server; returns a :class:`~offgrid_jupyter.rag.LearnReport`."""
+    def learn(self, paths: list[str], collection: str = "default", progress: Any = None,
+              embedding_model: str | None = None) -> Any:
+        """Learn *paths* on the server; returns a :class:`~offgrid_jupyter.rag.LearnReport`. The
+        server embeds with its own ``c.OffgridApp.embedding_model``: a client names no file there."""
+        from .errors import InvalidRequestError
         from .rag import LearnReport
+
+        if embedding_model:
+            raise InvalidRequestError("This kernel's collections are the server's, which embeds with its own model "
+                                      "(c.OffgridApp.embedding_model); learn without --embedding-model.")
 
         out = self.client.request("POST", "collections", body={"name": collection, "paths": list(paths)},
                                   idempotent=True)  # learning again changes nothing: safe to retry

@@ -21,6 +21,7 @@ an upgrade of llama-cpp-python that moves one fails loudly in one test, not as a
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -54,6 +55,7 @@ MODULE_ATTRIBUTES = [
     ("llama_cpp:llama_context_params", "kv_unified"),
     ("llama_cpp", "llama_vocab_is_eog"),
     ("llama_cpp.llama_chat_format", "get_chat_completion_handler"),
+    ("llama_cpp", "LLAMA_POOLING_TYPE_NONE"),  # Embedder: a model without pooling of its own
 ]
 INSTANCE_ATTRIBUTES = ["context_params", "chat_handler", "_chat_handlers", "chat_format", "_model", "create_completion",
                        "tokenize", "_init_sampler", "_n_vocab", "_seed", "set_seed"]
@@ -386,4 +388,51 @@ class LlamaModel:
     def close(self) -> None:
         self.batch.close()
         self.ctx.close()
+        self.llm.close()
+
+
+class Embedder:
+    """A GGUF that turns text into one unit-length vector each (retrieval's optional embeddings).
+
+    An embedding model (BERT-like: nomic-embed, bge, all-MiniLM…) says in its GGUF how its tokens
+    are pooled into one vector, and llama.cpp pools them; a generative model says nothing, and
+    llama.cpp hands back every token's hidden state, which are averaged here (what its own mean
+    pooling would do), so any GGUF can embed, if not as well. Texts longer than the context are
+    cut at it. Thread-safe: one call at a time."""
+
+    N_CTX = 512  # what most embedding models were trained with; a chunk is a few hundred tokens
+
+    def __init__(self, path: str, *, n_threads: int):
+        import llama_cpp
+        import llama_cpp._internals as internals
+        import llama_cpp.llama
+
+        llama_cpp.llama.suppress_stdout_stderr = _NoRedirect
+        internals.suppress_stdout_stderr = _NoRedirect
+        self.path = path
+        try:
+            self.llm = llama_cpp.Llama(model_path=path, embedding=True, n_ctx=self.N_CTX, n_batch=self.N_CTX,
+                                       n_ubatch=self.N_CTX, n_threads=n_threads, n_threads_batch=n_threads,
+                                       verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise InvalidModelError(f"llama.cpp could not load the embedding model {path}: {exc}. "
+                                    "The file may be truncated or of an unsupported architecture.") from exc
+        self.per_token = self.llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE
+        self.dim = self.llm.n_embd()
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """One float32 row of unit length per text."""
+        with self._lock:
+            rows = self.llm.embed(texts, normalize=not self.per_token, truncate=True)
+        if not self.per_token:
+            return np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dim)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, tokens in enumerate(rows):  # an empty text has no tokens: a zero vector, near nothing
+            if tokens:
+                mean = np.asarray(tokens, dtype=np.float32).mean(axis=0)
+                out[i] = mean / (np.linalg.norm(mean) or 1.0)
+        return out
+
+    def close(self) -> None:
         self.llm.close()

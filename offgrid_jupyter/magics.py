@@ -15,6 +15,7 @@ import keyword
 import re
 import shlex
 import string
+from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -231,6 +232,9 @@ def _line_parser() -> _Parser:
     parsers["learn"].add_argument("--collection", "-c", default="default", metavar="NAME")
     parsers["learn"].add_argument("--list", action="store_true", help="the collections, as a DataFrame")
     parsers["learn"].add_argument("--delete", metavar="NAME", help="delete a collection")
+    parsers["learn"].add_argument("--embedding-model", metavar="GGUF",
+                                  help="also embed the chunks with this GGUF and fuse its matches with BM25's in "
+                                       "searches (the collection keeps it)")
     parsers["search"].add_argument("query", nargs="+")
     parsers["search"].add_argument("-k", type=int, default=5)
     parsers["search"].add_argument("--collection", "-c", metavar="NAME")
@@ -586,15 +590,16 @@ class OffgridMagics(Magics):
             return Note(f"Deleted collection `{args.delete}`; the files themselves are untouched.")
         if args.list or not args.paths:
             rows = library.collections()
-            frame = pd.DataFrame(rows, columns=["name", "documents", "chunks", "bytes", "last_learned_at"])
+            frame = pd.DataFrame(rows, columns=["name", "documents", "chunks", "bytes", "last_learned_at",
+                                                "embedding_model"])
             frame = frame.rename(columns={"name": "collection", "last_learned_at": "last_learned"})
             frame["last_learned"] = pd.to_datetime(frame["last_learned"], unit="s", utc=True)
+            frame["embedding_model"] = [Path(m).name if isinstance(m, str) else None for m in frame["embedding_model"]]
             return frame
         from tqdm.auto import tqdm
 
-        report = library.learn(args.paths, args.collection,
-                               progress=lambda files: tqdm(files, desc=f"learning {args.collection}", unit="file",
-                                                           leave=False))
+        report = library.learn(args.paths, args.collection, embedding_model=args.embedding_model,
+                               progress=lambda items, **kw: tqdm(items, leave=False, **kw))
         return Note(report.summary() if hasattr(report, "summary") else str(report))
 
     def _cmd_search(self, args):

@@ -15,6 +15,8 @@ Why this shape:
   absolute path elsewhere, no symlink out.
 - A question becomes an FTS5 query of its words (each quoted, joined by OR, common words
   dropped), ranked by ``bm25()`` with a heading and the path weighed above the body.
+- A collection learned with an embedding model also ranks by its vectors, and the two rankings
+  are fused (``embeddings.py``); without one, nothing here needs a model.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import statistics
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from . import embeddings
 from .chunking import KNOWN, Unreadable, chunk
 from .errors import InvalidRequestError, OffgridError
 
@@ -97,6 +100,7 @@ class LearnReport:
     unchanged: int = 0
     removed: int = 0
     chunks: int = 0  # chunks written by this run
+    embedded: int = 0  # chunks given a vector by this run (a collection with an embedding model)
     failed: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]
     seconds: float = 0.0
 
@@ -106,7 +110,8 @@ class LearnReport:
     def summary(self) -> str:
         parts = [f"{self.added} added", f"{self.updated} updated", f"{self.unchanged} unchanged",
                  f"{self.removed} removed"]
-        text = f"Collection `{self.collection}`: {', '.join(parts)} ({self.chunks} chunks written, {self.seconds:.1f} s)."
+        written = f"{self.chunks} chunks written" + (f", {self.embedded} embedded" if self.embedded else "")
+        text = f"Collection `{self.collection}`: {', '.join(parts)} ({written}, {self.seconds:.1f} s)."
         if self.failed:
             text += f" {len(self.failed)} could not be read: " + "; ".join(
                 f"`{f['path']}`: {f['reason']}" for f in self.failed[:10]) + ("…" if len(self.failed) > 10 else "")
@@ -233,15 +238,20 @@ class Library:
         self.store = store
 
     def learn(self, paths: list[str], collection: str = "default", *, root: str | os.PathLike | None = None,
-              progress: Callable[[Iterable], Iterable] | None = None) -> LearnReport:
+              progress: Callable[..., Iterable] | None = None,
+              embedding_model: str | os.PathLike | None = None) -> LearnReport:
         """Learn *paths* (files, folders, globs) into *collection*; see the module docstring.
         *root*: refuse paths outside it (a server's root directory). *progress* wraps the file
-        loop (e.g. ``tqdm.auto.tqdm``)."""
+        loop and the embedding batches (e.g. ``tqdm.auto.tqdm``; called with ``desc``).
+        *embedding_model*: a GGUF whose vectors the collection's searches fuse with BM25 from now
+        on (``embeddings.py``); without it, the model the collection already has, if any."""
         from .store import Store
 
         Store.check_name(collection)
         if not isinstance(paths, list) or not paths:
             raise InvalidRequestError("Give at least one path to learn (a file, a folder or a glob).")
+        model_file = embeddings.model_path(embedding_model) if embedding_model else None
+        model = embeddings.embedder(model_file) if model_file else None  # a bad model fails before any work
         started = time.monotonic()
         root_path = Path(root).resolve() if root is not None else None
         files, failed = _expand(paths, root_path)
@@ -253,7 +263,7 @@ class Library:
         conn = self.store.connection()
         known = {r["path"]: r for r in conn.execute("SELECT * FROM documents WHERE collection = ?", (collection,))}
         seen = set()
-        for f in (progress(files) if progress else files):
+        for f in (progress(files, desc=f"learning {collection}", unit="file") if progress else files):
             shown = _shown(f, root_path)
             seen.add(shown)
             try:
@@ -271,8 +281,22 @@ class Library:
                 _count_terms(c)
 
         self.store.transaction(finish)
+        if model_file:
+            embeddings.use_model(self.store, collection, model_file)
+        else:
+            model_file = self._model_of(collection)
+            model = embeddings.embedder(model_file) if model_file else None
+        if model is not None:
+            report.embedded = embeddings.embed_missing(
+                self.store, collection, model,
+                progress and (lambda batches: progress(batches, desc=f"embedding {collection}", unit="batch")))
         report.seconds = round(time.monotonic() - started, 3)
         return report
+
+    def _model_of(self, collection: str) -> str | None:
+        row = self.store.connection().execute("SELECT embedding_model FROM collections WHERE name = ?",
+                                              (collection,)).fetchone()
+        return row[0] if row else None
 
     def _learn_file(self, f: Path, shown: str, collection: str, row: sqlite3.Row | None, report: LearnReport) -> None:
         st = f.stat()
@@ -312,7 +336,8 @@ class Library:
     def collections(self) -> list[dict[str, Any]]:
         """Every collection: documents, chunks, bytes of text, when it was last learned."""
         rows = self.store.connection().execute(
-            "SELECT c.name, c.created_at, c.last_learned_at, "
+            "SELECT c.name, c.created_at, c.last_learned_at, c.embedding_model, "
+            "(SELECT count(*) FROM chunk_vectors v WHERE v.collection = c.name) AS vectors, "
             "(SELECT count(*) FROM documents d WHERE d.collection = c.name) AS documents, "
             "(SELECT count(*) FROM chunks k WHERE k.collection = c.name) AS chunks, "
             "(SELECT coalesce(sum(d.size), 0) FROM documents d WHERE d.collection = c.name) AS bytes "
@@ -342,7 +367,9 @@ class Library:
                                           "`%offgrid learn PATH --collection NAME` makes one.")
 
     def search(self, query: str, collection: str | None = None, k: int = DEFAULT_K) -> list[Hit]:
-        """The *k* chunks that best match *query* (BM25), in *collection* or in all of them."""
+        """The *k* chunks that best match *query*, in *collection* or in all of them: BM25, fused
+        with the nearest vectors when the collection has an embedding model (``embeddings.py``;
+        a hit's score is then its fused score). A search of every collection is BM25's."""
         from .validation import check_text
 
         check_text(query, "The query")
@@ -352,8 +379,32 @@ class Library:
             self._need(collection)
         started = time.perf_counter()
         match = self._query(query)
-        if not match:
+        model_file = self._model_of(collection) if collection is not None else None
+        vector = embeddings.query_vector(model_file, query) if model_file else None
+        if vector is not None:
+            hits = self._fused(match, vector, collection, k)
+        elif not match:
             return []
+        else:
+            hits = self._bm25(match, collection, k)
+        with _latencies_lock:
+            _latencies.append((time.perf_counter() - started) * 1000)
+        return hits
+
+    def _fused(self, match: str, vector: Any, collection: str, k: int) -> list[Hit]:
+        by_words = self._bm25(match, collection, embeddings.CANDIDATES) if match else []
+        by_meaning = embeddings.nearest(self.store, collection, vector)
+        best = embeddings.fuse([h.chunk_id for h in by_words], by_meaning)[:k]
+        known = {h.chunk_id: h for h in by_words}
+        missing = [i for i, _ in best if i not in known]
+        if missing:
+            rows = self.store.connection().execute(
+                f"SELECT id, collection, path, start, end, unit, heading, text FROM chunks WHERE id IN "
+                f"({','.join('?' * len(missing))})", missing).fetchall()
+            known.update({r["id"]: _hit(r, 0.0) for r in rows})
+        return [replace(known[i], score=round(score, 5)) for i, score in best if i in known]
+
+    def _bm25(self, match: str, collection: str | None, k: int) -> list[Hit]:
         conn = self.store.connection()
         top = ("SELECT c.id, c.collection, c.path, c.start, c.end, c.unit, c.heading, c.text, f.rank FROM "
                "(SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?) f "
@@ -369,10 +420,7 @@ class Library:
                     "FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid WHERE chunks_fts MATCH ? "
                     "AND c.collection = ? ORDER BY chunks_fts.rank LIMIT ?", (match, collection, k)).fetchall()
             rows = mine[:k]
-        with _latencies_lock:
-            _latencies.append((time.perf_counter() - started) * 1000)
-        return [Hit(r["path"], r["start"], r["end"], r["unit"], r["heading"], round(-r["rank"], 4), r["id"],
-                    r["collection"], r["text"]) for r in rows]
+        return [_hit(r, round(-r["rank"], 4)) for r in rows]
 
     def _query(self, text: str) -> str:
         """The question's words as an FTS5 query, without the words most chunks have: BM25 gives
@@ -411,10 +459,17 @@ class Library:
             times = sorted(_latencies)
         last = max((c["last_learned_at"] or 0 for c in cols), default=0) or None
         return {"enabled": bool(cols), "collections": len(cols), "documents": sum(c["documents"] for c in cols),
-                "chunks": sum(c["chunks"] for c in cols), "index_bytes": int(index_bytes), "last_learned_at": last,
+                "chunks": sum(c["chunks"] for c in cols), "vectors": sum(c["vectors"] for c in cols),
+                "embedding_models": sorted({Path(c["embedding_model"]).name for c in cols if c["embedding_model"]}),
+                "index_bytes": int(index_bytes), "last_learned_at": last,
                 "retrieval": {"searches": len(times),
                               "p50_ms": round(statistics.median(times), 3) if times else None,
                               "p95_ms": round(times[int(0.95 * (len(times) - 1))], 3) if times else None}}
+
+
+def _hit(row: sqlite3.Row, score: float) -> Hit:
+    return Hit(row["path"], row["start"], row["end"], row["unit"], row["heading"], score, row["id"],
+               row["collection"], row["text"])
 
 
 def _count_terms(conn: sqlite3.Connection) -> None:

@@ -40,6 +40,7 @@ from .errors import (
     StoreError,
 )
 from .profiles import Profiles, m006_profiles
+from .embeddings import m008_vectors
 from .rag import Library, m007_library
 from .validation import check_json, check_text
 
@@ -322,6 +323,7 @@ def m005_turn_marks(conn: sqlite3.Connection) -> None:
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests, m005_turn_marks, m006_profiles,
     m007_library,
+    m008_vectors,
 ]
 
 

@@ -87,6 +87,10 @@ async def test_session_routes_and_their_errors(api):
     assert code == 413 and body["error"]["code"] == "content_too_large"
     code, body, _ = await api("GET", "v1/sessions", limit="many")
     assert code == 400
+    code, body, _ = await api("GET", "v1/sessions", limt="5")  # misspelt: said, not ignored
+    assert code == 400 and "'limt'" in body["error"]["message"] and "limit, offset" in body["error"]["message"]
+    code, body, _ = await api("GET", "v1/health", x="1")
+    assert code == 400 and "takes none" in body["error"]["message"]
     code, msg, _ = await api("POST", "v1/sessions/alpha/messages", {"role": "user", "content": "hello"})
     assert code == 201 and msg["role"] == "user"
     code, body, _ = await api("POST", "v1/sessions/alpha/messages", {"role": "robot", "content": "x"})
@@ -422,6 +426,10 @@ async def test_collections_are_learned_under_the_root_searched_and_used_by_chats
     assert code == 200 and body["hits"][0]["path"] == "notes/vesper.md" and len(body["hits"]) <= 2
     code, body, _ = await api("GET", "v1/collections/nope/search", q="x")
     assert code == 404 and body["error"]["code"] == "collection_not_found"
+    for params, needle in (({}, "query argument q"), ({"q": "x" * 2001}, "at most 2000"),
+                           ({"q": "x", "limit": "3"}, "'limit'")):
+        code, body, _ = await api("GET", "v1/collections/projects/search", **params)
+        assert code == 400 and needle in body["error"]["message"], body
     await api("POST", "v1/sessions", {"name": "asker"})
     code, turn, _ = await api("POST", "v1/sessions/asker/chat", {"message": "What is Brindle's pilot budget?",
                                                                  "collection": "projects", "max_tokens": 30, **GREEDY})
@@ -434,3 +442,19 @@ async def test_collections_are_learned_under_the_root_searched_and_used_by_chats
     assert code == 204
     code, body, _ = await api("GET", "v1/collections")
     assert body["collections"] == []
+
+
+async def test_a_server_with_an_embedding_model_embeds_what_it_learns(api, state, jp_root_dir):
+    from offgrid_jupyter.models import resolve_model
+
+    from .test_rag import corpus
+
+    corpus(jp_root_dir)
+    state.embedding_model = str(resolve_model().path)  # what c.OffgridApp.embedding_model resolves to
+    code, report, _ = await api("POST", "v1/collections", {"name": "vec", "paths": ["notes"]})
+    assert code == 200 and report["embedded"] == report["chunks"] > 0
+    code, body, _ = await api("GET", "v1/collections")
+    listed = body["collections"][0]
+    assert listed["vectors"] == listed["chunks"] and listed["embedding_model"] == state.embedding_model
+    code, body, _ = await api("GET", "v1/collections/vec/search", q="qwzx vvyk", k="3")  # no word matches
+    assert code == 200 and len(body["hits"]) == 3  # the vectors still rank

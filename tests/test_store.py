@@ -46,14 +46,16 @@ def cstore(tmp_path, clock):
     return Store(tmp_path / "db.sqlite3", clock=clock)
 
 
+MIGRATED = ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests", "m005_turn_marks",
+            "m006_profiles", "m007_library", "m008_vectors"]
+
+
 def test_database_is_wal_with_recorded_migrations(store):
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests",
-                                  "m005_turn_marks", "m006_profiles"]
+    assert store.migrations() == MIGRATED
     Store(store.path)  # reopening applies nothing twice
-    assert store.migrations() == ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests",
-                                  "m005_turn_marks", "m006_profiles"]
+    assert store.migrations() == MIGRATED
 
 
 def test_data_dir_honours_offgrid_home(tmp_path, monkeypatch):

@@ -316,7 +316,7 @@ export interface paths {
             };
             cookie?: never;
         };
-        /** The chunks that best match a query (BM25) */
+        /** The chunks that best match a query (BM25, fused with the nearest vectors when the collection has an embedding model) */
         get: operations["searchCollection"];
         put?: never;
         post?: never;
@@ -749,6 +749,10 @@ export interface components {
             documents: number;
             chunks: number;
             bytes: number;
+            /** @description Chunks with an embedding (0 without an embedding model). */
+            vectors?: number;
+            /** @description The GGUF embedding model the collection was learned with: its searches fuse that model's nearest chunks with BM25's (reciprocal rank fusion). null: BM25 alone. */
+            embedding_model?: string | null;
         };
         LearnReport: {
             collection: string;
@@ -762,6 +766,8 @@ export interface components {
                 reason: string;
             }[];
             seconds?: number;
+            /** @description Chunks given a vector by this learn (a collection with an embedding model). */
+            embedded?: number;
         };
         Hit: {
             path: string;
@@ -770,6 +776,7 @@ export interface components {
             /** @enum {unknown} */
             unit: "line" | "cell" | "page";
             heading?: string;
+            /** @description BM25's score; in a collection with an embedding model, the fused reciprocal-rank score. */
             score: number;
             chunk_id: number;
             collection: string;

@@ -16,6 +16,7 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
+from .. import embeddings
 from ..backend import QueueBackend
 from ..tools import load as load_tools
 from ..engine import DEFAULT_PARALLEL, MB, Engine
@@ -66,6 +67,9 @@ class OffgridApp(ExtensionApp):
     tools = List(Unicode(), help="Server tools, as 'package.module:function' (typed functions, or "
                  "@offgrid_jupyter.tool objects): a REST chat on a session whose profile offers them runs the "
                  "calls on the server. A name that does not import stops the start.").tag(config=True)
+    embedding_model = Unicode(None, allow_none=True, help="A GGUF embedding model for the collections this server "
+                              "learns (POST /v1/collections): their searches fuse its nearest chunks with BM25's. "
+                              "A collection keeps the model it was learned with.").tag(config=True)
     engine_max_concurrent = Int(4, help="Requests sent to the engine at once (it batches them); the rest wait "
                                 "in the queue.").tag(config=True)
 
@@ -98,6 +102,8 @@ class OffgridApp(ExtensionApp):
                                  api_key=self.api_key, kernel_key=kernel_key, max_body_bytes=self.max_body_bytes,
                                  log=self.log)
         self.settings["offgrid_state"] = self.state
+        if self.embedding_model:  # a missing or non-GGUF file stops the start, naming it
+            self.state.embedding_model = embeddings.model_path(self.embedding_model)
         self.state.tools = load_tools(self.tools)  # a tool that does not import stops the start, naming it
         store.profiles.define(self.profiles)  # a bad profile stops the start with a message naming it
         if self.share_with_kernels:

@@ -14,9 +14,12 @@ from dataclasses import asdict
 from jupyter_server.auth.decorator import authorized
 from tornado import web
 
+from ..errors import InvalidRequestError
 from ..rag import MAX_K
 from ..validation import check_text
 from .base import OffgridHandler
+
+MAX_QUERY = 2000  # characters of q (openapi.json's maxLength)
 
 
 class CollectionsHandler(OffgridHandler):
@@ -36,8 +39,8 @@ class CollectionsHandler(OffgridHandler):
             check_text(p, "A path")
         root = self.settings.get("server_root_dir") or "."
         loop = asyncio.get_running_loop()
-        report = await loop.run_in_executor(
-            self.state.tool_pool, lambda: self.state.store.library.learn(paths, name, root=root))
+        report = await loop.run_in_executor(self.state.tool_pool, lambda: self.state.store.library.learn(
+            paths, name, root=root, embedding_model=self.state.embedding_model))
         self.send(200, report.to_dict())
 
 
@@ -63,8 +66,14 @@ class SearchHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def get(self, name: str) -> None:
-        query = self.query("q") or ""
+        query = self.query("q")
+        if not query:
+            raise InvalidRequestError("Give the search's words as the query argument q (…/search?q=words).")
+        if len(query) > MAX_QUERY:
+            raise InvalidRequestError(f"q is {len(query)} characters; a search takes at most {MAX_QUERY}.")
         check_text(query, "q")
         k = self.query_int("k", 5, 1, MAX_K)
-        hits = await self.run(lambda: self.state.store.library.search(query, name, k))
+        # off the store's pool: a collection with an embedding model runs it on the question
+        hits = await asyncio.get_running_loop().run_in_executor(
+            self.state.tool_pool, lambda: self.state.store.library.search(query, name, k))
         self.send(200, {"collection": name, "query": query, "hits": [asdict(h) for h in hits]})

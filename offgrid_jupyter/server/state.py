@@ -37,6 +37,7 @@ class ServerState:
     keyed: OrderedDict[tuple, "SharedTurn"] = field(default_factory=OrderedDict)  # (route, session, key) -> turn
     running: dict[str, "SharedTurn"] = field(default_factory=dict)  # request id -> turn, for cancel
     tools: dict[str, Tool] = field(default_factory=dict)  # c.OffgridApp.tools, by name
+    embedding_model: str | None = None  # c.OffgridApp.embedding_model, resolved
     tool_pool: ThreadPoolExecutor = field(  # server tools run here: user code, never on the loop or the store pool
         default_factory=lambda: ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="offgrid-tool"))
 
