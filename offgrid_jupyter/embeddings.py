@@ -126,8 +126,11 @@ _matrices_lock = threading.Lock()
 def _matrix(store: "Store", collection: str) -> tuple[np.ndarray, np.ndarray]:
     """The collection's chunk ids and vectors, read again only when they changed."""
     conn = store.connection()
-    version = tuple(conn.execute("SELECT count(*), coalesce(max(chunk_id), 0), coalesce(min(chunk_id), 0) "
-                                 "FROM chunk_vectors WHERE collection = ?", (collection,)).fetchone())
+    # (another model for the same chunks writes the same ids: its path is part of the version)
+    version = tuple(conn.execute(
+        "SELECT count(*), coalesce(max(chunk_id), 0), coalesce(min(chunk_id), 0), "
+        "(SELECT embedding_model FROM collections WHERE name = ?) FROM chunk_vectors WHERE collection = ?",
+        (collection, collection)).fetchone())
     key = (str(store.path), collection)
     with _matrices_lock:
         cached = _matrices.get(key)

@@ -34,6 +34,11 @@ AUTH_RESOURCE = "offgrid"
 JUPYTER_QUERY = frozenset({"token", "_xsrf"})  # Jupyter's own: a token may come in the URL
 
 
+def _cache_buster(name: str, values: list[bytes]) -> bool:
+    """JupyterLab's ServerConnection appends ``?<milliseconds>`` to a GET it must not cache."""
+    return name.isascii() and name.isdigit() and values == [b""]
+
+
 @web.stream_request_body
 class OffgridHandler(APIHandler):
     auth_resource = AUTH_RESOURCE
@@ -71,7 +76,8 @@ class OffgridHandler(APIHandler):
         if self.spec_path is None or method.upper() not in spec.methods(self.spec_path):
             return  # (a method the route has not: 405, not this)
         known = spec.query_names(self.spec_path, method)
-        unknown = sorted(set(self.request.query_arguments) - known - JUPYTER_QUERY)
+        unknown = sorted(name for name, values in self.request.query_arguments.items()
+                         if name not in known and name not in JUPYTER_QUERY and not _cache_buster(name, values))
         if unknown:
             takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
             raise InvalidRequestError(f"{self.request.method} {self.request.path} has no query argument "
