@@ -137,19 +137,24 @@ def test_a_retried_stream_replays_its_events_and_a_json_retry_gets_the_same_turn
 def test_a_retry_joins_the_in_flight_original_which_then_outlives_its_client(server, api):
     name = fresh(api, "flight")
     key = {"Idempotency-Key": uuid.uuid4().hex, **AUTH}
-    body = {"message": "Write a long story about the sea.", "max_tokens": 120, "stream": True, **GREEDY}
+    body = {"message": "Write a long story about the sea.", "max_tokens": 400, "stream": True, **GREEDY}
     url = server["url"] + f"offgrid/v1/sessions/{name}/chat"
     with httpx.Client(timeout=120) as original_client, httpx.Client(timeout=120) as retry_client:
         with original_client.stream("POST", url, json=body, headers=key) as original:
-            lines = original.iter_lines()
-            while next(lines) != "event: token":  # generating
-                pass
+            lines = original.iter_lines()  # kept: a dropped iterator closes the connection
+            seen = []  # up to the first token: "queued" (if the engine was still admitting it), "start", ...
+            for line in lines:
+                seen.append(line)
+                if line == "event: token":  # generating
+                    break
+            assert "event: start" in seen
             retry_cm = retry_client.stream("POST", url, json=body, headers=key)  # the client thinks it failed
             retry = retry_cm.__enter__()
             retry_lines = retry.iter_lines()
-            assert next(retry_lines) == "event: start"  # joined: replayed from the start
+            replay = [next(retry_lines) for _ in seen]
+            assert replay == seen  # joined: the same events, replayed from the start
         # the original client went away mid-stream; the retry still wants the answer, so it goes on
-        rest = "event: start\n" + "\n".join(retry_lines)
+        rest = "\n".join(replay + list(retry_lines))
         retry_cm.__exit__(None, None, None)
     events = sse(rest)
     final = events[-1][1]
