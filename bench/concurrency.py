@@ -2,7 +2,11 @@
 
 - aggregate decode tokens/s with 1, 2, 4 and 8 concurrent sessions (128 tokens each):
   the engine with ``n_parallel`` = 8 (and the default) against the same engine with
-  ``n_parallel=1`` (``aggregate_speedup_8``);
+  ``n_parallel=1`` (``aggregate_speedup_8``), and the most batching can give on this machine
+  now: one ``llama_decode`` of 8 sequences over one of 1, with llama.cpp's own API in a process
+  of its own (``raw_batch_speedup_8``; ``aggregate_speedup_8_of_raw`` is ours over it). Where
+  decoding one token is already compute-bound (a small model on few cores), the ceiling is low;
+  where it is memory-bound, batching gains;
 - single-stream decode against plain llama-cpp-python (``single_stream_ratio``, each side
   alone in the process: two live llama.cpp threads slow each other);
 - 8 streams, one of which sends a ~2,000-token prompt: TTFT p50/p95, and the longest gap
@@ -20,11 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
-from offgrid_jupyter.engine import DEFAULT_PARALLEL, PREFILL_STALL, Engine, available_cores
+import plain  # bench/plain.py: bench/ is on sys.path when a benchmark runs
+
+from offgrid_jupyter.engine import (
+    DEFAULT_PARALLEL,
+    PREFILL_STALL,
+    Engine,
+    available_cores,
+)
 from offgrid_jupyter.models import resolve_model
 
 PARAMS = {"temperature": 0.0, "seed": 7, "repeat_penalty": 1.1}
@@ -62,29 +72,6 @@ def aggregate(engine: Engine, streams: int, tokens: int) -> float:
     results = [s.gen.wait() for s in runs]
     first, last = min(s.times[0] for s in runs), max(s.times[-1] for s in runs)
     return sum(r.usage["completion_tokens"] for r in results) / (last - first)
-
-
-PLAIN = """
-import sys, time, json, llama_cpp
-path, threads, tokens, rep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
-out = []
-for r in range(2):  # the first is a warm-up
-    times = [time.perf_counter() for c in llm.create_chat_completion(
-        [{"role": "user", "content": %r.format(i=rep)}], max_tokens=tokens, stream=True, **%r)
-        if c["choices"][0]["delta"].get("content")]
-    out.append((len(times) - 1) / (times[-1] - times[0]))
-print(json.dumps(out[-1]))
-""" % (STORY, PARAMS)
-
-
-def plain_decode(path: str, threads: int, tokens: int, rep: int) -> float:
-    """Plain llama-cpp-python (its own process: one llama.cpp thread per process), first to last token."""
-    out = subprocess.run([sys.executable, "-c", PLAIN, path, str(threads), str(tokens), str(rep)],
-                         capture_output=True, text=True, check=True, timeout=600)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
 
 
 def history(turns: int, tag: str) -> list[dict]:
@@ -141,6 +128,10 @@ def main() -> None:
             aggregate_tok_s={label: {str(n): v for n, v in curve.items()} for label, curve in curves.items()},
             aggregate_speedup_8=round(curves["batched"][8] / curves["serial"][8], 3),
             aggregate_speedup_8_default=round(curves["default"][8] / curves["serial"][8], 3))
+        log("llama.cpp alone: one decode of 8 sequences against one of 1")
+        ceiling = plain.batch_ceiling(str(info.path), threads, tokens)
+        result.update(raw_batch_speedup_8=round(ceiling, 3),
+                      aggregate_speedup_8_of_raw=round(result["aggregate_speedup_8"] / ceiling, 3))
 
     if "single" in parts:
         log("single stream: ours (default n_parallel) and plain llama-cpp-python, alternated")
@@ -151,7 +142,7 @@ def main() -> None:
             ours_single.append(eng.complete(user(STORY.format(i=rep)), session_id=f"single-{rep}",
                                             max_tokens=tokens * 2, **PARAMS).timings["tokens_per_second"])
             eng.close()
-            plain_single.append(plain_decode(str(info.path), threads, tokens * 2, rep))
+            plain_single.append(plain.decode(str(info.path), threads, tokens * 2, user(STORY.format(i=rep)), PARAMS))
         result.update(single_stream_tok_s=round(med(ours_single), 2), plain_single_tok_s=round(med(plain_single), 2),
                       single_stream_ratio=round(med(ours_single) / med(plain_single), 3))
 

@@ -1,8 +1,14 @@
 """Engine benchmark: decode speed vs plain llama-cpp-python, decode beside a busy process,
 and follow-up TTFT with KV reuse.
 
+The baselines (bench/plain.py) run alternated with ours. ``contention_ceiling`` is what the
+best thread count can give beside the busy process: plain llama.cpp with one thread there, over
+plain llama.cpp alone. Where one thread decodes nearly as fast as two (memory-bound), it is near
+1; where two threads are much faster (compute-bound, or two vCPUs that share a core), it is
+low, and ``contention_ratio`` cannot pass it.
+
 Prints progress, then one JSON object as the last line. ``--quick`` finishes in
-well under a minute on a 2-core machine; the full run uses a >= 1,500-token history.
+about a minute on a 2-core machine; the full run uses a >= 1,500-token history.
 
     python bench/engine.py [--quick] [--model PATH]
 """
@@ -16,7 +22,8 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
+
+import plain  # bench/plain.py: bench/ is on sys.path when a benchmark runs
 
 from offgrid_jupyter.engine import Engine, available_cores
 from offgrid_jupyter.models import resolve_model
@@ -29,18 +36,6 @@ PARAMS = {"temperature": 0.0, "seed": 7, "top_p": 0.95, "top_k": 40, "repeat_pen
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def measure_stream(deltas) -> tuple[float, int]:
-    """(tokens/s between the first and last delta, number of deltas) as seen by the consumer."""
-    first = last = None
-    n = 0
-    for _ in deltas:
-        now = time.perf_counter()
-        first = first or now
-        last = now
-        n += 1
-    return ((n - 1) / (last - first) if n > 1 and last > first else 0.0), n
 
 
 def decode_ours(engine: Engine, max_tokens: int) -> float:
@@ -59,11 +54,6 @@ def busy_process():
     finally:
         hog.kill()
         hog.wait()
-
-
-def decode_raw(llm, max_tokens: int) -> tuple[float, int]:
-    chunks = llm.create_chat_completion(DECODE_PROMPT, max_tokens=max_tokens, stream=True, **PARAMS)
-    return measure_stream(c for c in chunks if c["choices"][0]["delta"].get("content"))
 
 
 def history(n_turns: int) -> list[dict]:
@@ -102,19 +92,22 @@ def main() -> None:
     n_ctx = 4096
     t0 = time.perf_counter()
 
-    import llama_cpp
-
-    # One live llama.cpp thread at a time: with libgomp, two live threads that each
-    # ran an OpenMP team slow each other ~3x on 2 cores (in production a process has
-    # exactly one engine thread). So each side is measured in its own phase.
-    log("decode and follow-up: ours")
+    # The baseline runs in a process of its own (bench/plain.py), alternated with ours within each
+    # condition: the speed of these VMs drifts, and a ratio of two phases minutes apart measures it.
+    log("decode alone: ours, then plain llama-cpp-python, alternated")
     ours = Engine(info.path, n_ctx=n_ctx, n_threads=threads)
     decode_ours(ours, 16)  # warm-up (loads the model)
-    ours_tps = [decode_ours(ours, decode_tokens) for _ in range(reps)]
+    ours_tps, raw_tps, beside_tps, raw_beside, raw_beside_1 = [], [], [], [], []
+    for _ in range(reps):
+        ours_tps.append(decode_ours(ours, decode_tokens))
+        raw_tps.append(plain.decode(str(info.path), threads, decode_tokens, DECODE_PROMPT, PARAMS))
     threads_alone = ours.tuner.state()
-    log(f"decode beside one CPU-bound process: ours (alone: {threads_alone})")
+    log(f"decode beside one CPU-bound process, alternated (ours alone: {threads_alone})")
     with busy_process():
-        beside_tps = [decode_ours(ours, decode_tokens) for _ in range(reps)]
+        for _ in range(reps):
+            beside_tps.append(decode_ours(ours, decode_tokens))
+            raw_beside.append(plain.decode(str(info.path), threads, decode_tokens, DECODE_PROMPT, PARAMS))
+            raw_beside_1.append(plain.decode(str(info.path), 1, decode_tokens, DECODE_PROMPT, PARAMS))
     threads_beside = ours.tuner.state()
     log(f"beside: {threads_beside}")
     decode_ours(ours, 16)  # alone again: the tuner finds its way back
@@ -126,18 +119,6 @@ def main() -> None:
                               max_tokens=8, **PARAMS)
         f_fresh.append(fresh.timings["ttft_ms"])
     ours.close()
-
-    log("decode: plain llama_cpp.Llama.create_chat_completion on a worker thread of its own")
-    raw_thread = ThreadPoolExecutor(max_workers=1)
-    raw = raw_thread.submit(llama_cpp.Llama, model_path=str(info.path), n_ctx=n_ctx, n_threads=threads,
-                            n_threads_batch=threads, verbose=False).result()
-    raw_thread.submit(decode_raw, raw, 16).result()  # warm-up
-    raw_tps = [raw_thread.submit(decode_raw, raw, decode_tokens).result()[0] for _ in range(reps)]
-    log("decode beside one CPU-bound process: plain llama_cpp (every core, as the first wave used it)")
-    with busy_process():
-        raw_beside = [raw_thread.submit(decode_raw, raw, decode_tokens).result()[0] for _ in range(reps)]
-    raw_thread.submit(raw.close).result()
-    raw_thread.shutdown()
 
     log("follow-up: naive (the same engine without KV snapshots)")
     naive = Engine(info.path, n_ctx=n_ctx, n_threads=threads, kv_cache_bytes=0)
@@ -154,6 +135,10 @@ def main() -> None:
         "decode_threads_alone": threads_alone["decode_threads"],
         "decode_threads_beside": threads_beside["decode_threads"],
         "raw_contention_ratio": round(med(raw_beside) / med(raw_tps), 3),
+        # the best a thread count can do here: plain llama.cpp told to use one thread beside the process
+        "raw_1_thread_beside_busy_tok_s": round(med(raw_beside_1), 2),
+        "contention_ceiling": round(med(raw_beside_1) / med(raw_tps), 3),
+        "contention_of_ceiling": round(med(beside_tps) / med(raw_beside_1) * med(raw_tps) / med(ours_tps), 3),
         "history_tokens": prompt_n, "followup_cached_tokens": cached_n,
         "followup_ttft_ms": round(med(f_ours), 2), "naive_followup_ttft_ms": round(med(f_naive), 2),
         "fresh_ttft_ms": round(med(f_fresh), 2),
