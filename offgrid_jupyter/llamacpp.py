@@ -21,12 +21,13 @@ an upgrade of llama-cpp-python that moves one fails loudly in one test, not as a
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import threading
 from typing import Any, Callable
 
 import numpy as np
 
-from .errors import InvalidModelError, OffgridError, UnsupportedSchemaError
+from .errors import InvalidModelError, InvalidRequestError, OffgridError, UnsupportedSchemaError
 
 # (where, attribute) pairs the adapter relies on; checked by check_compat()
 MODULE_ATTRIBUTES = [
@@ -110,6 +111,10 @@ class GrammarChecked:
         self.chain = chain  # a llama_cpp._internals.LlamaSampler (owns and frees its chain)
         self.grammar = llama_cpp.llama_sampler_init_grammar(
             llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+        if not self.grammar:  # never sample unconstrained what was asked to be constrained
+            self.grammar = None
+            raise UnsupportedSchemaError("llama.cpp could not build the grammar of the reply's schema; nothing was "
+                                         "generated. Simplify the schema.")
         n = self.n_vocab = llm._n_vocab
         self.data = (llama_cpp.llama_token_data * n)()
         self.view = np.ctypeslib.as_array(self.data)  # fields id, logit, p
@@ -148,33 +153,104 @@ class GrammarChecked:
             self.grammar = None
 
 
-def grammar_for(schema: dict) -> str:
+MAX_GRAMMAR_CHARS = 256 * 1024  # a grammar's text; the schemas' own bounds (structured.py) keep it far below
+MAX_GRAMMAR_DEPTH = 1000  # nested groups: llama.cpp's parser recurses once per level (see structured.MAX_REPEAT)
+
+
+def grammar_depth(text: str) -> int:
+    """The deepest nesting of ``( )`` groups in GBNF *text*, outside strings, character classes and
+    comments (one pass)."""
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"' or c == "[":
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def check_grammar(text: str, what: str = "The schema") -> str:
+    """Refuse a GBNF grammar llama.cpp could not build, before anything is queued: too large or too
+    deep for its parser (a 400 naming the limit: past them the parser crashed the process), or one it
+    refuses (undefined or left-recursive rules, "exceeds sane defaults": a 422). The parse is
+    llama.cpp's own, without a vocabulary (a few ms); results are cached by the grammar's text."""
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise InvalidRequestError(f"{what} makes a grammar of {len(text):,} characters; the limit is "
+                                  f"{MAX_GRAMMAR_CHARS:,}. Simplify it (fewer or shorter fields).")
+    depth = grammar_depth(text)
+    if depth > MAX_GRAMMAR_DEPTH:
+        raise InvalidRequestError(f"{what} makes a grammar nested {depth} levels deep; the limit is "
+                                  f"{MAX_GRAMMAR_DEPTH}. Lower its lengths, item counts or pattern repetitions.")
+    if not _parses(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest(), text):
+        raise UnsupportedSchemaError(f"{what} makes a grammar llama.cpp refuses to build (too complex for it). "
+                                     "Simplify or drop that part of the schema.")
+    return text
+
+
+_parsed: dict[bytes, bool] = {}  # grammar digest -> whether llama.cpp builds it
+
+
+def _parses(digest: bytes, text: str) -> bool:
+    import llama_cpp
+
+    if digest in _parsed:
+        return _parsed[digest]
+    ok = _parse(llama_cpp, text)
+    if len(_parsed) >= 1024:
+        _parsed.clear()
+    _parsed[digest] = ok
+    return ok
+
+
+def _parse(llama_cpp: Any, text: str) -> bool:
+    sampler = llama_cpp.llama_sampler_init_grammar(None, text.encode("utf-8"), b"root")
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
+
+
+def grammar_for(schema: dict, what: str = "The JSON schema") -> str:
     """The GBNF grammar llama-cpp-python's chat handler will build from *schema* (the same
-    converter), or a 400 naming the construct it cannot express."""
+    converter), checked by :func:`check_grammar`; or a 400/422 naming what it cannot express."""
     import json
 
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        text = json_schema_to_gbnf(json.dumps(schema))
     except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
-        raise UnsupportedSchemaError(f"The JSON schema cannot be used as a constraint: {str(exc)[:300] or type(exc).__name__}. "
-                                  "Simplify or drop that part of the schema.") from None
+        raise UnsupportedSchemaError(f"{what} cannot be used as a constraint: {str(exc)[:300] or type(exc).__name__}. "
+                                     "Simplify or drop that part of the schema.") from None
+    return check_grammar(text, what)
 
 
 def tool_grammar(calls: dict, answer_schema: dict | None, *, answer: bool) -> str:
     """The GBNF grammar of a reply that offers tools: one call matching *calls* (a JSON
     schema, see tools.call_schema), or, when *answer* is allowed, a final answer: plain text
     that does not start with "{", or JSON matching *answer_schema* when the reply is structured."""
+    what = "The tools' parameter schemas"
     if not answer:
-        return grammar_for(calls)
+        return grammar_for(calls, what)
     if answer_schema is not None:
-        return grammar_for({"anyOf": [calls, answer_schema]})
-    call = grammar_for(calls)
+        return grammar_for({"anyOf": [calls, answer_schema]}, what)
+    call = grammar_for(calls, what)
     lines = call.splitlines()
     renamed = [("offgrid-call ::=" + line[len("root ::="):]) if line.startswith("root ::=") else line for line in lines]
-    return "\n".join(renamed + ['root ::= [ \\t\\n]* (offgrid-call | offgrid-answer)',
-                                 'offgrid-answer ::= [^{ \\t\\n] [^\\x00]*']) + "\n"
+    return check_grammar("\n".join(renamed + ['root ::= [ \\t\\n]* (offgrid-call | offgrid-answer)',
+                                               'offgrid-answer ::= [^{ \\t\\n] [^\\x00]*']) + "\n", what)
 
 
 def grammar(text: str) -> Any:

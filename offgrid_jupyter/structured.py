@@ -18,11 +18,20 @@ replies parse. This module is the part that does not need llama.cpp:
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .errors import InvalidRequestError, ReplyCutError, ReplyInvalidError
 
 MAX_SCHEMA_BYTES = 64 * 1024
+# llama-cpp-python's converter writes ``maxLength: N`` (and maxItems, minItems, minLength, a pattern's
+# ``{m,n}``) as N nested grammar rules, and llama.cpp's grammar parser recurses once per level: a
+# schema with maxLength 20,000 crashed the whole process (stack overflow), 12,000 made llama.cpp
+# refuse the grammar. 1,000 levels parse in 4 ms even on a 512 KB thread stack (measured), so a
+# count is bounded by MAX_REPEAT, and their sum over one schema by MAX_EXPANSION (the grammar's size).
+MAX_REPEAT = 1000
+MAX_EXPANSION = 4000
+_COUNTS = ("maxLength", "minLength", "maxItems", "minItems")
 
 
 def normalize(response_format: Any) -> dict[str, Any] | None:
@@ -60,7 +69,107 @@ def normalize(response_format: Any) -> dict[str, Any] | None:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         raise InvalidRequestError(f"response_format's schema is not a valid JSON schema: {exc.message}") from None
+    check_bounds(schema, "response_format's schema")
     return {"type": "json_object", "schema": schema}
+
+
+def check_bounds(schema: Any, what: str, budget: int = MAX_EXPANSION) -> int:
+    """Refuse a schema whose grammar would be too deep or too large for llama.cpp (see MAX_REPEAT):
+    a 400 naming the keyword, where it is and the limit. Returns the schema's expansion (the sum of
+    its counts), so several schemas that go into one grammar (tools) can share a budget.
+
+    Iterative (a hostile schema cannot exhaust the stack here) and linear in the schema's size."""
+    total = 0
+    todo: list[tuple[Any, str]] = [(schema, "")]
+    while todo:
+        node, where = todo.pop()
+        if isinstance(node, list):
+            todo.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            at = f"{where}.{key}" if len(where) < 200 else where
+            if key in _COUNTS and isinstance(value, int) and not isinstance(value, bool):
+                if value > MAX_REPEAT:
+                    raise InvalidRequestError(
+                        f"{what}: {key} {value} (at {_at(where)}) is above {MAX_REPEAT}, the limit a grammar can "
+                        f"enforce (each one is a level of llama.cpp's grammar). Lower it, or drop {key}.")
+                total += max(value, 0)
+            elif key == "pattern" and isinstance(value, str):
+                total += pattern_weight(value, f"{what}: the pattern at {_at(where)}")
+            elif isinstance(value, (dict, list)) and key not in ("enum", "const", "examples", "default"):
+                todo.append((value, at))
+        if total > budget:
+            raise InvalidRequestError(
+                f"{what}: its lengths, item counts and pattern repetitions add up to {total} grammar levels; the "
+                f"limit is {budget}. Lower maxLength/maxItems/minItems or the patterns' {{m,n}} counts.")
+    return total
+
+
+def _at(where: str) -> str:
+    return "$" + where if where else "its top level"
+
+
+_QUANTIFIER = re.compile(r"\{(\d{1,9})(?:,(\d{0,9}))?\}")
+
+
+def pattern_weight(pattern: str, what: str) -> int:
+    """How many grammar symbols llama-cpp-python's converter writes for *pattern*: each item once,
+    an item repeated ``{m,n}`` max(m, n) times (a group's repetitions multiply its content). A count
+    above MAX_REPEAT or a total above MAX_EXPANSION is a 400 (``(a{0,999}){0,999}`` would be a
+    million nested rules). One pass over the pattern, never a regex engine run on it."""
+    stack: list[list[int]] = [[0, 0]]  # per open group: [sum of its items, weight of its last item]
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        frame = stack[-1]
+        if c == "\\":
+            frame[0] += 1
+            frame[1] = 1
+            i += 2
+            continue
+        if c == "[":  # a character class is one symbol
+            j = i + 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            frame[0] += 1
+            frame[1] = 1
+            i = j + 1
+            continue
+        if c == "(":
+            stack.append([0, 0])
+        elif c == ")" and len(stack) > 1:
+            inner = stack.pop()[0]
+            stack[-1][0] += inner
+            stack[-1][1] = inner
+        elif c == "{":
+            m = _QUANTIFIER.match(pattern, i)
+            if m:
+                count = max(int(m.group(1)), int(m.group(2) or 0))
+                if count > MAX_REPEAT:
+                    raise InvalidRequestError(f"{what} repeats something {count} times; the limit is {MAX_REPEAT}.")
+                frame[0] += frame[1] * (count - 1)
+                frame[1] *= count
+                i = m.end()
+                if frame[0] > MAX_EXPANSION:
+                    break
+                continue
+            frame[0] += 1
+            frame[1] = 1
+        elif c in "|^$*+?":
+            pass
+        else:
+            frame[0] += 1
+            frame[1] = 1
+        if frame[0] > MAX_EXPANSION:
+            break
+        i += 1
+    total = sum(f[0] for f in stack)
+    if total > MAX_EXPANSION:
+        raise InvalidRequestError(f"{what} expands to more than {MAX_EXPANSION} grammar symbols (its repetitions "
+                                  f"multiply); the limit is {MAX_EXPANSION}. Simplify it.")
+    return total
 
 
 def openai_form(response_format: dict[str, Any] | None, style: str = "json_schema") -> dict[str, Any] | None:

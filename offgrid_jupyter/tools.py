@@ -42,8 +42,12 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from .errors import InvalidRequestError, InvalidToolsError, UnknownToolError
+from .structured import MAX_EXPANSION, check_bounds
 
 MAX_TOOLS = 64
+MAX_TOOL_BYTES = 16 * 1024  # one tool's parameter schema, as JSON: every tool goes into the prompt and one grammar
+MAX_TOOLS_BYTES = 64 * 1024  # all of a request's tools (60 tools of 29 KB each took 11 s to check and convert)
+MAX_SCHEMA_NODES = 20_000  # a schema with its references inlined (references can nest exponentially)
 MAX_RESULT_CHARS = 4000  # a tool's result as the model sees it (the context is small)
 MAX_ROUNDS_LIMIT = 32
 CHOICES = ("auto", "none", "required")
@@ -168,8 +172,14 @@ def inline_refs(schema: dict[str, Any], name: str = "the schema") -> dict[str, A
     grammar converter resolves references against the whole grammar's root, and titles
     only lengthen the prompt). A recursive type is refused."""
     defs = schema.get("$defs") or schema.get("definitions") or {}
+    nodes = 0
 
     def visit(node: Any, seen: tuple[str, ...]) -> Any:
+        nonlocal nodes
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise InvalidToolsError(f"{name}: with its references written out, the schema has more than "
+                                    f"{MAX_SCHEMA_NODES:,} parts; simplify it.")
         if isinstance(node, list):
             return [visit(v, seen) for v in node]
         if not isinstance(node, dict):
@@ -268,6 +278,7 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, Any]:
     from jsonschema.exceptions import SchemaError
 
     specs, names = [], set()
+    size, budget = 0, MAX_EXPANSION
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
         if not isinstance(fn, dict):
@@ -282,13 +293,23 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, Any]:
         if not isinstance(params, dict) or not isinstance(description, str):
             raise InvalidRequestError(f"tools[{i}] ({name}): parameters must be a JSON schema object and "
                                       "description a string.")
+        one = len(json.dumps(params, ensure_ascii=False))
+        size += one + len(description[:1000])
+        if one > MAX_TOOL_BYTES:
+            raise InvalidRequestError(f"tools[{i}] ({name}): its parameters are {one:,} characters of JSON schema; "
+                                      f"the limit is {MAX_TOOL_BYTES:,} per tool. Describe fewer or simpler parameters.")
+        if size > MAX_TOOLS_BYTES:
+            raise InvalidRequestError(f"The tools' descriptions and parameters add up to more than {MAX_TOOLS_BYTES:,} "
+                                      "characters; offer fewer tools (each one is in every prompt).")
         try:
             Draft202012Validator.check_schema(params)
         except SchemaError as exc:
             raise InvalidToolsError(f"tools[{i}] ({name}): parameters is not a valid JSON schema: "
                                     f"{exc.message[:200]}") from None
+        inlined = inline_refs(params, f"tools[{i}] ({name})")
+        budget -= check_bounds(inlined, f"tools[{i}] ({name})", budget)
         specs.append({"type": "function", "function": {"name": name, "description": description[:1000],
-                                                       "parameters": inline_refs(params, f"tools[{i}] ({name})")}})
+                                                       "parameters": inlined}})
     choice = "auto" if tool_choice is None else tool_choice
     if isinstance(choice, str) and choice not in CHOICES:
         choice = {"type": "function", "function": {"name": choice}}  # offgrid's shorthand: a tool's name
