@@ -20,18 +20,28 @@ imported on this path and no GGUF is read.
   (502); a request the engine refuses is a 400 (or 413 when it says the context
   is too long). Only what is safe to repeat is retried (tenacity): listing models,
   a connection that was never made, and a 429/503 (after its ``Retry-After``).
+- Nothing a caller does waits on the engine's network for long: :meth:`describe` answers from
+  what is known (the model list is asked for in the background), a cancel shuts the stream's
+  socket at once (a blocked read would otherwise wait for its timeout), and a stream that sends
+  nothing (keep-alive comments included) for ``read_timeout`` seconds ends its turn with an
+  error naming the engine.
+- The engine's own words are relayed (a refused request says why), with the configured API
+  key and the URL's credentials taken out: an engine, or a proxy before it, that echoes request
+  headers would otherwise put the key in our errors.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 from httpx_sse import EventSource
@@ -48,7 +58,13 @@ from .errors import (
 from .structured import openai_form
 from .tools import new_call_id
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_CONCURRENT = 4
+DEFAULT_READ_TIMEOUT = 300.0  # seconds a stream may stay silent (a long prompt on a CPU engine sends nothing)
+LIST_TIMEOUT = httpx.Timeout(10.0, connect=5.0)  # /models: a list, never a long computation
+DESCRIBE_WAIT = 0.5  # seconds describe() gives an unknown engine to answer (a refused connection takes ms)
+ABANDON_AFTER = 0.5  # a cancelled request whose read cannot be interrupted is let go after this (seconds)
 MAX_RETRY_AFTER_S = 30.0  # a longer Retry-After is answered with an error, not a wait
 BUSY_RETRIES = 3
 FINISH_REASONS = {"stop", "length"}  # ("tool_calls": a stop whose reply is a call)
@@ -114,18 +130,47 @@ def _engine_message(response: httpx.Response) -> str:
     return json.dumps(data)[:300]
 
 
+class _Open:
+    """A request's open stream: its response (whose socket a cancel shuts) and when data last came."""
+
+    __slots__ = ("response", "last", "silent")
+
+    def __init__(self, response: httpx.Response):
+        self.response, self.last, self.silent = response, time.monotonic(), False
+
+    def shut(self) -> None:
+        """Wake the thread blocked reading this stream: shut its socket (closing the response from
+        another thread would not interrupt the read)."""
+        stream = self.response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+            else:
+                self.response.close()
+        except (OSError, RuntimeError):  # already closed
+            pass
+
+
 class OpenAIEngine(QueueBackend):
     """The :class:`~offgrid_jupyter.backend.Backend` of an OpenAI-compatible server."""
 
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
-                 max_concurrent: int = DEFAULT_MAX_CONCURRENT, read_timeout: float = 300.0,
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT, read_timeout: float = DEFAULT_READ_TIMEOUT,
                  queue_timeout: float = 1800.0, max_queue: int = 64, defaults: GenerationParams | None = None,
                  send_session: bool = False):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
         if not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= 256:
             raise InvalidRequestError(f"max_concurrent must be an integer from 1 to 256, got {max_concurrent!r}.")
+        if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not 0 < read_timeout <= 86400:
+            raise InvalidRequestError(f"read_timeout must be a number of seconds from 0 to 86400, got {read_timeout!r}.")
         self.url = api_base(url)
         self.public_url = public_url(self.url)
+        self.read_timeout = float(read_timeout)
+        parts = urlsplit(self.url)
+        self._secrets = sorted({s for value in (api_key, parts.username, parts.password) if value
+                                for s in (value, unquote(value), quote(value, safe="")) if len(s) >= 3},
+                               key=len, reverse=True)
         self.schema_style = "json_schema"  # how structured output is asked for (see _other_schema_style)
         self.slots = max_concurrent
         self.model_name = model or None
@@ -133,16 +178,21 @@ class OpenAIEngine(QueueBackend):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=self.url + "/", headers=headers,
-            timeout=httpx.Timeout(read_timeout, connect=5.0),
+            timeout=httpx.Timeout(self.read_timeout, connect=5.0),
             limits=httpx.Limits(max_connections=max_concurrent + 4, max_keepalive_connections=max_concurrent + 4),
             trust_env=False)  # a proxy from the environment must not reroute a local engine
-        self._streams: dict[str, httpx.Response] = {}  # request id -> its open stream (closed to cancel)
+        self._streams: dict[str, _Open] = {}  # request id -> its open stream (shut to cancel)
         self._streams_lock = threading.Lock()
+        self._watchdog: threading.Thread | None = None
         self._reached = False
+        self._listing: threading.Thread | None = None  # describe()'s background look at /models
+        self._list_error: str | None = None
 
     # -- the backend contract -------------------------------------------------------------
     @property
     def model(self) -> EngineModel:
+        """The model requests go to: the configured one, else the first the engine lists (asked for
+        once, on the caller's thread: a server asks from its prepare pool, never its event loop)."""
         if self.model_name is None:
             listed = self.models()
             if not listed:
@@ -150,6 +200,12 @@ class OpenAIEngine(QueueBackend):
                                              "set the model name (OFFGRID_ENGINE_MODEL or c.OffgridApp.engine_model).")
             self.model_name = listed[0]["id"]
         return EngineModel(self.model_name, self.public_url)
+
+    def redact(self, text: str) -> str:
+        """*text* without the API key or the URL's credentials (before anything is relayed or logged)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
 
     @property
     def loaded(self) -> bool:
@@ -163,9 +219,9 @@ class OpenAIEngine(QueueBackend):
                                       f"it serves: {', '.join(names) or 'nothing'}.")
         return EngineModel(str(model), self.public_url)
 
-    def models(self) -> list[dict[str, Any]]:
-        """The engine's ``/models`` (retried: listing is safe to repeat)."""
-        response = self._call(lambda: self._http.get("models"), retries=3)
+    def models(self, retries: int = 3) -> list[dict[str, Any]]:
+        """The engine's ``/models`` (retried: listing is safe to repeat; each try at most 10 s)."""
+        response = self._call(lambda: self._http.get("models", timeout=LIST_TIMEOUT), retries=retries)
         data = response.json().get("data") if response.headers.get("content-type", "").startswith(
             "application/json") else None
         if not isinstance(data, list):
@@ -174,13 +230,38 @@ class OpenAIEngine(QueueBackend):
         return [{"id": str(m.get("id")), "owned_by": m.get("owned_by", "engine")} for m in data if isinstance(m, dict)]
 
     def describe(self) -> dict[str, Any]:
-        base = {"kind": "openai", "url": self.public_url, "max_concurrent": self.slots}
-        try:
-            name = self.model.name
-        except OffgridError as exc:
-            return {**base, "loaded": False, "error": str(exc)}
-        return {**base, "name": name, "path": self.public_url, "source": "engine", "size_bytes": 0,
+        """What is known of the engine, at once: status routes and the stats document call this, and
+        must not wait on an engine that hangs. An unknown model name is asked for in the background."""
+        base = {"kind": "openai", "url": self.public_url, "max_concurrent": self.slots,
+                "read_timeout": self.read_timeout}
+        if self.model_name is None:
+            self._list_soon().join(DESCRIBE_WAIT)  # a refused connection is known at once; a hang is not waited for
+        if self.model_name is None:
+            reason = self._list_error or (f"The engine at {self.public_url} has not answered yet (its model list "
+                                          "is being asked for).")
+            return {**base, "loaded": False, "error": reason}
+        return {**base, "name": self.model_name, "path": self.public_url, "source": "engine", "size_bytes": 0,
                 "loaded": self._reached}
+
+    def _list_soon(self) -> threading.Thread:
+        """A background look at ``/models`` (one at a time) that sets the model name, or the reason."""
+        if self._listing is not None and self._listing.is_alive():
+            return self._listing
+
+        def look() -> None:
+            try:
+                listed = self.models(retries=1)
+                if not listed:
+                    raise EngineUnavailableError(f"The engine at {self.public_url} lists no models; set the model "
+                                                 "name (OFFGRID_ENGINE_MODEL or c.OffgridApp.engine_model).")
+                self.model_name = self.model_name or listed[0]["id"]
+                self._list_error = None
+            except OffgridError as exc:
+                self._list_error = str(exc)
+
+        self._listing = threading.Thread(target=look, name="offgrid-engine-models", daemon=True)
+        self._listing.start()
+        return self._listing
 
     def switch_model(self, name: str | None) -> EngineModel:
         """Use the engine's model *name* from the next request on (None: the engine's first)."""
@@ -194,13 +275,51 @@ class OpenAIEngine(QueueBackend):
 
     # -- one request -----------------------------------------------------------------
     def _interrupt(self, gen: Generation) -> None:
+        """A cancel: shut the stream's socket, so the worker's read returns now and the engine sees
+        the disconnect (and stops). Before the engine has answered there is no stream to shut: if
+        the worker has not ended the request shortly, it is ended here and the worker let go (it
+        ends at its read timeout, and what it then finds is dropped)."""
         with self._streams_lock:
-            response = self._streams.get(gen.request_id)
-        if response is not None:
-            try:
-                response.close()  # the engine sees the disconnect and stops
-            except Exception:  # noqa: BLE001 - already closing on the worker's side
-                pass
+            stream = self._streams.get(gen.request_id)
+        if stream is not None:
+            stream.shut()
+            return
+        timer = threading.Timer(ABANDON_AFTER, self._abandon, args=(gen,))
+        timer.daemon = True
+        timer.start()
+
+    def _abandon(self, gen: Generation) -> None:
+        if gen.state == "done":
+            return
+        start = gen.started_mono or time.monotonic()
+        result = self._result(gen, "", "cancelled", (start - gen.submitted_mono) * 1000, prompt=0, cached=0,
+                              completion=0, ttft=None, total_ms=(time.monotonic() - start) * 1000, error=None)
+        self._finish_once(gen, result, None)
+
+    def _finish_once(self, gen: Generation, result: Any, error: BaseException | None) -> None:
+        """Resolve *gen* unless a cancel already did (see :meth:`_interrupt`)."""
+        with self._streams_lock:
+            if gen.state == "done":
+                return
+            gen.state = "done"
+        self._finish(gen, result, error)
+
+    def _watch(self) -> None:
+        """Shut the streams that sent no data for ``read_timeout`` seconds (an engine that sends only
+        keep-alive comments resets the HTTP client's own read timeout, never this one)."""
+        tick = min(1.0, self.read_timeout / 4)
+        while True:
+            time.sleep(tick)
+            now = time.monotonic()
+            with self._streams_lock:
+                if not self._streams:
+                    self._watchdog = None
+                    return
+                silent = [s for s in self._streams.values() if not s.silent and now - s.last > self.read_timeout]
+                for s in silent:
+                    s.silent = True
+            for s in silent:
+                s.shut()
 
     def _execute(self, gen: Generation) -> None:
         start = gen.started_mono
@@ -224,9 +343,14 @@ class OpenAIEngine(QueueBackend):
         finish: str | None = None
         ttft: float | None = None
         error: BaseException | None = None
+        opened: _Open | None = None
         try:
             with closing(self._open(gen, body)) as response:
+                with self._streams_lock:
+                    opened = self._streams.get(gen.request_id)
                 for event in EventSource(response).iter_sse():
+                    if opened is not None:
+                        opened.last = time.monotonic()
                     if gen.cancelled:
                         break
                     if event.data.strip() == "[DONE]":
@@ -249,6 +373,8 @@ class OpenAIEngine(QueueBackend):
                             finish = str(choice["finish_reason"])
             if gen.cancelled:
                 finish = "cancelled"
+            elif opened is not None and opened.silent:
+                raise self._silence()
             elif finish is None:
                 raise EngineUnavailableError(
                     f"The stream from the engine at {self.public_url} ended before the reply did (no finish_reason): "
@@ -258,11 +384,15 @@ class OpenAIEngine(QueueBackend):
         except Exception as exc:  # noqa: BLE001 - reported to the caller; the backend survives
             if gen.cancelled:
                 finish = "cancelled"
+            elif opened is not None and opened.silent:
+                error, finish = self._silence(), "error"
             else:
                 error, finish = self._explain(exc), "error"
         finally:
             with self._streams_lock:
                 self._streams.pop(gen.request_id, None)
+        if gen.state == "done":  # a cancel ended it while the engine had not answered (see _interrupt)
+            return
         tool_calls = []
         if calls and error is None and finish != "cancelled":
             try:
@@ -280,7 +410,13 @@ class OpenAIEngine(QueueBackend):
                               total_ms=(now - start) * 1000, error=type(error).__name__ if error else None,
                               decode_s=(now - ttft) if ttft else 0.0)
         result.tool_calls = tool_calls
-        self._finish(gen, result, error)
+        self._finish_once(gen, result, error)
+
+    def _silence(self) -> EngineUnavailableError:
+        return EngineUnavailableError(
+            f"The engine at {self.public_url} sent nothing for {self.read_timeout:g} s (the read timeout, "
+            "c.OffgridApp.engine_read_timeout / OFFGRID_ENGINE_READ_TIMEOUT), so the reply was abandoned. "
+            "Nothing was stored; check the engine.")
 
     @staticmethod
     def _take_calls(calls: dict[int, dict[str, Any]], pieces: Any) -> None:
@@ -332,10 +468,14 @@ class OpenAIEngine(QueueBackend):
             raise AssertionError("unreachable")  # pragma: no cover
 
         response = self._call(send, retries=BUSY_RETRIES, cancel=gen._cancel)
+        opened = _Open(response)
         with self._streams_lock:
-            self._streams[gen.request_id] = response
+            self._streams[gen.request_id] = opened
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="offgrid-engine-watchdog", daemon=True)
+                self._watchdog.start()
         if gen.cancelled:
-            response.close()
+            opened.shut()
         return response
 
     def _call(self, fn, *, retries: int, cancel: threading.Event | None = None) -> httpx.Response:
@@ -366,7 +506,7 @@ class OpenAIEngine(QueueBackend):
         """An engine that refused OpenAI's ``json_schema`` form (llama-cpp-python's server takes
         ``json_object`` with a ``schema``): switch this backend to the other form, once."""
         sent = (body.get("response_format") or {}).get("type")
-        message = _engine_message(response).lower()
+        message = self.redact(_engine_message(response)).lower()
         if (response.status_code in (400, 422, 500) and sent == "json_schema"  # that server says it with a 500 and self.schema_style == "json_schema"
                 and ("response_format" in message or "json_schema" in message)):
             self.schema_style = "json_object"
@@ -374,7 +514,7 @@ class OpenAIEngine(QueueBackend):
         return False
 
     def _raise_for(self, response: httpx.Response) -> None:
-        status, message = response.status_code, _engine_message(response)
+        status, message = response.status_code, self.redact(_engine_message(response))
         if status in (429, 503):
             delay = _retry_after(response)
             busy = _Busy(status, delay, f"The engine at {self.public_url} is busy ({status}: {message}).")
@@ -398,14 +538,14 @@ class OpenAIEngine(QueueBackend):
             chunk = json.loads(data)
         except ValueError:
             raise EngineUnavailableError(f"The engine at {self.public_url} sent a malformed stream event "
-                                         f"({data[:80]!r}). Nothing was stored.") from None
+                                         f"({self.redact(data[:80])!r}). Nothing was stored.") from None
         if not isinstance(chunk, dict):
             raise EngineUnavailableError(f"The engine at {self.public_url} sent a stream event that is not an "
                                          "object. Nothing was stored.")
         if chunk.get("error"):
             error = chunk["error"]
-            raise EngineUnavailableError(f"The engine at {self.public_url} failed mid-reply: "
-                                         f"{error.get('message') if isinstance(error, dict) else error}")
+            said = str(error.get("message") if isinstance(error, dict) else error)[:300]
+            raise EngineUnavailableError(f"The engine at {self.public_url} failed mid-reply: {self.redact(said)}")
         return chunk
 
     def _explain(self, exc: BaseException) -> OffgridError:
@@ -413,17 +553,21 @@ class OpenAIEngine(QueueBackend):
         if isinstance(exc, _Busy):
             return EngineBusyError(f"{exc} It still was after {BUSY_RETRIES} tries; try again later.")
         if isinstance(exc, OffgridError):
-            return exc
+            return type(exc)(self.redact(str(exc))) if self._secrets and any(
+                s in str(exc) for s in self._secrets) else exc
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             return EngineUnavailableError(f"The engine at {self.public_url} is not reachable ({type(exc).__name__}). "
                                           "Is it running? (OFFGRID_ENGINE_URL / c.OffgridApp.engine_url)")
+        if isinstance(exc, httpx.ReadTimeout):  # (the watchdog's own message, whichever fired first)
+            return self._silence()
         if isinstance(exc, httpx.TimeoutException):
             return EngineUnavailableError(f"The engine at {self.public_url} stopped answering "
                                           f"({type(exc).__name__}). Nothing was stored.")
         if isinstance(exc, (httpx.HTTPError, httpx.StreamError)):
             return EngineUnavailableError(f"The connection to the engine at {self.public_url} broke "
                                           f"({type(exc).__name__}). Nothing was stored; try again.")
-        return EngineUnavailableError(f"The engine at {self.public_url} failed: {type(exc).__name__}: {exc}")
+        return EngineUnavailableError(f"The engine at {self.public_url} failed: {type(exc).__name__}: "
+                                      f"{self.redact(str(exc))[:300]}")
 
 
 def engine_settings_from_env() -> dict[str, Any]:
@@ -433,10 +577,12 @@ def engine_settings_from_env() -> dict[str, Any]:
         out["model"] = os.environ["OFFGRID_ENGINE_MODEL"]
     if os.environ.get("OFFGRID_ENGINE_API_KEY"):
         out["api_key"] = os.environ["OFFGRID_ENGINE_API_KEY"]
-    raw = os.environ.get("OFFGRID_ENGINE_MAX_CONCURRENT")
-    if raw:
-        try:
-            out["max_concurrent"] = int(raw)
-        except ValueError:
-            raise InvalidRequestError(f"OFFGRID_ENGINE_MAX_CONCURRENT={raw!r} is not an integer.") from None
+    for env, key, cast in (("OFFGRID_ENGINE_MAX_CONCURRENT", "max_concurrent", int),
+                           ("OFFGRID_ENGINE_READ_TIMEOUT", "read_timeout", float)):
+        raw = os.environ.get(env)
+        if raw:
+            try:
+                out[key] = cast(raw)
+            except ValueError:
+                raise InvalidRequestError(f"{env}={raw!r} is not a number.") from None
     return out
