@@ -198,7 +198,10 @@ class ChatTurn:
         self._begin()
         return self
 
-    async def start_async(self, run: Run) -> "ChatTurn":
+    async def start_async(self, run: Run, prepare: Run | None = None) -> "ChatTurn":
+        """*run* runs the store's calls; *prepare* (default: *run*) runs what may take long or wait
+        on the network: retrieval, checking the tools' and the schema's grammars, and handing the
+        request to the backend (an engine's model list). Neither runs on the event loop."""
         if self.history:
             sid = (await run(lambda: self.store.get(self.session, messages=False))).id
             fut = self._wait_for(sid)
@@ -212,7 +215,12 @@ class ChatTurn:
                 if self._cancelled:
                     raise self._cancelled_error() from None
                 raise
-        await run(self._begin)
+        request = await run(self._store_question)
+        try:
+            await (prepare or run)(self._queue, *request)
+        except BaseException:
+            await run(self._rollback)
+            raise
         return self
 
     def _wait_for(self, sid: str) -> Future:
@@ -224,39 +232,47 @@ class ChatTurn:
         return self._claim
 
     def _begin(self) -> None:
-        """Short and blocking: store the question with its mark, queue the generation."""
-        if self.history:
-            sid = self._claimed
-            self._held.callback(release, sid)  # the session's turn is ours until the reply is stored
-            try:
-                if self._cancelled:
-                    raise self._cancelled_error()
-                self.user_message, self._mark = self.store.begin_turn(
-                    sid, self.content, metadata=self.metadata, replace=self.replace)
-                sess = self.store.get(sid, messages=True)
-                self.session_id, self.session_name = sess.id, sess.name
-                messages = sess.chat_messages()
-                params, model, tools, rounds = self._with_profile(sess, messages)  # (a tool it lacks: 400)
-            except BaseException:
-                self._rollback()  # the question goes back out (and the session's turn is released)
-                raise
-        else:
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
-                {"role": "user", "content": self.content}]
-            params, model, tools, rounds = self.params, self.model, self.tools or [], self.max_rounds
+        request = self._store_question()
         try:
-            if self.rag is not None:
-                messages[-1] = {**messages[-1], "content": self._retrieved(messages[-1]["content"])}
-            if tools and self.tool_choice != "none":
-                gen = Rounds(self.engine, messages, tools, tool_choice=self.tool_choice or "auto",
-                             max_rounds=rounds or DEFAULT_ROUNDS, session_id=self.session_id, source=self.source,
-                             model=model, params=params, executor=self.tool_executor)
-            else:
-                gen = self.engine.generate(messages, session_id=self.session_id, source=self.source, model=model,
-                                           **params)
+            self._queue(*request)
         except BaseException:
             self._rollback()
             raise
+
+    def _store_question(self) -> tuple:
+        """Short and blocking: store the question with its mark; the request to queue."""
+        if not self.history:
+            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
+                {"role": "user", "content": self.content}]
+            return messages, self.params, self.model, self.tools or [], self.max_rounds
+        sid = self._claimed
+        self._held.callback(release, sid)  # the session's turn is ours until the reply is stored
+        try:
+            if self._cancelled:
+                raise self._cancelled_error()
+            self.user_message, self._mark = self.store.begin_turn(
+                sid, self.content, metadata=self.metadata, replace=self.replace)
+            sess = self.store.get(sid, messages=True)
+            self.session_id, self.session_name = sess.id, sess.name
+            messages = sess.chat_messages()
+            params, model, tools, rounds = self._with_profile(sess, messages)  # (a tool it lacks: 400)
+        except BaseException:
+            self._rollback()  # the question goes back out (and the session's turn is released)
+            raise
+        return messages, params, model, tools, rounds
+
+    def _queue(self, messages: list[dict], params: dict[str, Any], model: str | None, tools: list[Tool],
+               rounds: int | None) -> None:
+        """Retrieve (with --rag) and queue the generation; the caller rolls back if this raises."""
+        if self.rag is not None:
+            messages[-1] = {**messages[-1], "content": self._retrieved(messages[-1]["content"])}
+        if tools and self.tool_choice != "none":
+            gen = Rounds(self.engine, messages, tools, tool_choice=self.tool_choice or "auto",
+                         max_rounds=rounds or DEFAULT_ROUNDS, session_id=self.session_id, source=self.source,
+                         model=model, params=params, executor=self.tool_executor)
+        else:
+            gen = self.engine.generate(messages, session_id=self.session_id, source=self.source, model=model,
+                                       **params)
         with self._state_lock:
             self.generation = gen
             if self._cancelled:

@@ -276,7 +276,7 @@ export interface paths {
         put?: never;
         /**
          * Learn files, folders or globs (under the server's root directory) into a collection
-         * @description Incremental: unchanged files are skipped (size and mtime, then sha256), changed ones replaced, files gone dropped. A path outside the root directory (`..`, an absolute path elsewhere, a symbolic link out) is a 403 naming the rule; a file that cannot be read is listed in `failed` with its reason.
+         * @description Incremental: unchanged files are skipped (size and mtime, then sha256), changed ones replaced, files gone dropped. A path outside the root directory (`..`, an absolute path elsewhere, a symbolic link out) is a 403 naming the rule; a file that cannot be read, or is past one of the server's learn_limits (bytes, text, columns, rows, pages, cells, seconds, memory: each file is read in a process of its own), is listed in `failed` with its reason, and the rest is learned; a glob never names what it matched outside the root. When every path fails and the collection did not exist, nothing is made: a 400 (`nothing_learned`) listing why.
          */
         post: operations["learn"];
         delete?: never;

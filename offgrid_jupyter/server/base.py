@@ -31,6 +31,7 @@ from . import spec
 from .state import ServerState
 
 AUTH_RESOURCE = "offgrid"
+INLINE_BODY_BYTES = 64 * 1024  # a body up to this is parsed on the event loop (well under a millisecond)
 JUPYTER_QUERY = frozenset({"token", "_xsrf"})  # Jupyter's own: a token may come in the URL
 
 
@@ -102,6 +103,11 @@ class OffgridHandler(APIHandler):
         """Run a short blocking call (the store) in the extension's thread pool."""
         return asyncio.get_running_loop().run_in_executor(self.state.executor, fn, *args)
 
+    def slow(self, fn: Callable, *args: Any) -> asyncio.Future:
+        """Run what may take long or wait on the network (checking a request's grammars, handing it
+        to the backend, retrieval) in the pool kept for that (see ServerState.prepare_pool)."""
+        return asyncio.get_running_loop().run_in_executor(self.state.prepare_pool, fn, *args)
+
     # -- responses -------------------------------------------------------------------------
     def send(self, status: int, payload: Any = None) -> None:
         if self._gone:
@@ -153,8 +159,15 @@ class OffgridHandler(APIHandler):
         super()._handle_request_exception(e)
 
     # -- request bodies ----------------------------------------------------------------------
-    def body(self) -> dict[str, Any]:
-        """The JSON body, checked against the route's schema; ``null`` fields dropped."""
+    async def body(self) -> dict[str, Any]:
+        """The JSON body, checked against the route's schema; ``null`` fields dropped. A body larger
+        than INLINE_BODY_BYTES is parsed and checked off the event loop: a 1.7 MB body of tool
+        schemas kept it from answering anything else for tens of milliseconds."""
+        if self._size > INLINE_BODY_BYTES:
+            return await self.slow(self._parse_body)
+        return self._parse_body()
+
+    def _parse_body(self) -> dict[str, Any]:
         if self._size > self.state.max_body_bytes:
             raise self._too_large(self._size)
         raw = b"".join(self._chunks)

@@ -76,8 +76,8 @@ class SharedTurn:
     def finished(self) -> bool:
         return self.result.done()
 
-    def begin(self, run) -> None:
-        self.task = asyncio.ensure_future(self._pump(run))
+    def begin(self, run, prepare) -> None:
+        self.task = asyncio.ensure_future(self._pump(run, prepare))
 
     def want(self) -> None:
         self.interested += 1
@@ -106,11 +106,11 @@ class SharedTurn:
                 return
             await asyncio.shield(self._tick)
 
-    async def _pump(self, run) -> None:
+    async def _pump(self, run, prepare) -> None:
         turn = self.turn
         ident: dict[str, Any] = {}
         try:
-            await turn.start_async(run)
+            await turn.start_async(run, prepare)
             gen = turn.generation
             ident = {"request_id": gen.request_id, "session_id": turn.session_id}
             self.state.running[gen.request_id] = self
@@ -152,7 +152,7 @@ class ChatHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def post(self, ref: str) -> None:
-        data = self.body()
+        data = await self.body()
         stream = data.pop("stream", False)
         key = self._idempotency_key()
         session = await self.run(lambda: self.state.store.get(ref, messages=False))  # 404 before anything else
@@ -163,16 +163,22 @@ class ChatHandler(OffgridHandler):
             raise IdempotencyConflictError(f"Idempotency-Key {key!r} was already used for a different request on "
                                            "this session. Use a new key for a new request.")
         if shared is None:
-            turn = ChatTurn(self.state.engine, self.state.store, session.id, data["message"], source="server",
-                            params={k: data[k] for k in PARAMS if k in data}, metadata=data.get("metadata"),
-                            replace=data.get("replace_message_id"), tool_choice=data.get("tool_choice"),
-                            find_tools=self.state.find_tools, tool_executor=self.state.tool_pool,
-                            rag={"collection": data.get("collection"), "k": data.get("rag_k", 5)}
-                            if data.get("rag") or data.get("collection") else None)
+            turn = await self.slow(lambda: ChatTurn(  # (checks the parameters: a schema's grammar)
+                self.state.engine, self.state.store, session.id, data["message"], source="server",
+                params={k: data[k] for k in PARAMS if k in data}, metadata=data.get("metadata"),
+                replace=data.get("replace_message_id"), tool_choice=data.get("tool_choice"),
+                find_tools=self.state.find_tools, tool_executor=self.state.tool_pool,
+                rag={"collection": data.get("collection"), "k": data.get("rag_k", 5)}
+                if data.get("rag") or data.get("collection") else None))
+            shared = self.state.keyed.get(scope) if key else None  # (a retry may have begun it meanwhile)
+            if shared is not None and shared.fingerprint != fingerprint:
+                raise IdempotencyConflictError(f"Idempotency-Key {key!r} was already used for a different request "
+                                               "on this session. Use a new key for a new request.")
+        if shared is None:
             shared = SharedTurn(turn, self.state, fingerprint, scope if key else None)
             if key:
                 self.state.remember(scope, shared)
-            shared.begin(self.run)
+            shared.begin(self.run, self.slow)
         self._shared = shared
         shared.want()
         try:
@@ -209,7 +215,7 @@ class CancelHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        request_id = self.body()["request_id"]
+        request_id = (await self.body())["request_id"]
         running = self.state.running.get(request_id)
         if running is None:
             raise GenerationNotFoundError(f"No generation {request_id[:60]!r} is running (it may have ended).")
@@ -225,15 +231,18 @@ class OpenAIChatHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        data = self.body()
+        data = await self.body()
         params = {k: data[k] for k in (*PARAMS, "tools", "tool_choice") if k in data}
         if "max_completion_tokens" in data:
             params["max_tokens"] = data["max_completion_tokens"]
         messages = data["messages"]
         if data.get("system_prompt"):  # offgrid extension: a one-shot cell's --system
             messages = [{"role": "system", "content": data["system_prompt"]}, *messages]
-        gen = self.state.engine.generate(messages, source="openai", session_id=data.get("session_id"), **params)
+        gen = await self.slow(lambda: self.state.engine.generate(  # (tools' grammars; an engine's models)
+            messages, source="openai", session_id=data.get("session_id"), **params))
         self._gen = gen
+        if self._gone:  # the client left while the request was being prepared
+            gen.cancel()
         self.state.running[gen.request_id] = gen
         created = int(time.time())
         ident = "chatcmpl-" + gen.request_id.removeprefix("req-")

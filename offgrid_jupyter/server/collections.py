@@ -33,14 +33,14 @@ class CollectionsHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        data = self.body()
+        data = await self.body()
         name, paths = data.get("name", "default"), data["paths"]
         for p in paths:
             check_text(p, "A path")
         root = self.settings.get("server_root_dir") or "."
         loop = asyncio.get_running_loop()
         report = await loop.run_in_executor(self.state.tool_pool, lambda: self.state.store.library.learn(
-            paths, name, root=root, embedding_model=self.state.embedding_model))
+            paths, name, root=root, embedding_model=self.state.embedding_model, limits=self.state.learn_limits))
         self.send(200, report.to_dict())
 
 

@@ -44,7 +44,7 @@ class SessionsHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        data = self.body()
+        data = await self.body()
 
         def create():
             return self.state.store.create(data.get("name"), system_prompt=data.get("system_prompt"),
@@ -65,7 +65,7 @@ class SessionHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def patch(self, ref: str) -> None:
-        data = self.body()
+        data = await self.body()
 
         def change() -> dict:
             store = self.state.store
@@ -93,7 +93,7 @@ class ForkHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def post(self, ref: str) -> None:
-        data = self.body()
+        data = await self.body()
 
         def fork() -> dict:
             return self.state.store.fork(ref, data.get("upto_message_id"), name=data.get("name")
@@ -117,7 +117,7 @@ class ImportHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        doc = self.body()
+        doc = await self.body()
         self.send(201, await self.run(lambda: self.state.store.import_doc(doc).to_dict(messages=False)))
 
 
@@ -139,7 +139,7 @@ class NotebookSessionHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def put(self) -> None:
-        data = self.body()
+        data = await self.body()
         await self.run(self.state.store.bind_notebook, data["path"], data["session"])
         self.send(204)
 
@@ -150,7 +150,7 @@ class MessagesHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def post(self, ref: str) -> None:
-        data = self.body()
+        data = await self.body()
 
         def add() -> dict:
             return self.state.store.add_message(ref, data["role"], data["content"],
@@ -174,7 +174,7 @@ class StatsHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.send(200, await self.run(stats_document, self.state.engine, self.state.store))
+        self.send(200, await self.slow(stats_document, self.state.engine, self.state.store))  # (describes the engine)
 
 
 class RequestsHandler(OffgridHandler):
@@ -249,7 +249,7 @@ class ModelsHandler(OffgridHandler):
             data = [{"id": current["name"], "object": "model", "owned_by": "offgrid"}] if "name" in current else []
             return {"current": current, "default": default_info, "object": "list", "data": data}
 
-        self.send(200, await self.run(describe))
+        self.send(200, await self.slow(describe))  # (an engine may be slow to describe; never the store's threads)
 
 
 class HealthHandler(OffgridHandler):
@@ -274,7 +274,8 @@ class MetricsHandler(OffgridHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.finish(self.state.request_log.metrics(), set_content_type=CONTENT_TYPE_LATEST)
+        metrics = await self.slow(self.state.request_log.metrics)  # (reads the engine's figures)
+        self.finish(metrics, set_content_type=CONTENT_TYPE_LATEST)
 
 
 SESSION = r"(?P<ref>[^/]+)"

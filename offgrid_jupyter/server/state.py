@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..backend import Backend
+from ..chunking import Limits
 from ..stats import RequestLog
 from ..store import Store
 from ..errors import UnknownToolError
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 IDEMPOTENCY_KEEP = 1000  # finished turns remembered for replays of retried requests
 STORE_THREADS = 2  # short store calls only: nothing that waits for a turn runs here
 TOOL_THREADS = 4  # server tools running at once (the rest wait their turn in the pool's queue)
+PREPARE_THREADS = 4  # requests being checked and handed to the backend at once (see ServerState.prepare_pool)
 
 
 @dataclass
@@ -38,8 +40,14 @@ class ServerState:
     running: dict[str, "SharedTurn"] = field(default_factory=dict)  # request id -> turn, for cancel
     tools: dict[str, Tool] = field(default_factory=dict)  # c.OffgridApp.tools, by name
     embedding_model: str | None = None  # c.OffgridApp.embedding_model, resolved
+    learn_limits: Limits = field(default_factory=Limits)  # c.OffgridApp.learn_limits
     tool_pool: ThreadPoolExecutor = field(  # server tools run here: user code, never on the loop or the store pool
         default_factory=lambda: ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="offgrid-tool"))
+    # what may take long or wait on the network before a request is queued: checking its tools and schema
+    # (grammars), retrieval, an engine's model list, a model file named by a profile. Never the loop's
+    # business, nor the store pool's (a hanging engine would stall every route that reads the store)
+    prepare_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="offgrid-prepare"))
 
     def find_tools(self, names: list[str]) -> list[Tool]:
         """A profile's tools among the server's (c.OffgridApp.tools); a missing one is a 400."""
@@ -71,3 +79,4 @@ class ServerState:
         self.engine.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.tool_pool.shutdown(wait=False, cancel_futures=True)
+        self.prepare_pool.shutdown(wait=False, cancel_futures=True)
