@@ -7,19 +7,70 @@ notebook cell (its source and its text outputs), a page of a PDF, the schema and
 rows of a table. Long pieces are split at blank lines, so a chunk stays around
 :data:`TARGET` characters: small enough that several fit in a small model's context,
 large enough to carry a complete thought.
+
+Every file comes from outside, so everything here is bounded whatever its shape:
+
+- no chunk is longer than :data:`MAX` characters (a 15 MB file of one line is cut, not kept
+  as one 15 MB chunk that every search would then return);
+- parsing is linear in the file: headings are found without a backtracking regular expression
+  (``#`` and 1,600 spaces stalled a server for 5 s), Python that is too deep for ``ast`` (200,000
+  ``1+1+…`` terms) and JSON too deep for ``json`` become plain text or a clear reason;
+- a table gives its schema and first rows, read in one small batch (a 456 KB Parquet file of 100
+  million zeros is never expanded); :class:`Limits` bound the columns, rows, pages and text taken
+  from one file, and a file past them is refused with the limit in its reason.
+
+``retrieval/reader.py`` runs this in a process of its own, so a file that still finds a way to
+exhaust memory or time fails alone.
 """
 
 from __future__ import annotations
 
 import ast
+import csv
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 TARGET = 1200  # characters a chunk aims at
-MAX = 2400  # a chunk is cut (at a line) past this
+MAX = 2400  # a chunk is cut (at a line, else within it) past this: no chunk is longer
+AST_MAX_BYTES = 2 << 20  # Python longer than this is cut into blocks without parsing it
+
+
+@dataclass
+class Limits:
+    """What one learned file may hold (``c.OffgridApp.learn_limits``, ``c.OffgridMagics.learn_limits``)."""
+
+    max_file_mb: float = 20.0  # bytes read from one file
+    max_text_mb: float = 20.0  # text taken from one file once decoded (a PDF's pages, a notebook's cells)
+    max_columns: int = 1000  # a table's columns
+    max_rows: int = 10_000_000  # a table's rows (counted, never all read: its first rows are taken)
+    max_pages: int = 2000  # a PDF's pages
+    max_cells: int = 10_000  # a notebook's cells
+    max_files: int = 10_000  # files one learn takes
+    max_entries: int = 200_000  # folder entries one learn may look at (a walk through links has an end)
+    seconds_per_file: float = 60.0  # reading and chunking one file
+    memory_mb: int = 1024  # the reader process's address space
+
+    @classmethod
+    def from_config(cls, values: dict[str, Any] | None) -> "Limits":
+        """*values* (a config mapping) as Limits, each checked: a 400 naming the key otherwise."""
+        from .errors import InvalidRequestError
+
+        known = {f.name: f.type for f in fields(cls)}
+        out = cls()
+        for key, value in (values or {}).items():
+            if key not in known:
+                raise InvalidRequestError(f"learn_limits has no {key!r}: use {', '.join(known)}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e12:
+                raise InvalidRequestError(f"learn_limits {key} must be a positive number, got {value!r}.")
+            setattr(out, key, type(getattr(out, key))(value))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 MARKDOWN = {".md", ".markdown", ".mdx"}
 RST = {".rst"}
@@ -54,13 +105,15 @@ def kind_of(path: Path) -> str | None:
     return {"": None, ".ipynb": "notebook", ".pdf": "pdf"}.get(suffix)
 
 
-def chunk(path: Path, data: bytes) -> tuple[str, list[Chunk]]:
-    """*data* (the bytes of *path*) as ``(kind, chunks)``; :class:`Unreadable` when it cannot be."""
+def chunk(path: Path, data: bytes, limits: Limits | None = None) -> tuple[str, list[Chunk]]:
+    """*data* (the bytes of *path*) as ``(kind, chunks)``; :class:`Unreadable` when it cannot be.
+    Every chunk is at most :data:`MAX` characters."""
+    limits = limits or Limits()
     kind = kind_of(path) or "text"
     if kind == "pdf":
-        return kind, _pdf(data)
+        return kind, _bounded(_pdf(data, limits))
     if kind == "table":
-        return kind, [_table(path, data)]
+        return kind, _bounded([_table(path, data, limits)])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -68,14 +121,26 @@ def chunk(path: Path, data: bytes) -> tuple[str, list[Chunk]]:
     if "\x00" in text:
         raise Unreadable("binary (it contains NUL bytes)")
     if kind == "notebook":
-        return kind, _notebook(text)
+        return kind, _bounded(_notebook(text, limits))
     if kind == "markdown":
-        return kind, _sections(text, _markdown_heading)
+        return kind, _bounded(_sections(text, _markdown_heading))
     if kind == "rst":
-        return kind, _sections(text, _rst_heading)
+        return kind, _bounded(_sections(text, _rst_heading))
     if path.suffix.lower() in (".py", ".pyi"):
-        return kind, _python(text)
-    return kind, _blocks(text.splitlines(), 1, "")
+        return kind, _bounded(_python(text))
+    return kind, _bounded(_blocks(text.splitlines(), 1, ""))
+
+
+def _bounded(chunks: list[Chunk]) -> list[Chunk]:
+    """Every chunk at most MAX characters: a longer one (a single long line, a huge cell) is cut
+    into pieces that keep its place and heading."""
+    out = []
+    for c in chunks:
+        if len(c.text) <= MAX:
+            out.append(c)
+            continue
+        out += [Chunk(c.start, c.end, c.unit, c.heading, c.text[i:i + MAX]) for i in range(0, len(c.text), MAX)]
+    return out
 
 
 # -- text ----------------------------------------------------------------------------------------
@@ -96,6 +161,12 @@ def _blocks(lines: list[str], first: int, heading: str) -> list[Chunk]:
         if not buf and not line.strip():
             start = number + 1
             continue
+        if len(line) > MAX:  # a line longer than a chunk (minified JSON, one-line files) is cut within
+            if buf:
+                flush(number - 1)
+            cut = len(line) - len(line) % MAX or len(line) - MAX
+            out += [Chunk(number, number, "line", heading, line[k:k + MAX]) for k in range(0, cut, MAX)]
+            line, start = line[cut:], number
         buf.append(line)
         if line.strip():
             last = number
@@ -106,12 +177,18 @@ def _blocks(lines: list[str], first: int, heading: str) -> list[Chunk]:
     return out
 
 
-_ATX = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-
-
 def _markdown_heading(lines: list[str], i: int) -> tuple[int, str] | None:
-    m = _ATX.match(lines[i])
-    return (len(m.group(1)), m.group(2)) if m else None
+    """An ATX heading (``## Title ##``) as (level, title), in one pass over the line: the regular
+    expression this replaces backtracked cubically on ``#`` followed by many spaces."""
+    line = lines[i]
+    level = len(line) - len(line.lstrip("#"))
+    if not 1 <= level <= 6 or len(line) == level or not line[level].isspace():
+        return None
+    title = line[level:].strip()
+    closing = title.rstrip("#")  # a closing run of #s, when a space stands before it
+    if closing != title and (not closing or closing[-1].isspace()):
+        title = closing.rstrip()
+    return level, title
 
 
 _RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+])\1{2,}\s*$")
@@ -150,9 +227,11 @@ def _sections(text: str, heading_at) -> list[Chunk]:
 def _python(text: str) -> list[Chunk]:
     """Top-level functions and classes (with their decorators) one chunk each; the rest in blocks."""
     lines = text.splitlines()
+    if len(text) > AST_MAX_BYTES:
+        return _blocks(lines, 1, "")
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # too deep for the parser: plain text
         return _blocks(lines, 1, "")
     out: list[Chunk] = []
     covered = 0  # lines before this one are in a chunk
@@ -174,12 +253,16 @@ def _python(text: str) -> list[Chunk]:
 
 
 # -- notebooks ---------------------------------------------------------------------------------------
-def _notebook(text: str) -> list[Chunk]:
+def _notebook(text: str, limits: Limits) -> list[Chunk]:
     try:
         nb = json.loads(text)
         cells = nb["cells"]
+    except RecursionError:
+        raise Unreadable("its JSON is nested too deeply to read") from None
     except (ValueError, KeyError, TypeError):
         raise Unreadable("not a notebook (no cells in its JSON)") from None
+    if isinstance(cells, list) and len(cells) > limits.max_cells:
+        raise Unreadable(f"{len(cells):,} cells; at most {limits.max_cells:,} are learned (learn_limits max_cells)")
     out: list[Chunk] = []
     for n, cell in enumerate(cells if isinstance(cells, list) else [], start=1):
         if not isinstance(cell, dict):
@@ -196,7 +279,7 @@ def _notebook(text: str) -> list[Chunk]:
         body = source + ("\n\n# output:\n" + "\n".join(filter(None, outputs)) if any(outputs) else "")
         if body.strip():
             label = f"cell {n} ({cell.get('cell_type', 'code')})"
-            out.append(Chunk(n, n, "cell", label, body[:MAX * 2].strip()))
+            out.append(Chunk(n, n, "cell", label, body.strip()))
     return out
 
 
@@ -206,41 +289,81 @@ def _joined(value) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _text_mb(text: str) -> float:
+    return len(text) / (1 << 20)
+
+
 # -- tables and PDFs -----------------------------------------------------------------------------
-def _table(path: Path, data: bytes) -> Chunk:
-    """A table's shape, columns with their types, and its first rows: what a question about it needs."""
+def _table(path: Path, data: bytes, limits: Limits) -> Chunk:
+    """A table's shape, columns with their types, and its first rows: what a question about it needs.
+    Only the header and a few rows are parsed (a Parquet file's metadata gives its shape), so the
+    table's size costs nothing; more columns than ``max_columns`` is refused."""
     import pandas as pd
 
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            try:
-                frame = pd.read_parquet(io.BytesIO(data))
-            except ImportError:
-                raise Unreadable("reading Parquet needs pyarrow: pip install 'offgrid-jupyter[rag]'") from None
-            rows = len(frame)
+            frame, rows, columns = _parquet_head(data, limits)
         else:
             sep = "\t" if suffix == ".tsv" else ","
-            frame = pd.read_csv(io.BytesIO(data), sep=sep, nrows=1000)
+            first = data.split(b"\n", 1)[0][: 4 << 20].decode("utf-8", errors="replace")
+            columns = len(next(csv.reader([first], delimiter=sep), []))
+            if columns > limits.max_columns:
+                raise Unreadable(f"{columns:,} columns; at most {limits.max_columns:,} are learned "
+                                 "(learn_limits max_columns)")
             rows = data.count(b"\n") - 1 if data.endswith(b"\n") else data.count(b"\n")
+            if rows > limits.max_rows:
+                raise Unreadable(f"{rows:,} rows; at most {limits.max_rows:,} (learn_limits max_rows)")
+            frame = pd.read_csv(io.BytesIO(data), sep=sep, nrows=20)
     except Unreadable:
         raise
     except Exception as exc:  # noqa: BLE001 - pandas' parser errors say where
         raise Unreadable(f"not a readable table: {' '.join(str(exc).split())[:200]}") from None
-    columns = "\n".join(f"- {c}: {t}" for c, t in frame.dtypes.astype(str).items())
-    text = (f"Table {path.name}: {rows} rows, {len(frame.columns)} columns.\nColumns:\n{columns}\n"
+    shown = ", ".join(f"{c}: {t}" for c, t in list(frame.dtypes.astype(str).items())[:50])
+    more = f" (and {columns - 50} more)" if columns > 50 else ""
+    text = (f"Table {path.name}: {rows} rows, {columns} columns.\nColumns: {shown}{more}\n"
             f"First rows:\n{frame.head(5).to_string(max_cols=20, max_colwidth=40)}")
-    return Chunk(1, max(1, rows + 1), "line", "schema", text[:MAX * 2])
+    return Chunk(1, max(1, rows + 1), "line", "schema", text[:MAX])
 
 
-def _pdf(data: bytes) -> list[Chunk]:
+def _parquet_head(data: bytes, limits: Limits):
+    """(the first rows as a frame, rows, columns) from the file's metadata and one small batch."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise Unreadable("reading Parquet needs pyarrow: pip install 'offgrid-jupyter[rag]'") from None
+    pf = pq.ParquetFile(io.BytesIO(data))
+    rows, columns = pf.metadata.num_rows, pf.metadata.num_columns
+    if columns > limits.max_columns:
+        raise Unreadable(f"{columns:,} columns; at most {limits.max_columns:,} are learned (learn_limits max_columns)")
+    if rows > limits.max_rows:
+        raise Unreadable(f"{rows:,} rows; at most {limits.max_rows:,} (learn_limits max_rows)")
+    batch = next(pf.iter_batches(batch_size=5), None)
+    frame = batch.to_pandas() if batch is not None else pf.schema_arrow.empty_table().to_pandas()
+    return frame, rows, columns
+
+
+def _pdf(data: bytes, limits: Limits) -> list[Chunk]:
     try:
         from pypdf import PdfReader
     except ImportError:
         raise Unreadable("reading PDFs needs pypdf: pip install 'offgrid-jupyter[rag]'") from None
+    pages: list[str] = []
     try:
         reader = PdfReader(io.BytesIO(data))
-        pages = [page.extract_text() or "" for page in reader.pages]
+        if len(reader.pages) > limits.max_pages:
+            raise Unreadable(f"{len(reader.pages):,} pages; at most {limits.max_pages:,} are learned "
+                             "(learn_limits max_pages)")
+        size = 0.0
+        for page in reader.pages:
+            pages.append(page.extract_text() or "")
+            size += _text_mb(pages[-1])
+            if size > limits.max_text_mb:
+                raise Unreadable(f"more than {limits.max_text_mb:g} MB of text (learn_limits max_text_mb)")
+    except Unreadable:
+        raise
+    except MemoryError:
+        raise Unreadable("its pages expand to more than the reader's memory (a compressed bomb?)") from None
     except Exception as exc:  # noqa: BLE001 - a broken PDF is one unreadable file, not a failure of all
         raise Unreadable(f"not a readable PDF: {' '.join(str(exc).split())[:200]}") from None
     out = []

@@ -29,6 +29,7 @@ from .render import Conversation, Note, Progress, Reply, Table, tool_lines
 from .stats import summarize
 from .store import SESSION_ID_RE
 from .profiles import check_profile
+from .chunking import Limits
 from .rag import sources_markdown
 from .structured import Shape
 from .remote import RemoteTurn
@@ -282,6 +283,9 @@ class OffgridMagics(Magics):
                  help="What re-running a cell does: replace the turn it made before, or append a new one."
                  ).tag(config=True)
     interpolate = Bool(True, help="Replace {name} fields in prompts from the user namespace.").tag(config=True)
+    learn_limits = Dict(help="What `%offgrid learn` may take from one file: max_file_mb, max_text_mb, max_columns, "
+                        "max_rows, max_pages, max_cells, and per learn max_files, max_entries, seconds_per_file, "
+                        "memory_mb (see the README's 'Ask your own files').").tag(config=True)
     profiles = Dict(help="Profiles to define: {name: {system_prompt, temperature, max_tokens, top_p, top_k, "
                     "repeat_penalty, seed, model, tools, max_rounds}} (put in the store the first time a cell or "
                     "`%offgrid profile(s)` runs).").tag(config=True)
@@ -460,8 +464,8 @@ class OffgridMagics(Magics):
 
     def _deliver(self, outcome: TurnResult, fmt: str, output: str | None, shape: Shape | None = None) -> Any:
         r = outcome.result
-        if output:
-            self.shell.user_ns[output] = r.text  # the object replaces it below, once it parsed
+        if output:  # what the session keeps (a note when the tool rounds ended without an answer);
+            self.shell.user_ns[output] = outcome.reply.content if outcome.reply else r.text  # the object below
         if r.finish_reason == "cancelled":
             where = (f"the partial reply is kept in session {outcome.session_name or outcome.session_id!r}"
                      if outcome.reply else "nothing was generated, so the turn was not stored")
@@ -598,8 +602,9 @@ class OffgridMagics(Magics):
             return frame
         from tqdm.auto import tqdm
 
+        kwargs = {} if self.context.remote_sessions else {"limits": Limits.from_config(self.learn_limits)}
         report = library.learn(args.paths, args.collection, embedding_model=args.embedding_model,
-                               progress=lambda items, **kw: tqdm(items, leave=False, **kw))
+                               progress=lambda items, **kw: tqdm(items, leave=False, **kw), **kwargs)
         return Note(report.summary() if hasattr(report, "summary") else str(report))
 
     def _cmd_search(self, args):

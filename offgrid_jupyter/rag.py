@@ -21,11 +21,12 @@ Why this shape:
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-import hashlib
 import os
 import re
 import sqlite3
+import stat
 import statistics
 import threading
 import time
@@ -35,13 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import embeddings
-from .chunking import KNOWN, Unreadable, chunk
+from .chunking import KNOWN, Limits, Unreadable
 from .errors import InvalidRequestError, OffgridError
+from .reader import Reader
 
 if TYPE_CHECKING:
     from .store import Store
 
-MAX_FILE_BYTES = 20 << 20  # a larger file is listed as unreadable (it is data, not notes)
 MAX_K = 50
 COMMON = 0.1  # a word in more than this share of the chunks is left out of a query (see Library._query)
 DEFAULT_K = 5
@@ -62,6 +63,12 @@ class PathRefusedError(OffgridError):
 
     code = "path_refused"
     status = 403
+
+
+class NothingLearnedError(InvalidRequestError):
+    """Every path of a learn into a new collection failed: no collection is made, and why is said."""
+
+    code = "nothing_learned"
 
 
 class CollectionNotFoundError(OffgridError):
@@ -157,66 +164,149 @@ def inside(root: Path, given: str) -> Path:
     candidate = Path(given) if os.path.isabs(given) else root / given
     resolved = candidate.resolve()
     if not resolved.is_relative_to(root):
-        why = "it leads outside through a symbolic link" if candidate.absolute().is_relative_to(root) else \
-            "it is outside"
-        raise PathRefusedError(f"{given[:200]!r}: {why} the server's root directory; only files under it can be "
-                               "learned.")
+        why = "it leads outside the server's root directory through a symbolic link" if \
+            candidate.absolute().is_relative_to(root) else "it is outside the server's root directory"
+        raise PathRefusedError(f"{given[:200]!r}: {why}; only files under it can be learned.")
     return resolved
 
 
-def _expand(given: Iterable[str], root: Path | None) -> tuple[list[Path], list[dict[str, str]]]:
-    """Files named by *given* (files, folders, globs), and what could not be found."""
+class _Budget:
+    """How much of the file system one learn may look at (``max_entries``, ``max_files``): a walk
+    through links, or a glob over a huge tree, ends with a reason instead of never."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.entries = 0
+        self.over: str | None = None
+
+    def spend(self, n: int) -> bool:
+        self.entries += n
+        if self.entries > self.limits.max_entries and self.over is None:
+            self.over = (f"stopped after looking at {self.limits.max_entries:,} folder entries (learn_limits "
+                         "max_entries); name a smaller folder or a narrower pattern")
+        return self.over is None
+
+
+def _expand(given: Iterable[str], root: Path | None, limits: Limits) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files named by *given* (files, folders, globs), and what could not be found (named as given,
+    or relative to the root: a refusal never names a file outside it, nor the root itself)."""
     files: list[Path] = []
     failed: list[dict[str, str]] = []
+    budget = _Budget(limits)
     for item in given:
         try:
-            files += _expand_one(item, root, failed)
+            files += _expand_one(item, root, failed, budget)
         except OSError as exc:  # a name too long, a folder we may not read...
             failed.append({"path": item[:500], "reason": exc.strerror or type(exc).__name__})
+        if budget.over:
+            failed.append({"path": item[:500], "reason": budget.over})
+            break
     seen, out = set(), []
     for f in files:
         key = str(f.resolve())
         if key not in seen:
             seen.add(key)
             out.append(f)
+    if len(out) > limits.max_files:
+        failed.append({"path": ", ".join(g[:100] for g in given)[:500],
+                       "reason": f"{len(out):,} files; the first {limits.max_files:,} were taken (learn_limits "
+                                 "max_files): learn the rest in another call"})
+        out = out[:limits.max_files]
     return out, failed
 
 
-def _expand_one(item: str, root: Path | None, failed: list[dict[str, str]]) -> list[Path]:
+def _expand_one(item: str, root: Path | None, failed: list[dict[str, str]], budget: _Budget) -> list[Path]:
     if not isinstance(item, str) or not item.strip() or "\x00" in item:
         raise InvalidRequestError("A path to learn must be a non-empty string without NUL characters.")
-    base = root or Path.cwd()
-    pattern = item if os.path.isabs(item) else str(base / item)
+    base = (root or Path.cwd()).resolve()
     if glob.has_magic(item):
-        if root is not None:
-            inside(root, item.split("*")[0].split("?")[0].split("[")[0] or ".")  # the fixed part must be inside
-        matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+        parts = Path(item).parts
+        fixed = []
+        for part in parts:
+            if glob.has_magic(part):
+                break
+            fixed.append(part)
+        start = Path(*fixed) if fixed else Path(".")
+        start = inside(root, str(start)) if root is not None else (base / start)  # the fixed part must be inside
+        matches = list(_glob(start, parts[len(fixed):], budget))
+        if root is not None:  # a match that leads outside (a link) is not learned, nor named
+            matches = [m for m in matches if m.resolve().is_relative_to(base)]
         if not matches:
             failed.append({"path": item[:500], "reason": "the pattern matches no file"})
     else:
-        matches = [inside(root, item) if root else Path(pattern)]
+        matches = [inside(root, item) if root is not None else base / item]
     out: list[Path] = []
     for m in matches:
-        if root is not None:
-            m = inside(root, str(m))
-        if m.is_dir():
-            out += _walk(m, root)
-        elif m.is_file():
+        try:
+            mode = m.stat().st_mode
+        except FileNotFoundError:
+            failed.append({"path": item[:500], "reason": "no such file or directory"})
+            continue
+        if stat.S_ISDIR(mode):
+            out += _walk(m, root, budget)
+        elif stat.S_ISREG(mode):
             out.append(m)
         else:
-            failed.append({"path": item[:500], "reason": "no such file or directory"})
+            failed.append({"path": _shown(m, root), "reason": "not a regular file (a pipe, socket or device)"})
     return out
 
 
-def _walk(folder: Path, root: Path | None) -> list[Path]:
+def _glob(start: Path, pattern: tuple[str, ...], budget: _Budget) -> Iterable[Path]:
+    """Paths under *start* matching *pattern* (components; ``**`` is any number of folders), in
+    sorted order. Links to folders are not followed (two links to an ancestor made ``**`` endless),
+    names starting with "." match only a component that starts with "." (as glob does), and the
+    walk spends *budget*. Each component is matched with fnmatch (no catastrophic backtracking)."""
+    if not start.is_dir() or not pattern:
+        return
+    for dirpath, dirnames, filenames in os.walk(start):  # followlinks=False
+        dirnames.sort()
+        if not budget.spend(len(dirnames) + len(filenames)):
+            return
+        rel = Path(dirpath).relative_to(start).parts
+        for name in sorted(dirnames + filenames):
+            if _matches(rel + (name,), pattern):
+                yield Path(dirpath) / name
+        if "**" not in pattern:  # no deeper than the pattern reaches
+            dirnames[:] = [d for d in dirnames if len(rel) + 1 < len(pattern)]
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether path components *parts* match glob components *pattern* (linear table, no recursion)."""
+    n, m = len(parts), len(pattern)
+    row = [True] + [False] * n  # row[i]: pattern[:j] matches parts[:i]
+    for j in range(1, m + 1):
+        pat = pattern[j - 1]
+        new = [False] * (n + 1)
+        if pat == "**":
+            new[0] = row[0]
+            for i in range(1, n + 1):
+                new[i] = row[i] or (new[i - 1] and not parts[i - 1].startswith("."))
+        else:
+            for i in range(1, n + 1):
+                name = parts[i - 1]
+                new[i] = row[i - 1] and fnmatch.fnmatchcase(name, pat) and (
+                    not name.startswith(".") or pat.startswith("."))
+        row = new
+    return row[n]
+
+
+def _walk(folder: Path, root: Path | None, budget: _Budget) -> list[Path]:
     out = []
+    root_resolved = root.resolve() if root is not None else None
     for dirpath, dirnames, filenames in os.walk(folder):  # symbolic links to folders are not followed
+        if not budget.spend(len(dirnames) + len(filenames)):
+            break
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if name.startswith(".") or path.suffix.lower() not in KNOWN:
                 continue
-            if root is not None and not path.resolve().is_relative_to(root.resolve()):
+            try:
+                if not stat.S_ISREG(path.stat().st_mode):  # a pipe named notes.md would block its reader
+                    continue
+            except OSError:  # a link to nothing
+                continue
+            if root_resolved is not None and not path.resolve().is_relative_to(root_resolved):
                 continue  # a symbolic link out of the root
             out.append(path)
     return out
@@ -239,48 +329,59 @@ class Library:
 
     def learn(self, paths: list[str], collection: str = "default", *, root: str | os.PathLike | None = None,
               progress: Callable[..., Iterable] | None = None,
-              embedding_model: str | os.PathLike | None = None) -> LearnReport:
+              embedding_model: str | os.PathLike | None = None, limits: Limits | None = None) -> LearnReport:
         """Learn *paths* (files, folders, globs) into *collection*; see the module docstring.
         *root*: refuse paths outside it (a server's root directory). *progress* wraps the file
         loop and the embedding batches (e.g. ``tqdm.auto.tqdm``; called with ``desc``).
         *embedding_model*: a GGUF whose vectors the collection's searches fuse with BM25 from now
-        on (``embeddings.py``); without it, the model the collection already has, if any."""
+        on (``embeddings.py``); without it, the model the collection already has, if any.
+        *limits*: what one file and one learn may take (:class:`~offgrid_jupyter.chunking.Limits`).
+
+        Each file is read in a reader process (``reader.py``): one that cannot be read, or is past a
+        limit, is one entry of ``failed`` with its reason, and the learn goes on. A collection is
+        made only once a file is learned into it."""
         from .store import Store
 
         Store.check_name(collection)
         if not isinstance(paths, list) or not paths:
             raise InvalidRequestError("Give at least one path to learn (a file, a folder or a glob).")
+        limits = limits or Limits()
         model_file = embeddings.model_path(embedding_model) if embedding_model else None
         model = embeddings.embedder(model_file) if model_file else None  # a bad model fails before any work
         started = time.monotonic()
         root_path = Path(root).resolve() if root is not None else None
-        files, failed = _expand(paths, root_path)
+        files, failed = _expand(paths, root_path, limits)
         report = LearnReport(collection, failed=failed)
-        now = self.store.clock()
-        self.store.transaction(lambda c: c.execute(
-            "INSERT INTO collections (name, created_at) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
-            (collection, now)))
         conn = self.store.connection()
         known = {r["path"]: r for r in conn.execute("SELECT * FROM documents WHERE collection = ?", (collection,))}
         seen = set()
-        for f in (progress(files, desc=f"learning {collection}", unit="file") if progress else files):
-            shown = _shown(f, root_path)
-            seen.add(shown)
-            try:
-                self._learn_file(f, shown, collection, known.get(shown), report)
-            except (OSError, Unreadable) as exc:
-                report.failed.append({"path": shown, "reason": str(exc) or type(exc).__name__})
+        with Reader(limits) as reader:
+            for f in (progress(files, desc=f"learning {collection}", unit="file") if progress else files):
+                shown = _shown(f, root_path)
+                seen.add(shown)
+                try:
+                    self._learn_file(reader, f, shown, collection, known.get(shown), report)
+                except (OSError, Unreadable) as exc:
+                    reason = str(exc) if isinstance(exc, Unreadable) else (exc.strerror or type(exc).__name__)
+                    if known.get(shown) is not None:  # what it said before is no longer what it says
+                        self._forget_document(known[shown]["id"])
+                        reason += "; its earlier chunks were removed"
+                    report.failed.append({"path": shown, "reason": reason})
         gone = [r["id"] for p, r in known.items() if p not in seen and not Path(r["abspath"]).exists()]
-        if gone:
-            self.store.transaction(lambda c: c.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in gone]))
+        for doc_id in gone:
+            self._forget_document(doc_id)
         report.removed = len(gone)
 
         def finish(c: sqlite3.Connection) -> None:
             c.execute("UPDATE collections SET last_learned_at = ? WHERE name = ?", (self.store.clock(), collection))
-            if report.added or report.updated or report.removed:
+            if report.added or report.updated or report.removed or any("removed" in f["reason"] for f in report.failed):
                 _count_terms(c)
 
         self.store.transaction(finish)
+        if not self._exists(collection):  # nothing was learned into a collection that did not exist
+            reasons = "; ".join(f"`{f['path']}`: {f['reason']}" for f in report.failed[:10])
+            raise NothingLearnedError(f"Nothing was learned, so there is no collection {collection!r}: "
+                                      f"{reasons or 'no file was found'}{'…' if len(report.failed) > 10 else ''}.")
         if model_file:
             embeddings.use_model(self.store, collection, model_file)
         else:
@@ -293,29 +394,35 @@ class Library:
         report.seconds = round(time.monotonic() - started, 3)
         return report
 
+    def _exists(self, collection: str) -> bool:
+        return self.store.connection().execute("SELECT 1 FROM collections WHERE name = ?",
+                                               (collection,)).fetchone() is not None
+
+    def _forget_document(self, doc_id: int) -> None:
+        self.store.transaction(lambda c: c.execute("DELETE FROM documents WHERE id = ?", (doc_id,)))
+
     def _model_of(self, collection: str) -> str | None:
         row = self.store.connection().execute("SELECT embedding_model FROM collections WHERE name = ?",
                                               (collection,)).fetchone()
         return row[0] if row else None
 
-    def _learn_file(self, f: Path, shown: str, collection: str, row: sqlite3.Row | None, report: LearnReport) -> None:
+    def _learn_file(self, reader: Reader, f: Path, shown: str, collection: str, row: sqlite3.Row | None,
+                    report: LearnReport) -> None:
         st = f.stat()
         if row is not None and row["size"] == st.st_size and row["mtime"] == st.st_mtime:
             report.unchanged += 1
             return
-        if st.st_size > MAX_FILE_BYTES:
-            raise Unreadable(f"larger than {MAX_FILE_BYTES >> 20} MB")
-        data = f.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        kind, pieces, digest, st = reader.read(f)
         if row is not None and row["sha256"] == digest:  # touched, not changed
             self.store.transaction(lambda c: c.execute("UPDATE documents SET size = ?, mtime = ? WHERE id = ?",
                                                        (st.st_size, st.st_mtime, row["id"])))
             report.unchanged += 1
             return
-        kind, pieces = chunk(f, data)
         now = self.store.clock()
 
         def write(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO collections (name, created_at) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
+                         (collection, now))
             conn.execute("DELETE FROM documents WHERE collection = ? AND path = ?", (collection, shown))
             doc = conn.execute(
                 "INSERT INTO documents (collection, path, abspath, kind, size, mtime, sha256, learned_at) "

@@ -1172,6 +1172,8 @@ class Store:
                                    usage=m.get("usage"), metadata=m.get("metadata"),
                                    finish_reason=m.get("finish_reason"))
                 _check_times(m, "timestamp")
+            if doc.get("profile_name") is not None:
+                self.profiles.get(doc["profile_name"])  # as POST /sessions: an unknown profile is refused
         except InvalidRequestError as exc:
             raise type(exc)(f"Cannot import {file}: {exc}") from None
         now = self.clock()
