@@ -25,7 +25,7 @@ from typing import Any
 from . import tools
 from .backend import Generation, GenerationParams, QueueBackend
 from .batching import Batcher, KVCache, Slot
-from .errors import InvalidRequestError, ContextOverflowError, OffgridError
+from .errors import ContextOverflowError, InvalidRequestError, ModelError, OffgridError, UnusableModelError
 from .llamacpp import LlamaModel, grammar, grammar_for, tool_grammar
 from .models import ModelInfo, resolve_model
 from .threads import ThreadTuner
@@ -63,6 +63,7 @@ class Engine(QueueBackend):
         max_queue: int = 64,
         kv_cache_bytes: int = 512 * MB,
         defaults: GenerationParams | None = None,
+        tune_threads: bool = True,
     ):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
         for name, value, low, high in (("n_ctx", n_ctx, 64, 1 << 22), ("n_parallel", n_parallel, 1, 64),
@@ -77,7 +78,7 @@ class Engine(QueueBackend):
         self.n_batch = max(n_batch, n_parallel + 16)  # a step: every decoding token and some prompt
         self.chat_format = chat_format
         self.kv = KVCache(kv_cache_bytes)
-        self.tuner = ThreadTuner(self.n_threads)
+        self.tuner = ThreadTuner(self.n_threads, tune=tune_threads)
 
         self._model: ModelInfo | None = None
         self._llm: LlamaModel | None = None
@@ -102,7 +103,11 @@ class Engine(QueueBackend):
         return self._llm is not None and self._loaded == self._model
 
     def _resolve(self, model: str | os.PathLike) -> ModelInfo:
-        return resolve_model(model)
+        """A model a request names: checked now (never loaded here), a 400 naming the path if unusable."""
+        try:
+            return resolve_model(model)
+        except ModelError as exc:
+            raise UnusableModelError(str(exc)) from None
 
     def _interrupt(self, gen: Generation) -> None:
         batcher = self._batcher
@@ -139,13 +144,38 @@ class Engine(QueueBackend):
 
     # -- the model ------------------------------------------------------------------
     def _load(self, info: ModelInfo) -> LlamaModel:
+        """*info* in memory (it replaces the loaded model). A file llama.cpp cannot load leaves the
+        model that was loaded in place (loaded again: there is memory for one at a time), and
+        fails the request that named it with a 400; the configured model's failure stays a 503."""
         if self._llm is not None and self._loaded == info:
             return self._llm
+        previous = self._loaded
         self._unload()
-        llm = LlamaModel(str(info.path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
-                         n_parallel=self.n_parallel, chat_format=self.chat_format,
-                         should_abort=lambda: self._batcher is not None and self._batcher.aborting)
+        try:
+            llm = self._open(info)
+        except ModelError as exc:
+            if previous is not None:
+                try:
+                    self._llm, self._loaded = self._open(previous), previous
+                    self._batcher = self._new_batcher(self._llm)
+                except ModelError:
+                    log.exception("offgrid engine: could not load %s again", previous.path)
+            if info != self._model:
+                raise UnusableModelError(str(exc)) from None
+            raise
         self._llm, self._loaded = llm, info
+        self._batcher = self._new_batcher(llm)
+        return llm
+
+    def _open(self, info: ModelInfo) -> LlamaModel:
+        return LlamaModel(str(info.path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
+                          n_parallel=self.n_parallel, chat_format=self.chat_format,
+                          should_abort=lambda: self._batcher is not None and self._batcher.aborting)
+
+    def _new_batcher(self, llm: LlamaModel) -> Batcher:
+        return Batcher(llm, self.kv, self.tuner, n_threads=self.n_threads, stall=self.prefill_stall,
+                       done=self._slot_done)
+
         self._batcher = Batcher(llm, self.kv, self.tuner, n_threads=self.n_threads, stall=self.prefill_stall,
                                 done=self._slot_done)
         return llm
@@ -333,6 +363,14 @@ class Engine(QueueBackend):
         self._finish(gen, result, error)
 
 
+def _flag(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use 1 or 0")
+
+
 def engine_settings_from_env() -> dict[str, Any]:
     """Engine keyword arguments from OFFGRID_* environment variables."""
     out: dict[str, Any] = {}
@@ -341,7 +379,8 @@ def engine_settings_from_env() -> dict[str, Any]:
                            ("OFFGRID_CHAT_FORMAT", "chat_format", str),
                            ("OFFGRID_QUEUE_TIMEOUT", "queue_timeout", float),
                            ("OFFGRID_MAX_QUEUE", "max_queue", int),
-                           ("OFFGRID_KV_CACHE_MB", "kv_cache_bytes", lambda v: int(float(v) * MB))):
+                           ("OFFGRID_KV_CACHE_MB", "kv_cache_bytes", lambda v: int(float(v) * MB)),
+                           ("OFFGRID_TUNE_THREADS", "tune_threads", _flag)):
         value = os.environ.get(env)
         if value:
             try:

@@ -31,6 +31,14 @@ class InvalidModelError(ModelError):
     code = "invalid_model"
 
 
+class UnusableModelError(InvalidModelError):
+    """A model a request (or its session's profile) names that cannot be used: the caller's 400,
+    never a 503 a client would retry; the model already loaded stays loaded."""
+
+    code = "unusable_model"
+    status = 400
+
+
 # -- engine ----------------------------------------------------------------
 class EngineBusyError(OffgridError):
     """The generation queue is full."""

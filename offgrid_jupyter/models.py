@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,24 +76,37 @@ def resolve_model(path: str | os.PathLike | None = None) -> ModelInfo:
 
 
 def check_gguf(path: Path, source: str = "argument") -> ModelInfo:
-    """Check that *path* is a readable GGUF file (magic bytes), without loading it."""
+    """Check that *path* is a readable GGUF file (magic bytes), without loading it.
+
+    Only a regular file is opened, and without blocking: a FIFO named ``model.gguf`` would block
+    the thread reading it forever. Errors name the path, never what the file holds."""
     where = {"argument": "", "env": " (from OFFGRID_MODEL)", "default": " (embedded default)"}.get(source, "")
-    if not path.exists():
-        raise ModelNotFoundError(f"Model file not found: {path}{where}. Check the path, or {INSTALL_HINT}.")
-    if path.is_dir():
-        raise InvalidModelError(f"Model path is a directory, not a .gguf file: {path}{where}.")
     try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-        size = path.stat().st_size
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"Model file not found: {path}{where}. Check the path, or {INSTALL_HINT}.") from None
     except OSError as exc:
-        raise InvalidModelError(f"Model file cannot be read: {path}{where}: {exc.strerror or exc}. Check its permissions.") from exc
+        raise InvalidModelError(f"Model file cannot be read: {path}{where}: {exc.strerror or exc}.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidModelError(f"Model path is a directory, not a .gguf file: {path}{where}.")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidModelError(f"Model path is not a regular file (a pipe, socket or device): {path}{where}.")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # (replaced since the stat above)
+                raise InvalidModelError(f"Model path is not a regular file: {path}{where}.")
+            magic = os.read(fd, 4)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise InvalidModelError(f"Model file cannot be read: {path}{where}: {exc.strerror or exc}. Check its "
+                                "permissions.") from None
     if magic != GGUF_MAGIC:
         raise InvalidModelError(
-            f"Not a GGUF model file: {path}{where} (starts with {magic!r}, expected b'GGUF'). "
-            "offgrid-jupyter loads llama.cpp GGUF files; convert the model or pick a .gguf file."
-        )
-    return ModelInfo(path=path.resolve(), source=source, size_bytes=size)
+            f"Not a GGUF model file: {path}{where}. offgrid-jupyter loads llama.cpp GGUF files; convert the model "
+            "or pick a .gguf file.")
+    return ModelInfo(path=path.resolve(), source=source, size_bytes=st.st_size)
 
 
 _sha_cache: dict[tuple[str, int, int], str] = {}

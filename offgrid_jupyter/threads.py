@@ -26,9 +26,12 @@ from __future__ import annotations
 class ThreadTuner:
     """Chooses the decode thread count from measured token times (engine thread only)."""
 
-    def __init__(self, max_threads: int, *, window: int = 8, margin_up: float = 0.03, margin_down: float = 0.10,
+    def __init__(self, max_threads: int, *, tune: bool = True, window: int = 8, margin_up: float = 0.03, margin_down: float = 0.10,
                  min_pause: float = 0.5, max_pause: float = 8.0, slowdown: float = 1.3, hopeless: float = 1.5):
         self.max_threads = max(1, int(max_threads))
+        # False: always max_threads. Greedy output can differ with the thread count (the sums inside a
+        # matrix product are split differently), so whoever needs the same tokens run after run pins it
+        self.tune = tune
         self.window, self.slowdown, self.hopeless = window, slowdown, hopeless
         # fewer threads must win clearly (alone, one fewer is only ~8% slower: noise must not tip it)
         self.margin_up, self.margin_down = margin_up, margin_down
@@ -62,6 +65,8 @@ class ThreadTuner:
     def token(self, now: float) -> int | None:
         """A token was sampled at *now* (monotonic seconds); returns a new thread count
         to apply from the next token on, or None to keep the one in use."""
+        if not self.tune:
+            return None
         if self._last is None:
             self._last = now
             return None
