@@ -20,7 +20,7 @@ def engine():
     only need ordinary behaviour (tests that reconfigure the queue make their own).
     One slot, so a long generation makes the next request queue, which many tests need;
     tests/test_batching.py and every server the tests start use the default n_parallel."""
-    eng = Engine(n_ctx=4096, n_parallel=1)
+    eng = Engine(n_ctx=4096, n_parallel=1, tune_threads=False)  # the same tokens whatever else runs
     yield eng
     eng.close()
 
@@ -30,7 +30,7 @@ def make_engine():
     made = []
 
     def make(**kwargs):
-        eng = Engine(**{"n_ctx": 2048, "n_parallel": 1, **kwargs})
+        eng = Engine(**{"n_ctx": 2048, "n_parallel": 1, "tune_threads": False, **kwargs})
         made.append(eng)
         return eng
 

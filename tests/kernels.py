@@ -27,9 +27,10 @@ def free_port() -> int:
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """This process's environment without offgrid's or a notebook's settings, plus OFFGRID_HOME."""
+    """This process's environment without offgrid's or a notebook's settings, plus OFFGRID_HOME, and a fixed
+    decode thread count (greedy tokens can differ with it; the tests compare replies across runs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_") and k != "JPY_SESSION_NAME"}
-    return {**env, "OFFGRID_HOME": str(home), **extra}
+    return {**env, "OFFGRID_HOME": str(home), "OFFGRID_TUNE_THREADS": "0", **extra}
 
 
 def started(argv: list[str], ready: str, **popen) -> subprocess.Popen:

@@ -65,7 +65,7 @@ def test_every_request_is_one_typed_row(made, store):
         assert row["completion_tokens"] == r.usage["completion_tokens"]
         assert row["cached_tokens"] == r.usage["cached_tokens"]
         assert row["total_ms"] == pytest.approx(r.timings["total_ms"])
-    assert by_id.loc[results["failed"].request_id, "error_type"] == "InvalidModelError"
+    assert by_id.loc[results["failed"].request_id, "error_type"] == "UnusableModelError"  # (a request's model: a 400)
     assert by_id.loc[results["cancelled"].request_id, "finish_reason"] == "cancelled"
     assert math.isnan(by_id.loc[results["never_started"].request_id, "ttft_ms"])
     assert by_id.loc[results["completed"].request_id, "session_name"] == "work"
