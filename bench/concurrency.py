@@ -29,13 +29,13 @@ import time
 
 import plain  # bench/plain.py: bench/ is on sys.path when a benchmark runs
 
-from offgrid_jupyter.engine import (
+from offgrid_jupyter.inference.engine import (
     DEFAULT_PARALLEL,
     PREFILL_STALL,
     Engine,
     available_cores,
 )
-from offgrid_jupyter.models import resolve_model
+from offgrid_jupyter.inference.models import resolve_model
 
 PARAMS = {"temperature": 0.0, "seed": 7, "repeat_penalty": 1.1}
 STORY = "Write a long story about lighthouse number {i} and the keeper who lived there."

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 
 import plain  # bench/plain.py: bench/ is on sys.path when a benchmark runs
 
-from offgrid_jupyter.engine import Engine, available_cores
-from offgrid_jupyter.models import resolve_model
+from offgrid_jupyter.inference.engine import Engine, available_cores
+from offgrid_jupyter.inference.models import resolve_model
 
 DECODE_PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 SYSTEM = {"role": "system", "content": "You are a careful assistant for data analysis."}

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from offgrid_jupyter.store import Store
+from offgrid_jupyter.chat.store import Store
 
 SECTIONS = 10  # sections (chunks) per file
 

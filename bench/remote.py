@@ -36,7 +36,7 @@ from openai import OpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.kernels import AUTH, jupyter_server, llama_engine  # noqa: E402
 
-from offgrid_jupyter.openai_engine import OpenAIEngine  # noqa: E402
+from offgrid_jupyter.inference.openai_engine import OpenAIEngine  # noqa: E402
 
 PARAMS = {"temperature": 0.0, "seed": 7}
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.kernels import TOKEN, ServerKernel, jupyter_server  # noqa: E402
 
 from offgrid_jupyter import Client  # noqa: E402
-from offgrid_jupyter.engine import Engine  # noqa: E402
+from offgrid_jupyter.inference.engine import Engine  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper."
 PARAMS = {"temperature": 0.0, "seed": 7}

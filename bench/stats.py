@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from offgrid_jupyter.engine import Engine
+from offgrid_jupyter.inference.engine import Engine
 from offgrid_jupyter.stats import COLUMNS, request_row, stats_document, stats_frame
-from offgrid_jupyter.store import Store
+from offgrid_jupyter.chat.store import Store
 
 MODELS = ("SmolLM2-135M-Instruct.Q4_1", "qwen2.5-1.5b-instruct-q4_k_m")
 SOURCES = ("magic", "panel", "server", "openai", "api")

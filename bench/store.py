@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from offgrid_jupyter.store import Store, new_message_id, new_session_id
+from offgrid_jupyter.chat.store import Store, new_message_id, new_session_id
 
 
 def timed(fn, n: int) -> list[float]:

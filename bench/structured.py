@@ -25,7 +25,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from offgrid_jupyter.engine import Engine  # noqa: E402
+from offgrid_jupyter.inference.engine import Engine  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 40},

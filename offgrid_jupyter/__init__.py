@@ -3,13 +3,13 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .client import Client
-from .backend import Backend, Generation, GenerationParams, GenerationResult, get_engine
-from .engine import Engine
+from .inference.backend import Backend, Generation, GenerationParams, GenerationResult, get_engine
+from .inference.engine import Engine
 from .errors import OffgridError
-from .models import resolve_model
+from .inference.models import resolve_model
 from .stats import stats, stats_frame
-from .store import Store, get_store
-from .tools import Tool, tool
+from .chat.store import Store, get_store
+from .inference.tools import Tool, tool
 
 try:
     __version__ = version("offgrid-jupyter")
@@ -29,11 +29,11 @@ _magics = None
 
 def __getattr__(name: str):
     if name == "OpenAIEngine":
-        from .openai_engine import OpenAIEngine
+        from .inference.openai_engine import OpenAIEngine
 
         return OpenAIEngine
     if name == "ChatPanel":  # imported on first use: widgets are not needed to load the extension
-        from .widget import ChatPanel
+        from .kernel.widget import ChatPanel
 
         return ChatPanel
     raise AttributeError(f"module 'offgrid_jupyter' has no attribute {name!r}")
@@ -51,7 +51,7 @@ def load_ipython_extension(ipython) -> None:
 
     Registers the magics only; the engine and the model load on first use."""
     global _magics
-    from .magics import OffgridMagics
+    from .kernel.magics import OffgridMagics
 
     unload_ipython_extension(ipython)
     _magics = OffgridMagics(shell=ipython)

@@ -298,7 +298,7 @@ class Collections:
         """Learn *paths* on the server; returns a :class:`~offgrid_jupyter.rag.LearnReport`. The
         server embeds with its own ``c.OffgridApp.embedding_model``: a client names no file there."""
         from .errors import InvalidRequestError
-        from .rag import LearnReport
+        from .retrieval.rag import LearnReport
 
         if embedding_model:
             raise InvalidRequestError("This kernel's collections are the server's, which embeds with its own model "
@@ -316,7 +316,7 @@ class Collections:
 
     def search(self, query: str, collection: str | None = None, k: int = 5) -> list[Any]:
         """The best chunks for *query* in *collection* (or in every collection), as ``rag.Hit``."""
-        from .rag import Hit
+        from .retrieval.rag import Hit
 
         names = [collection] if collection else [c["name"] for c in self.collections()]
         hits = []

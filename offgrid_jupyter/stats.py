@@ -24,8 +24,8 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .backend import Backend
-from .store import SESSION_ID_RE, Store
+from .inference.backend import Backend
+from .chat.store import SESSION_ID_RE, Store
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,8 @@ def flush(store: Store) -> None:
 # -- the public, in-process API ----------------------------------------------------------
 def stats(engine: Backend | None = None, store: Store | None = None) -> dict[str, Any]:
     """``offgrid_jupyter.stats()``: the stats document of this process's engine."""
-    from .backend import get_engine
-    from .store import get_store
+    from .inference.backend import get_engine
+    from .chat.store import get_store
 
     return stats_document(engine or get_engine(), store or get_store())
 
@@ -179,7 +179,7 @@ def stats(engine: Backend | None = None, store: Store | None = None) -> dict[str
 def stats_frame(since: Any = None, until: Any = None, session: str | None = None, model: str | None = None, *,
                 store: Store | None = None):
     """``offgrid_jupyter.stats_frame()``: one row per recorded request (all processes)."""
-    from .store import get_store
+    from .chat.store import get_store
 
     store = store or get_store()
     flush(store)

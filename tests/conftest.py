@@ -5,10 +5,10 @@ pytest_plugins = ["pytest_jupyter.jupyter_server"]  # jp_fetch and a real in-pro
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
-from offgrid_jupyter.context import Context
-from offgrid_jupyter.engine import Engine
-from offgrid_jupyter.magics import OffgridMagics
-from offgrid_jupyter.store import Store
+from offgrid_jupyter.kernel.context import Context
+from offgrid_jupyter.inference.engine import Engine
+from offgrid_jupyter.kernel.magics import OffgridMagics
+from offgrid_jupyter.chat.store import Store
 
 # Deterministic generation for tests: greedy decoding with a fixed seed.
 GREEDY = {"temperature": 0.0, "seed": 42}

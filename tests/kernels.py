@@ -202,7 +202,7 @@ ENGINE_KEY = "engine-key-for-tests"
 def llama_engine(port: int | None = None, *, n_ctx: int = 2048):
     """llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``) on the
     embedded default GGUF, on loopback with an API key; yields {url, key, port, proc}."""
-    from offgrid_jupyter.models import resolve_model
+    from offgrid_jupyter.inference.models import resolve_model
 
     port = port or free_port()
     proc = started([sys.executable, "-m", "llama_cpp.server", "--model", str(resolve_model(None).path),

@@ -6,7 +6,7 @@ Prints "ready" after its first commit, then one line per message.
 
 import sys
 
-from offgrid_jupyter.store import Store
+from offgrid_jupyter.chat.store import Store
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from offgrid_jupyter.errors import ContextOverflowError, QueueTimeoutError
-from offgrid_jupyter.models import resolve_model
+from offgrid_jupyter.inference.models import resolve_model
 
 from .conftest import GREEDY, user
 

@@ -12,9 +12,9 @@ import shutil
 import numpy as np
 import pytest
 
-from offgrid_jupyter import embeddings
+from offgrid_jupyter.retrieval import embeddings
 from offgrid_jupyter.errors import InvalidModelError, ModelNotFoundError
-from offgrid_jupyter.models import resolve_model
+from offgrid_jupyter.inference.models import resolve_model
 
 from .conftest import one_line_error
 from .test_rag import PROJECTS, corpus
@@ -113,7 +113,7 @@ def test_a_bad_embedding_model_fails_before_learning_and_a_lost_one_falls_back_t
     store.library.learn([str(notes)], "lost", embedding_model=gguf, root=tmp_path)
     store.transaction(lambda c: c.execute("UPDATE collections SET embedding_model = ? WHERE name = 'lost'",
                                           (str(tmp_path / "moved.gguf"),)))
-    with caplog.at_level(logging.WARNING, logger="offgrid_jupyter.embeddings"):
+    with caplog.at_level(logging.WARNING, logger="offgrid_jupyter.retrieval.embeddings"):
         hits = store.library.search(QUESTIONS["vesper"], "lost", k=3)
     assert hits[0].path == "notes/vesper.md" and hits[0].score > 1  # BM25's own score: not a fused one
     assert "BM25 alone" in caplog.text and "moved.gguf" in caplog.text

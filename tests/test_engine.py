@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from offgrid_jupyter.engine import Engine, GenerationParams
+from offgrid_jupyter.inference.engine import Engine, GenerationParams
 from offgrid_jupyter.errors import (
     ContextOverflowError,
     EngineBusyError,

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
 from offgrid_jupyter.stats import requests_frame
-from offgrid_jupyter.store import Store
+from offgrid_jupyter.chat.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,9 +3,9 @@
 import llama_cpp
 import pytest
 
-from offgrid_jupyter import llamacpp
-from offgrid_jupyter.llamacpp import IncompatibleLlamaError, LlamaModel, check_compat
-from offgrid_jupyter.models import resolve_model
+from offgrid_jupyter.inference import llamacpp
+from offgrid_jupyter.inference.llamacpp import IncompatibleLlamaError, LlamaModel, check_compat
+from offgrid_jupyter.inference.models import resolve_model
 
 
 @pytest.fixture(scope="module")

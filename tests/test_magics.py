@@ -4,7 +4,7 @@
 import pandas as pd
 import pytest
 
-from offgrid_jupyter.magics import extract_code, interpolate, parse_json
+from offgrid_jupyter.kernel.magics import extract_code, interpolate, parse_json
 
 from .conftest import Shell, one_line_error
 

@@ -2,10 +2,10 @@ import hashlib
 
 import pytest
 
-from offgrid_jupyter import models
-from offgrid_jupyter.engine import Engine
+from offgrid_jupyter.inference import models
+from offgrid_jupyter.inference.engine import Engine
 from offgrid_jupyter.errors import InvalidModelError, ModelNotFoundError
-from offgrid_jupyter.models import check_gguf, default_model_path, model_sha256, resolve_model
+from offgrid_jupyter.inference.models import check_gguf, default_model_path, model_sha256, resolve_model
 
 from .conftest import user
 

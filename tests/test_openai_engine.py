@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from offgrid_jupyter.errors import EngineUnavailableError, InvalidRequestError
-from offgrid_jupyter.openai_engine import OpenAIEngine
+from offgrid_jupyter.inference.openai_engine import OpenAIEngine
 from offgrid_jupyter.stats import attach, stats_frame
-from offgrid_jupyter.turns import ChatTurn
+from offgrid_jupyter.chat.turns import ChatTurn
 
 from .conftest import GREEDY
 from .kernels import AUTH, ServerKernel, free_port, jupyter_server, llama_engine
@@ -289,9 +289,9 @@ def test_offgrid_engine_switches_a_shell_to_the_engine_and_back(llama_server, en
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
 
-    from offgrid_jupyter.context import Context
-    from offgrid_jupyter.magics import OffgridMagics
-    from offgrid_jupyter.widget import ChatPanel
+    from offgrid_jupyter.kernel.context import Context
+    from offgrid_jupyter.kernel.magics import OffgridMagics
+    from offgrid_jupyter.kernel.widget import ChatPanel
 
     ip = InteractiveShell.instance()
     context = Context(ip, engine=engine, store=store)
@@ -328,7 +328,7 @@ def test_offgrid_engine_switches_a_shell_to_the_engine_and_back(llama_server, en
 def test_tools_map_to_the_engines_own_tool_calling_and_rounds_run_on_it(remote, store):
     """A named tool_choice is what llama-cpp-python's server constrains (its default chat format
     has no tool prompt of its own); its streamed tool_calls come back as the engine's calls."""
-    from offgrid_jupyter.tools import Rounds
+    from offgrid_jupyter.inference.tools import Rounds
 
     from .tool_functions import add
 

@@ -4,8 +4,8 @@ default model: the store's checks, a turn using its session's profile, and the m
 import pytest
 
 from offgrid_jupyter.errors import InvalidRequestError, UnknownProfileError
-from offgrid_jupyter.profiles import check_profile
-from offgrid_jupyter.turns import ChatTurn
+from offgrid_jupyter.chat.profiles import check_profile
+from offgrid_jupyter.chat.turns import ChatTurn
 
 from .conftest import one_line_error
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from offgrid_jupyter.chunking import chunk
-from offgrid_jupyter.rag import CollectionNotFoundError, PathRefusedError, fts_query, inside
-from offgrid_jupyter.turns import ChatTurn
+from offgrid_jupyter.retrieval.chunking import chunk
+from offgrid_jupyter.retrieval.rag import CollectionNotFoundError, PathRefusedError, fts_query, inside
+from offgrid_jupyter.chat.turns import ChatTurn
 
 from .conftest import GREEDY, one_line_error
 

@@ -21,7 +21,7 @@ import uuid
 import httpx
 import pytest
 
-from offgrid_jupyter.store import Store
+from offgrid_jupyter.chat.store import Store
 
 from .kernels import parallel_slots, slots_taken, AUTH, TOKEN, Load, jupyter_server, unanswered
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from offgrid_jupyter.chunking import MAX, Limits, chunk
-from offgrid_jupyter.profiles import check_profile
-from offgrid_jupyter.store import Store
+from offgrid_jupyter.retrieval.chunking import MAX, Limits, chunk
+from offgrid_jupyter.chat.profiles import check_profile
+from offgrid_jupyter.chat.store import Store
 
 from .kernels import AUTH, jupyter_server
 

@@ -447,7 +447,7 @@ async def test_collections_are_learned_under_the_root_searched_and_used_by_chats
 
 
 async def test_a_server_with_an_embedding_model_embeds_what_it_learns(api, state, jp_root_dir):
-    from offgrid_jupyter.models import resolve_model
+    from offgrid_jupyter.inference.models import resolve_model
 
     from .test_rag import corpus
 

@@ -16,7 +16,7 @@ import pytest
 from offgrid_jupyter import Client
 from offgrid_jupyter.errors import DuplicateNameError, ServerError, SessionNotFoundError
 from offgrid_jupyter.stats import requests_frame
-from offgrid_jupyter.store import Store
+from offgrid_jupyter.chat.store import Store
 
 from .kernels import TOKEN, ServerKernel, free_port, jupyter_server
 GREEDY = {"temperature": 0, "seed": 42}
@@ -208,7 +208,7 @@ def test_a_server_kernel_runs_its_own_tools_and_stop_interrupts_a_running_tool(s
 
 
 def test_the_sdk_learns_on_the_server_and_a_server_kernel_answers_from_it(server, client):
-    from offgrid_jupyter.rag import PathRefusedError
+    from offgrid_jupyter.retrieval.rag import PathRefusedError
 
     from .test_rag import PROJECTS, corpus
 
@@ -300,8 +300,8 @@ def test_a_kernel_connected_to_a_server_elsewhere_keeps_its_sessions_there(serve
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
 
-    from offgrid_jupyter.context import Context
-    from offgrid_jupyter.magics import OffgridMagics
+    from offgrid_jupyter.kernel.context import Context
+    from offgrid_jupyter.kernel.magics import OffgridMagics
 
     local = Store(tmp_path / "kernel" / "offgrid.sqlite3")
     notebook = f"work/far-{uuid.uuid4().hex[:6]}.ipynb"

@@ -8,8 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from offgrid_jupyter.errors import InvalidModelError
 from offgrid_jupyter.stats import PERCENTILE_SQL, attach, requests_frame, stats_document, stats_frame, summarize
-from offgrid_jupyter.store import Store
-from offgrid_jupyter.turns import ChatTurn
+from offgrid_jupyter.chat.store import Store
+from offgrid_jupyter.chat.turns import ChatTurn
 
 from .conftest import GREEDY, user
 from .test_engine import occupy

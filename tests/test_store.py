@@ -18,7 +18,7 @@ from offgrid_jupyter.errors import (
     SessionNotFoundError,
     StoreError,
 )
-from offgrid_jupyter.store import SESSION_ID_RE, Store, data_dir
+from offgrid_jupyter.chat.store import SESSION_ID_RE, Store, data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -476,7 +476,7 @@ def test_a_killed_process_s_unanswered_question_is_repaired_on_open(tmp_path):
     store.add_message(s.id, "user", "First question.")
     store.add_message(s.id, "assistant", "First answer.")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from offgrid_jupyter.store import Store; "
+        [sys.executable, "-c", "import sys, time; from offgrid_jupyter.chat.store import Store; "
          "Store(sys.argv[1]).begin_turn('crash', 'Asked, then killed.'); print('ready', flush=True); time.sleep(60)",
          str(db)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"

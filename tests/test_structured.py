@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from offgrid_jupyter.errors import InvalidRequestError
-from offgrid_jupyter.openai_engine import OpenAIEngine
-from offgrid_jupyter.structured import Shape, normalize, openai_form
+from offgrid_jupyter.inference.openai_engine import OpenAIEngine
+from offgrid_jupyter.inference.structured import Shape, normalize, openai_form
 
 from .conftest import one_line_error, user
 from .kernels import AUTH, jupyter_server

@@ -1,7 +1,7 @@
 """The decode thread tuner, as logic: a fake clock stands in for llama.cpp's token times.
 (The real effect is measured by bench/engine.py: contention_ratio and decode_ratio.)"""
 
-from offgrid_jupyter.threads import ThreadTuner
+from offgrid_jupyter.inference.threads import ThreadTuner
 
 
 class Machine:

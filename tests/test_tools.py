@@ -7,8 +7,8 @@ import pytest
 from pydantic import BaseModel
 
 from offgrid_jupyter.errors import InvalidRequestError, InvalidToolsError, UnknownToolError
-from offgrid_jupyter.tools import REGISTRY, Rounds, Tool, check_tools, load, resolve
-from offgrid_jupyter.turns import ChatTurn
+from offgrid_jupyter.inference.tools import REGISTRY, Rounds, Tool, check_tools, load, resolve
+from offgrid_jupyter.chat.turns import ChatTurn
 
 from .conftest import one_line_error
 from .tool_functions import add, broken, distance

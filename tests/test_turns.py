@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from offgrid_jupyter.errors import InvalidModelError, InvalidRequestError, TurnCancelledError
-from offgrid_jupyter.turns import ChatTurn
+from offgrid_jupyter.chat.turns import ChatTurn
 
 from .conftest import GREEDY
 from .test_engine import occupy
@@ -73,7 +73,7 @@ def test_one_shot_turns_store_nothing(engine, store):
 
 # -- turns on one session take turns, first come first served, from threads and from asyncio ----
 def test_the_session_lock_is_fifo_and_waiters_may_give_up():
-    from offgrid_jupyter import turns
+    from offgrid_jupyter.chat import turns
 
     first = turns.claim("s")
     assert first.done()  # free: granted at once
@@ -151,7 +151,7 @@ def test_asyncio_turns_wait_on_the_loop_not_in_threads(engine, store):
 
 
 def turns_waiting(session_id):
-    from offgrid_jupyter import turns
+    from offgrid_jupyter.chat import turns
 
     return turns.waiting(session_id)
 

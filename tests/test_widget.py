@@ -5,8 +5,8 @@ import threading
 import ipywidgets as widgets
 import pytest
 
-from offgrid_jupyter.context import Context
-from offgrid_jupyter.widget import ChatPanel
+from offgrid_jupyter.kernel.context import Context
+from offgrid_jupyter.kernel.widget import ChatPanel
 
 from .test_magics import GREEDY, Shell
 

@@ -16,13 +16,13 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
-from .. import embeddings
-from ..chunking import Limits
-from ..backend import QueueBackend
-from ..tools import load as load_tools
-from ..engine import DEFAULT_PARALLEL, MB, Engine
+from ..retrieval import embeddings
+from ..retrieval.chunking import Limits
+from ..inference.backend import QueueBackend
+from ..inference.tools import load as load_tools
+from ..inference.engine import DEFAULT_PARALLEL, MB, Engine
 from ..stats import attach
-from ..store import DB_FILENAME, Store, data_dir
+from ..chat.store import DB_FILENAME, Store, data_dir
 from .handlers import handlers
 from .snapshot import pre_save_hook
 from .state import ServerState
@@ -166,7 +166,7 @@ class OffgridApp(ExtensionApp):
     def _backend(self) -> QueueBackend:
         """Where this server's model runs: the engine at engine_url, else a GGUF loaded here."""
         if self.engine_url:
-            from ..openai_engine import OpenAIEngine
+            from ..inference.openai_engine import OpenAIEngine
 
             return OpenAIEngine(self.engine_url, model=self.engine_model, api_key=self.engine_api_key,
                                 max_concurrent=self.engine_max_concurrent, read_timeout=self.engine_read_timeout,

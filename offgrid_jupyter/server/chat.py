@@ -28,8 +28,8 @@ from tornado import web
 from jupyter_server.auth.decorator import authorized
 
 from ..errors import GenerationNotFoundError, IdempotencyConflictError, InvalidRequestError, OffgridError
-from ..tools import openai_call
-from ..turns import ChatTurn, TurnResult
+from ..inference.tools import openai_call
+from ..chat.turns import ChatTurn, TurnResult
 from .base import OffgridHandler
 from .state import ServerState
 

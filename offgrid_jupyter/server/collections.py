@@ -15,7 +15,7 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 
 from ..errors import InvalidRequestError
-from ..rag import MAX_K
+from ..retrieval.rag import MAX_K
 from ..validation import check_text
 from .base import OffgridHandler
 

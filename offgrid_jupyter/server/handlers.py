@@ -14,9 +14,10 @@ from jupyter_server.auth.decorator import authorized
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado import web
 
-from .. import __version__, turns
+from .. import __version__
+from ..chat import turns
 from ..errors import InvalidRequestError, OffgridError
-from ..models import resolve_model
+from ..inference.models import resolve_model
 from ..stats import stats_document, stats_frame, to_epoch
 from ..validation import check_text
 from . import spec

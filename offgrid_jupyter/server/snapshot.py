@@ -14,8 +14,8 @@ import logging
 from typing import Any, Callable
 
 from ..errors import OffgridError
-from ..render import blockquote
-from ..store import Store
+from ..kernel.render import blockquote
+from ..chat.store import Store
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 PANEL_KEY = "offgrid_panel"

@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..backend import Backend
-from ..chunking import Limits
+from ..inference.backend import Backend
+from ..retrieval.chunking import Limits
 from ..stats import RequestLog
-from ..store import Store
+from ..chat.store import Store
 from ..errors import UnknownToolError
-from ..tools import Tool
+from ..inference.tools import Tool
 
 if TYPE_CHECKING:
     from .chat import SharedTurn

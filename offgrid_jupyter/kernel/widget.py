@@ -29,10 +29,10 @@ import ipywidgets as widgets
 import traitlets
 
 from .context import Context
-from .errors import OffgridError, TurnCancelledError
-from .rag import sources_markdown
+from ..errors import OffgridError, TurnCancelledError
+from ..retrieval.rag import sources_markdown
 from .render import Progress, tool_line, tool_lines
-from .store import Session
+from ..chat.store import Session
 
 NEW = "__new__"  # a new session with a generated name, not used by the cells
 NEW_WITH = "__new__:"  # ... made with the profile named after the colon
@@ -403,7 +403,7 @@ class ChatPanel(widgets.VBox):
 
 def _kernel_context() -> Context:
     """The loaded extension's context (the magics' engine, store and sessions), else a new one."""
-    from . import _magics
+    from .. import _magics
 
     if _magics is not None:
         return _magics.context

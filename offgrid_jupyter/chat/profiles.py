@@ -18,7 +18,7 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidRequestError, UnknownProfileError
+from ..errors import InvalidRequestError, UnknownProfileError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -43,9 +43,9 @@ class Profile:
 
 def check_profile(name: str, spec: dict[str, Any], source: str = "user") -> Profile:
     """*spec* as a Profile, every field checked (a 400 naming the field otherwise)."""
-    from .backend import GenerationParams
+    from ..inference.backend import GenerationParams
     from .store import Store
-    from .validation import check_text
+    from ..validation import check_text
 
     Store.check_name(name)
     if not isinstance(spec, dict):

@@ -137,7 +137,7 @@ class _Child:
 
     def __init__(self, memory_mb: int) -> None:
         self.memory_mb = memory_mb
-        self.proc = subprocess.Popen([sys.executable, "-m", "offgrid_jupyter.reader"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "offgrid_jupyter.retrieval.reader"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=os.environ.copy())
         self.buffer = b""
         if self._line(time.monotonic() + START_TIMEOUT) is None:

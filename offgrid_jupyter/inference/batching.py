@@ -48,7 +48,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import tools
-from .errors import ContextOverflowError
+from ..errors import ContextOverflowError
 
 WAITING, PROMPT, DECODING = "waiting", "prompt", "decoding"  # a slot's phases
 

@@ -24,16 +24,16 @@ from IPython.display import display
 from traitlets import Bool, Dict, Enum, Float, Int, Unicode
 
 from .context import Context
-from .errors import DuplicateNameError, OffgridError, ReplyCutError, SessionNotFoundError
+from ..errors import DuplicateNameError, OffgridError, ReplyCutError, SessionNotFoundError
 from .render import Conversation, Note, Progress, Reply, Table, tool_lines
-from .stats import summarize
-from .store import SESSION_ID_RE
-from .profiles import check_profile
-from .chunking import Limits
-from .rag import sources_markdown
-from .structured import Shape
+from ..stats import summarize
+from ..chat.store import SESSION_ID_RE
+from ..chat.profiles import check_profile
+from ..retrieval.chunking import Limits
+from ..retrieval.rag import sources_markdown
+from ..inference.structured import Shape
 from .remote import RemoteTurn
-from .turns import ChatTurn, TurnResult
+from ..chat.turns import ChatTurn, TurnResult
 
 FORMATS = ("markdown", "text", "code", "json", "frame")
 STRUCTURED = ("json", "frame")  # replies constrained to JSON, returned as objects

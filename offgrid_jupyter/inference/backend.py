@@ -33,7 +33,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from .errors import EngineBusyError, InvalidRequestError, OffgridError, QueueTimeoutError
+from ..errors import EngineBusyError, InvalidRequestError, OffgridError, QueueTimeoutError
 from .structured import normalize
 from .tools import check_tool_messages, check_tools
 
@@ -739,8 +739,8 @@ def get_engine(**kwargs: Any) -> QueueBackend:
     global _engine
     with _engine_lock:
         if _engine is None:
-            from .stats import attach
-            from .store import get_store
+            from ..stats import attach
+            from ..chat.store import get_store
 
             _engine = make_engine(**kwargs)
             attach(_engine, get_store())  # every request of the process's engine is recorded

@@ -27,12 +27,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .backend import Backend, Generation, GenerationResult
-from .errors import InvalidRequestError, QueueTimeoutError, TurnCancelledError, UnknownProfileError, UnknownToolError
-from .models import ModelInfo
+from ..inference.backend import Backend, Generation, GenerationResult
+from ..errors import InvalidRequestError, QueueTimeoutError, TurnCancelledError, UnknownProfileError, UnknownToolError
+from ..inference.models import ModelInfo
 from .store import Message, Store
-from .tools import Rounds, Tool
-from .validation import check_text
+from ..inference.tools import Rounds, Tool
+from ..validation import check_text
 
 DEFAULT_ROUNDS = 4  # a turn's rounds when neither the turn nor its profile says
 
@@ -304,7 +304,7 @@ class ChatTurn:
     def _retrieved(self, question: str) -> str:
         """The question as the model reads it: the collection's best excerpts first, numbered for
         citation, within about 40% of the model's context (the stored question stays as asked)."""
-        from .rag import with_sources
+        from ..retrieval.rag import with_sources
 
         hits = self.store.library.search(question, self.rag["collection"], self.rag["k"])
         n_ctx = self.engine.describe().get("n_ctx") or 4096
@@ -399,7 +399,7 @@ def _check_rag(rag: Any) -> dict[str, Any] | None:
     """``None`` (no retrieval), or ``{"collection": NAME | None, "k": N}`` checked."""
     if rag is None or rag is False:
         return None
-    from .rag import DEFAULT_K, MAX_K
+    from ..retrieval.rag import DEFAULT_K, MAX_K
     from .store import Store
 
     spec = {"collection": None, "k": DEFAULT_K, **(rag if isinstance(rag, dict) else {})}

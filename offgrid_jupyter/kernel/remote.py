@@ -22,12 +22,12 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .client import Client
-from .backend import GenerationResult, Listeners, take_batch
-from .errors import OffgridError
-from .errors import InvalidRequestError
-from .store import SESSION_ID_RE, Message, Session
-from .turns import TurnResult
+from ..client import Client
+from ..inference.backend import GenerationResult, Listeners, take_batch
+from ..errors import OffgridError
+from ..errors import InvalidRequestError
+from ..chat.store import SESSION_ID_RE, Message, Session
+from ..chat.turns import TurnResult
 
 
 class RemoteGeneration:

@@ -21,7 +21,7 @@ import json
 import re
 from typing import Any
 
-from .errors import InvalidRequestError, ReplyCutError, ReplyInvalidError
+from ..errors import InvalidRequestError, ReplyCutError, ReplyInvalidError
 
 MAX_SCHEMA_BYTES = 64 * 1024
 # llama-cpp-python's converter writes ``maxLength: N`` (and maxItems, minItems, minLength, a pattern's

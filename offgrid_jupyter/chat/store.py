@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 import psutil
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from .errors import (
+from ..errors import (
     ContentTooLargeError,
     DuplicateIdError,
     DuplicateNameError,
@@ -40,9 +40,9 @@ from .errors import (
     StoreError,
 )
 from .profiles import Profiles, m006_profiles
-from .embeddings import m008_vectors
-from .rag import Library, m007_library
-from .validation import check_json, check_text
+from ..retrieval.embeddings import m008_vectors
+from ..retrieval.rag import Library, m007_library
+from ..validation import check_json, check_text
 
 # always used with fullmatch(): "$" alone would also match before a trailing newline
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -1219,7 +1219,7 @@ class Store:
     # -- DataFrames ---------------------------------------------------------------------------------
     def stats_frame(self, **filters: Any):
         """The per-request statistics recorded in this store (:func:`offgrid_jupyter.stats.stats_frame`)."""
-        from .stats import stats_frame
+        from ..stats import stats_frame
 
         return stats_frame(store=self, **filters)
 

@@ -25,7 +25,7 @@ from typing import Any
 from . import tools
 from .backend import Generation, GenerationParams, QueueBackend
 from .batching import Batcher, KVCache, Slot
-from .errors import ContextOverflowError, InvalidRequestError, ModelError, OffgridError, UnusableModelError
+from ..errors import ContextOverflowError, InvalidRequestError, ModelError, OffgridError, UnusableModelError
 from .llamacpp import LlamaModel, grammar, grammar_for, tool_grammar
 from .models import ModelInfo, resolve_model
 from .threads import ThreadTuner

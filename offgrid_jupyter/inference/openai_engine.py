@@ -48,7 +48,7 @@ from httpx_sse import EventSource
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .backend import Generation, GenerationParams, QueueBackend
-from .errors import (
+from ..errors import (
     ContextOverflowError,
     EngineBusyError,
     EngineUnavailableError,

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 if TYPE_CHECKING:
-    from .llamacpp import Embedder
-    from .store import Store
+    from ..inference.llamacpp import Embedder
+    from ..chat.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def _close_models() -> None:  # before the interpreter takes llama-cpp-python's 
 def embedder(path: str | Path) -> "Embedder":
     """The embedding model at *path*, loaded once per process (checked first: a missing or
     non-GGUF file is a clear error before anything is learned)."""
-    from .engine import available_cores
-    from .llamacpp import Embedder
-    from .models import check_gguf
+    from ..inference.engine import available_cores
+    from ..inference.llamacpp import Embedder
+    from ..inference.models import check_gguf
 
     info = check_gguf(Path(path).expanduser())
     key = str(info.path)
@@ -80,7 +80,7 @@ def embedder(path: str | Path) -> "Embedder":
 
 def model_path(given: str | Path) -> str:
     """How a collection records its model: the file's resolved path, checked."""
-    from .models import check_gguf
+    from ..inference.models import check_gguf
 
     return str(check_gguf(Path(given).expanduser()).path)
 
@@ -169,7 +169,7 @@ def fuse(*rankings: list[int]) -> list[tuple[int, float]]:
 def query_vector(path: str, question: str) -> np.ndarray | None:
     """The question's vector from the collection's model, or None (and a warning in the log)
     when that model can no longer be loaded: the search falls back to BM25 alone."""
-    from .errors import ModelError
+    from ..errors import ModelError
 
     try:
         return embedder(path).embed([question])[0]

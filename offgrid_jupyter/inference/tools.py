@@ -41,7 +41,7 @@ import typing
 import uuid
 from typing import Any, Callable, Iterator
 
-from .errors import InvalidRequestError, InvalidToolsError, UnknownToolError
+from ..errors import InvalidRequestError, InvalidToolsError, UnknownToolError
 from .structured import MAX_EXPANSION, check_bounds
 
 MAX_TOOLS = 64

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import InvalidModelError, InvalidRequestError, OffgridError, UnsupportedSchemaError
+from ..errors import InvalidModelError, InvalidRequestError, OffgridError, UnsupportedSchemaError
 
 # (where, attribute) pairs the adapter relies on; checked by check_compat()
 MODULE_ATTRIBUTES = [

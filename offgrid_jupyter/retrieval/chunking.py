@@ -57,7 +57,7 @@ class Limits:
     @classmethod
     def from_config(cls, values: dict[str, Any] | None) -> "Limits":
         """*values* (a config mapping) as Limits, each checked: a 400 naming the key otherwise."""
-        from .errors import InvalidRequestError
+        from ..errors import InvalidRequestError
 
         known = {f.name: f.type for f in fields(cls)}
         out = cls()

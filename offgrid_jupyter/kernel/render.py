@@ -11,9 +11,9 @@ import re
 import time
 from typing import Any, Iterable, Iterator
 
-from .store import Session
-from .rag import sources_markdown
-from .tools import call_label
+from ..chat.store import Session
+from ..retrieval.rag import sources_markdown
+from ..inference.tools import call_label
 
 CURSOR = "▌"
 
