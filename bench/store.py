@@ -18,7 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from offgrid_jupyter.chat.store import Store, new_message_id, new_session_id
+from offgrid_jupyter.chat.records import new_message_id, new_session_id
+from offgrid_jupyter.chat.store import Store
 
 
 def timed(fn, n: int) -> list[float]:
@@ -42,7 +43,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.sqlite3")
-        conn = store._conn()
+        conn = store.connection()
 
         print("append", file=sys.stderr)
         s = store.create("append")

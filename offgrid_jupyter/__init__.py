@@ -1,20 +1,25 @@
-"""offgrid-jupyter: an offline LLM that lives inside Jupyter."""
+"""offgrid-jupyter: an offline LLM that lives inside Jupyter.
 
-from importlib.metadata import PackageNotFoundError, version
+The package is a house with floors, each a folder importing only the floors below it:
+``errors``/``validation`` (the ground), ``inference/`` (backends, the generation handle,
+llama.cpp), ``retrieval/`` (learned files), ``chat/`` (the store, turns, tools, profiles),
+``stats``/``client``/``runtime`` (services: usage statistics, the SDK, choosing a backend),
+``kernel/`` (magics, the chat panel) and ``server/`` (the Jupyter server extension). The names
+below are the public API.
+"""
 
-from .client import Client
-from .inference.backend import Backend, Generation, GenerationParams, GenerationResult, get_engine
-from .inference.engine import Engine
-from .errors import OffgridError
-from .inference.models import resolve_model
-from .stats import stats, stats_frame
 from .chat.store import Store, get_store
-from .inference.tools import Tool, tool
-
-try:
-    __version__ = version("offgrid-jupyter")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
+from .chat.tools import Tool, tool
+from .client import Client
+from .errors import OffgridError
+from .inference.backend import Backend
+from .inference.engine import Engine
+from .inference.generation import Generation, GenerationParams, GenerationResult
+from .inference.models import resolve_model
+from .inference.openai_engine import OpenAIEngine
+from .runtime import get_engine, stats
+from .stats import stats_frame
+from .version import __version__
 
 __all__ = [
     "Backend", "ChatPanel", "Client", "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError",
@@ -24,14 +29,8 @@ __all__ = [
     "__version__",
 ]
 
-_magics = None
-
 
 def __getattr__(name: str):
-    if name == "OpenAIEngine":
-        from .inference.openai_engine import OpenAIEngine
-
-        return OpenAIEngine
     if name == "ChatPanel":  # imported on first use: widgets are not needed to load the extension
         from .kernel.widget import ChatPanel
 
@@ -50,21 +49,12 @@ def load_ipython_extension(ipython) -> None:
     """``%load_ext offgrid_jupyter`` (or ``c.InteractiveShellApp.extensions``).
 
     Registers the magics only; the engine and the model load on first use."""
-    global _magics
-    from .kernel.magics import OffgridMagics
+    from .kernel import magics
 
-    unload_ipython_extension(ipython)
-    _magics = OffgridMagics(shell=ipython)
-    ipython.register_magics(_magics)
-    ipython.events.register("pre_run_cell", _magics.pre_run_cell)
+    magics.load(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:
-    global _magics
-    if _magics is not None:
-        _magics.context.close()
-        try:
-            ipython.events.unregister("pre_run_cell", _magics.pre_run_cell)
-        except ValueError:
-            pass
-        _magics = None
+    from .kernel import magics
+
+    magics.unload(ipython)

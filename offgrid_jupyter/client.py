@@ -21,7 +21,9 @@ import httpx
 from httpx_sse import EventSource, connect_sse
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from .errors import OffgridError, ServerError, from_response
+from .chat.frames import to_epoch, typed_frame
+from .errors import InvalidRequestError, OffgridError, ServerError, from_response
+from .retrieval.rag import Hit, LearnReport
 
 RETRY_STATUSES = (502, 503, 504)
 MAX_RETRY_AFTER_S = 60.0
@@ -181,8 +183,6 @@ class Client:
     def stats_frame(self, since: Any = None, until: Any = None, session: str | None = None,
                     model: str | None = None):
         """The server's per-request DataFrame (the same columns and types as ``stats_frame()``)."""
-        from .stats import to_epoch, typed_frame
-
         times = {k: repr(to_epoch(v)) for k, v in dict(since=since, until=until).items() if v is not None}
         params = {**times, **{k: v for k, v in dict(session=session, model=model).items() if v is not None}}
         out = self.request("GET", "stats/requests", params=params)
@@ -295,11 +295,8 @@ class Collections:
 
     def learn(self, paths: list[str], collection: str = "default", progress: Any = None,
               embedding_model: str | None = None) -> Any:
-        """Learn *paths* on the server; returns a :class:`~offgrid_jupyter.rag.LearnReport`. The
+        """Learn *paths* on the server; returns a :class:`~offgrid_jupyter.retrieval.rag.LearnReport`. The
         server embeds with its own ``c.OffgridApp.embedding_model``: a client names no file there."""
-        from .errors import InvalidRequestError
-        from .retrieval.rag import LearnReport
-
         if embedding_model:
             raise InvalidRequestError("This kernel's collections are the server's, which embeds with its own model "
                                       "(c.OffgridApp.embedding_model); learn without --embedding-model.")
@@ -316,8 +313,6 @@ class Collections:
 
     def search(self, query: str, collection: str | None = None, k: int = 5) -> list[Any]:
         """The best chunks for *query* in *collection* (or in every collection), as ``rag.Hit``."""
-        from .retrieval.rag import Hit
-
         names = [collection] if collection else [c["name"] for c in self.collections()]
         hits = []
         for name in names:

@@ -31,6 +31,13 @@ class InvalidModelError(ModelError):
     code = "invalid_model"
 
 
+class IncompatibleLlamaError(OffgridError):
+    """llama-cpp-python no longer has a private piece inference/llamacpp.py relies on."""
+
+    code = "incompatible_llama_cpp"
+    status = 500
+
+
 class UnusableModelError(InvalidModelError):
     """A model a request (or its session's profile) names that cannot be used: the caller's 400,
     never a 503 a client would retry; the model already loaded stays loaded."""
@@ -173,6 +180,43 @@ class ReplyInvalidError(OffgridError):
     status = 422
 
 
+# -- retrieval -------------------------------------------------------------
+class PathRefusedError(OffgridError):
+    """A path a server will not learn: outside its root directory."""
+
+    code = "path_refused"
+    status = 403
+
+
+class NothingLearnedError(InvalidRequestError):
+    """Every path of a learn into a new collection failed: no collection is made, and why is said."""
+
+    code = "nothing_learned"
+
+
+class CollectionNotFoundError(OffgridError):
+    code = "collection_not_found"
+    status = 404
+
+
+# -- the kernel's one-line failures ---------------------------------------------------
+class OffgridMagicError(Exception):
+    """An expected failure in a cell, shown as one line instead of a traceback (IPython's
+    ``_render_traceback_``); the cell still fails, so "Run all" stops there."""
+
+    label = "offgrid"
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[1;31m{self.label}:\x1b[0m {self}"]
+
+
+class Interrupted(OffgridMagicError):
+    """The kernel's Stop ended a cell's turn."""
+
+    label = "interrupted"
+
+
+# -- the server, seen from a client -------------------------------------------------------
 class ServerError(OffgridError):
     """The offgrid server could not be reached, or answered with an error we have no class for."""
 

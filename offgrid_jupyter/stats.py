@@ -24,8 +24,14 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .chat.frames import FINISH_REASONS, FLOAT_COLUMNS, INT_COLUMNS, requests_frame, to_epoch, typed_frame
+from .chat.store import Store, get_store
 from .inference.backend import Backend
-from .chat.store import SESSION_ID_RE, Store
+from .retrieval.rag import Library
+from .version import __version__
+
+__all__ = ["FINISH_REASONS", "FLOAT_COLUMNS", "INT_COLUMNS", "RequestLog", "attach", "flush", "stats_document",
+           "stats_frame", "summarize", "to_epoch", "typed_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +41,6 @@ COLUMNS = ("request_id", "started_at", "session_id", "model", "source", "prompt_
            "completion_tokens", "queue_wait_ms", "ttft_ms", "total_ms", "decode_ms", "tokens_per_second",
            "finish_reason", "error_type")
 COMPLETED = "finish_reason IN ('stop', 'length')"
-FINISH_REASONS = ["stop", "length", "cancelled", "error"]
-INT_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens")
-FLOAT_COLUMNS = ("queue_wait_ms", "ttft_ms", "total_ms", "decode_ms", "tokens_per_second")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 psutil.cpu_percent(interval=None)  # start the CPU sampling window: later calls never block
@@ -116,6 +119,8 @@ class RequestLog:
                 self.engine.recorders.remove(self)
             if self in _logs:
                 _logs.remove(self)
+            if self.flush in self.store.pending_writers:
+                self.store.pending_writers.remove(self.flush)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every recorded request is in the database."""
@@ -157,6 +162,7 @@ def attach(engine: Backend, store: Store) -> RequestLog:
         request_log = RequestLog(engine, store)
         engine.recorders.append(request_log)
         _logs.append(request_log)
+        store.pending_writers.append(request_log.flush)  # its frames read what this log recorded
         return request_log
 
 
@@ -168,19 +174,9 @@ def flush(store: Store) -> None:
 
 
 # -- the public, in-process API ----------------------------------------------------------
-def stats(engine: Backend | None = None, store: Store | None = None) -> dict[str, Any]:
-    """``offgrid_jupyter.stats()``: the stats document of this process's engine."""
-    from .inference.backend import get_engine
-    from .chat.store import get_store
-
-    return stats_document(engine or get_engine(), store or get_store())
-
-
 def stats_frame(since: Any = None, until: Any = None, session: str | None = None, model: str | None = None, *,
                 store: Store | None = None):
     """``offgrid_jupyter.stats_frame()``: one row per recorded request (all processes)."""
-    from .chat.store import get_store
-
     store = store or get_store()
     flush(store)
     return requests_frame(store, since=since, until=until, session=session, model=model)
@@ -260,8 +256,6 @@ def resources_section() -> dict[str, Any]:
 
 def stats_document(engine: Backend, store: Store) -> dict[str, Any]:
     """The OffGrid stats document for this process's engine and the shared store."""
-    from . import __version__
-
     flush(store)  # what this process recorded so far is in the figures (reading attaches nothing)
     engine_stats = engine.stats()
     q = engine_stats["queue"]
@@ -281,131 +275,14 @@ def stats_document(engine: Backend, store: Store) -> dict[str, Any]:
                   "requests": q["requests"], "avg_queue_wait_ms": q["avg_queue_wait_ms"],
                   "max_queue_wait_ms": q["max_queue_wait_ms"]},
         "sessions": store.session_stats(),
-        "rag": store.library.stats(),
+        "rag": Library(store).stats(),
     }
 
 
-# -- DataFrames ----------------------------------------------------------------------------
-def to_epoch(value: Any) -> float:
-    """A time as epoch seconds: a number (or its text), an ISO 8601 date or date-time
-    (naive means UTC), a datetime or pandas Timestamp; else ValueError."""
-    import pandas as pd
-
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = float(text)
-        except ValueError:
-            try:
-                value = datetime.fromisoformat(text[:-1] + "Z" if text.endswith("z") else text)
-            except ValueError:
-                value = pd.Timestamp(text)  # the forms pandas reads besides ISO 8601
-    if isinstance(value, bool) or not isinstance(value, (int, float, datetime)):
-        raise ValueError(f"{value!r} is not a time")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError(f"{value!r} is not a time")
-        return float(value)
-    if pd.isna(value):
-        raise ValueError("not a time")
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def requests_frame(store: Store, *, since: Any = None, until: Any = None, session: str | None = None,
-                   model: str | None = None):
-    """One row per recorded request, typed: UTC datetimes, int64 counts, float64
-    timings (NaN when there was no first token), categorical labels (model, source,
-    finish reason, error type, session id and name)."""
-    import numpy as np
-    import pandas as pd
-
-    where, params = [], []
-    if since is not None:
-        where.append("started_at >= ?")
-        params.append(to_epoch(since))
-    if until is not None:
-        where.append("started_at < ?")
-        params.append(to_epoch(until))
-    if session is not None:
-        where.append("session_id = ?")
-        params.append(session if SESSION_ID_RE.fullmatch(session) else store.get(session, messages=False).id)
-    if model is not None:
-        where.append("model = ?")
-        params.append(model)
-    # Building one Python object per cell is the whole cost here, so: plain tuples, no
-    # JOIN, no ORDER BY, labels fetched as small integer codes (which Python does not
-    # allocate), and what can be derived (names, decode time, order) done in pandas.
-    cursor = store.connection().cursor()
-    cursor.row_factory = None
-    filters = (" WHERE " + " AND ".join(where)) if where else ""
-    labels = {c: [r[0] for r in cursor.execute(f"SELECT DISTINCT {c} FROM requests{filters}", params)]
-              for c in ("model", "source")}
-    labels["finish_reason"] = FINISH_REASONS
-
-    def code(column: str) -> tuple[str, list]:
-        if not labels[column]:  # no rows selected
-            return "-1", []
-        cases = " ".join(f"WHEN ? THEN {i}" for i in range(len(labels[column])))
-        return f"CASE {column} {cases} ELSE -1 END", labels[column]
-
-    coded = [code(c) for c in ("model", "source", "finish_reason")]
-    plain = ("request_id", "started_at", "session_id", "prompt_tokens", "cached_tokens", "completion_tokens",
-             "queue_wait_ms", "ttft_ms", "total_ms", "tokens_per_second", "error_type")
-    sql = f"SELECT {', '.join(plain)}, {', '.join(expr for expr, _ in coded)} FROM requests{filters}"
-    rows = cursor.execute(sql, [v for _, values in coded for v in values] + params).fetchall()
-    names = plain + ("model", "source", "finish_reason")
-    table = np.array(rows, dtype=object).reshape(len(rows), len(names))
-    col = {name: table[:, i] for i, name in enumerate(names)}
-    session_names = dict(cursor.execute("SELECT id, name FROM sessions WHERE name IS NOT NULL").fetchall())
-    session_ids = pd.Series(pd.Categorical(col["session_id"]))  # a few hundred sessions, many requests
-    ints = {c: col[c].astype("int64") for c in ("prompt_tokens", "cached_tokens", "completion_tokens")}
-    # float64 turns the None of a request without a first token into NaN
-    floats = {c: col[c].astype("float64") for c in ("queue_wait_ms", "ttft_ms", "total_ms", "tokens_per_second")}
-    completion, tps = ints["completion_tokens"], floats["tokens_per_second"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        decode_ms = np.where((tps > 0) & (completion > 1), (completion - 1) / tps * 1000, 0.0).round(3)
-
-    def categorical(column: str):
-        return pd.Categorical.from_codes(col[column].astype("int64"), categories=labels[column])
-
-    frame = pd.DataFrame({
-        "request_id": col["request_id"],
-        "started_at": pd.to_datetime(col["started_at"].astype("float64"), unit="s", utc=True),
-        "session_id": session_ids,
-        "session_name": pd.Categorical(session_ids.map(session_names)),  # maps the categories, not the rows
-        "model": categorical("model"),
-        "source": categorical("source"),
-        **ints,
-        "queue_wait_ms": floats["queue_wait_ms"], "ttft_ms": floats["ttft_ms"], "total_ms": floats["total_ms"],
-        "decode_ms": decode_ms, "tokens_per_second": tps,
-        "finish_reason": categorical("finish_reason"),
-        "error_type": pd.Categorical(col["error_type"]),
-    })
-    if not frame["started_at"].is_monotonic_increasing:
-        frame = frame.sort_values("started_at", kind="stable", ignore_index=True)
-    return frame
 
 
-def typed_frame(columns: list[str], data: list[list]):
-    """A requests frame rebuilt from JSON rows (what the server's route sends)."""
-    import pandas as pd
-
-    raw = pd.DataFrame(data, columns=columns)
-    out = {}
-    for c in columns:
-        if c == "started_at":
-            out[c] = pd.to_datetime(raw[c], utc=True, format="ISO8601").astype("datetime64[ns, UTC]")
-        elif c == "request_id":
-            out[c] = raw[c]  # pandas' default string type, as in requests_frame()
-        elif c in INT_COLUMNS:
-            out[c] = raw[c].astype("int64")
-        elif c in FLOAT_COLUMNS:
-            out[c] = raw[c].astype("float64")
-        elif c == "finish_reason":
-            out[c] = pd.Categorical(raw[c], categories=FINISH_REASONS)
-        else:
-            out[c] = pd.Categorical(raw[c])
-    return pd.DataFrame(out, columns=columns)
 
 
 def summarize(frame, by: list[str] | str = ("model", "session")):

@@ -20,10 +20,26 @@ import math
 import re
 from typing import Any
 
-from .errors import InvalidRequestError
+from .errors import InvalidNameError, InvalidRequestError
 
 MAX_JSON_DEPTH = 32  # objects/arrays inside each other, counting the outermost
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# names of sessions, collections and profiles; always used with fullmatch() ("$" alone would also
+# match before a trailing newline)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SESSION_ID_RE = re.compile(r"session-[0-9a-f]{12}")
+NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def check_name(name: Any, what: str = "session name") -> str:
+    """A session's (collection's, profile's) name: ``NAME_RULE``, and not one that looks like a
+    session id; else a 400 saying what a name may contain."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = ascii(name) if isinstance(name, str) else repr(name)
+        raise InvalidNameError(f"Invalid {what} {shown[:80]}: use {NAME_RULE}.")
+    if SESSION_ID_RE.fullmatch(name):
+        raise InvalidNameError(f"Invalid {what} {name!r}: names may not look like session ids.")
+    return name
 
 
 def check_text(value: Any, field: str) -> str:

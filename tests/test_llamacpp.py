@@ -4,7 +4,8 @@ import llama_cpp
 import pytest
 
 from offgrid_jupyter.inference import llamacpp
-from offgrid_jupyter.inference.llamacpp import IncompatibleLlamaError, LlamaModel, check_compat
+from offgrid_jupyter.errors import IncompatibleLlamaError
+from offgrid_jupyter.inference.llamacpp import LlamaModel, check_compat
 from offgrid_jupyter.inference.models import resolve_model
 
 

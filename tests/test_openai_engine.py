@@ -232,7 +232,8 @@ def test_magics_in_an_ipython_shell_run_on_the_engine_without_importing_llama_cp
                OFFGRID_ENGINE_API_KEY=llama_server["key"])
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ")[0].isupper())
+    keys = ("STATUS", "MESSAGES", "REPLY", "LLAMA")  # (the replies stream into stdout too: "I'm" is upper case)
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ")[0] in keys)
     assert "engine at " + llama_server["url"] in lines["STATUS"]
     assert lines["MESSAGES"] == "4" and lines["REPLY"] == "True" and lines["LLAMA"] == "False"
     assert llama_server["key"] not in out.stdout + out.stderr
@@ -328,7 +329,7 @@ def test_offgrid_engine_switches_a_shell_to_the_engine_and_back(llama_server, en
 def test_tools_map_to_the_engines_own_tool_calling_and_rounds_run_on_it(remote, store):
     """A named tool_choice is what llama-cpp-python's server constrains (its default chat format
     has no tool prompt of its own); its streamed tool_calls come back as the engine's calls."""
-    from offgrid_jupyter.inference.tools import Rounds
+    from offgrid_jupyter.chat.rounds import Rounds
 
     from .tool_functions import add
 

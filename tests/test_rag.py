@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from offgrid_jupyter.retrieval.chunking import chunk
-from offgrid_jupyter.retrieval.rag import CollectionNotFoundError, PathRefusedError, fts_query, inside
+from offgrid_jupyter.errors import CollectionNotFoundError, PathRefusedError
+from offgrid_jupyter.retrieval.paths import inside
+from offgrid_jupyter.retrieval.rag import fts_query
 from offgrid_jupyter.chat.turns import ChatTurn
 
 from .conftest import GREEDY, one_line_error

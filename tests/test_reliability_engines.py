@@ -20,7 +20,7 @@ from offgrid_jupyter.errors import InvalidRequestError, UnsupportedSchemaError, 
 from offgrid_jupyter.inference.llamacpp import MAX_GRAMMAR_DEPTH, check_grammar, grammar
 from offgrid_jupyter.inference.openai_engine import OpenAIEngine
 from offgrid_jupyter.inference.structured import MAX_EXPANSION, MAX_REPEAT, normalize
-from offgrid_jupyter.inference.tools import check_tools
+from offgrid_jupyter.inference.toolcalls import check_tools
 
 from .conftest import GREEDY, one_line_error, user
 from .fake_engine import FakeEngine

@@ -208,7 +208,7 @@ def test_a_server_kernel_runs_its_own_tools_and_stop_interrupts_a_running_tool(s
 
 
 def test_the_sdk_learns_on_the_server_and_a_server_kernel_answers_from_it(server, client):
-    from offgrid_jupyter.retrieval.rag import PathRefusedError
+    from offgrid_jupyter.errors import PathRefusedError
 
     from .test_rag import PROJECTS, corpus
 

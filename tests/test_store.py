@@ -117,7 +117,7 @@ def test_delete_rename_end(store):
     store.delete("new")
     with pytest.raises(SessionNotFoundError, match=s.id):
         store.get(s.id)
-    assert store._conn().execute("SELECT count(*) FROM messages WHERE session_id = ?", (s.id,)).fetchone()[0] == 0
+    assert store.connection().execute("SELECT count(*) FROM messages WHERE session_id = ?", (s.id,)).fetchone()[0] == 0
 
 
 def test_fork_copies_messages_up_to_one(store):
@@ -280,7 +280,7 @@ def test_busy_mark_of_a_dead_process_does_not_protect(tmp_path, clock):
     st = Store(tmp_path / "db.sqlite3", clock=clock)
     s = st.create()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    st._tx(lambda c: c.execute("INSERT INTO busy (token, session_id, pid, since) VALUES ('t', ?, ?, 0)",
+    st.transaction(lambda c: c.execute("INSERT INTO busy (token, session_id, pid, since) VALUES ('t', ?, ?, 0)",
                                (s.id, int(dead.stdout))))
     clock.advance(120)
     assert st.prune() == 1

@@ -7,7 +7,9 @@ import pytest
 from pydantic import BaseModel
 
 from offgrid_jupyter.errors import InvalidRequestError, InvalidToolsError, UnknownToolError
-from offgrid_jupyter.inference.tools import REGISTRY, Rounds, Tool, check_tools, load, resolve
+from offgrid_jupyter.chat.rounds import Rounds
+from offgrid_jupyter.chat.tools import REGISTRY, Tool, load, resolve
+from offgrid_jupyter.inference.toolcalls import check_tools
 from offgrid_jupyter.chat.turns import ChatTurn
 
 from .conftest import one_line_error

@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError, UnknownProfileError
+from ..inference.generation import GenerationParams
+from ..validation import check_name, check_text
+from .rounds import MAX_ROUNDS_LIMIT
 
 if TYPE_CHECKING:
     from .store import Store
 
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "seed")
-MAX_ROUNDS_LIMIT = 32
 
 
 @dataclass
@@ -43,11 +45,7 @@ class Profile:
 
 def check_profile(name: str, spec: dict[str, Any], source: str = "user") -> Profile:
     """*spec* as a Profile, every field checked (a 400 naming the field otherwise)."""
-    from ..inference.backend import GenerationParams
-    from .store import Store
-    from ..validation import check_text
-
-    Store.check_name(name)
+    check_name(name)
     if not isinstance(spec, dict):
         raise InvalidRequestError(f"Profile {name!r} must be an object of its settings.")
     known = {"system_prompt", "model", "tools", "max_rounds", *SAMPLING}
@@ -118,10 +116,3 @@ def _profile(row: sqlite3.Row) -> Profile:
     settings = json.loads(row["settings"] or "{}")
     return Profile(row["name"], row["system_prompt"], settings.get("params") or {}, row["model"],
                    settings.get("tools") or [], row["max_rounds"], row["source"])
-
-
-def m006_profiles(conn: sqlite3.Connection) -> None:
-    """Named presets sessions are created with (see profiles.py)."""
-    conn.execute(
-        "CREATE TABLE profiles (name TEXT PRIMARY KEY, system_prompt TEXT, model TEXT, max_rounds INTEGER NOT NULL,"
-        " settings TEXT NOT NULL, source TEXT NOT NULL, updated_at REAL NOT NULL)")

@@ -1,330 +1,51 @@
-"""The session store: one SQLite database shared by the server and every kernel.
+"""The session store: sessions, their messages, and the marks of turns in flight.
 
-SQLite in WAL mode gives atomic, durable, concurrent writes from many
-processes (one JSON file per session would lose updates when two processes
-append at once). The JSON shape of that older design is kept as the
-export/import format.
+One SQLite database (``db.py``) is shared by the server and every kernel. Each process also
+keeps an in-memory cache of the sessions it uses, with a sliding idle TTL. A cached
+conversation is revalidated against the database's per-session ``version`` counter (one
+indexed read), so a turn written by another process is never missed, and a session that left
+the cache (TTL, restart, crash) is read back transparently. Reads have no side effects beyond
+``last_access_at`` (at most once a minute).
 
-Each process also keeps an in-memory cache of the sessions it uses, with a
-sliding idle TTL. A cached conversation is revalidated against the database's
-per-session ``version`` counter (one indexed read), so a turn written by another
-process is never missed, and a session that left the cache (TTL, restart,
-crash) is read back transparently.
+A turn's question is stored with a *busy mark* naming this process (``begin_turn``) and its
+reply with the mark's removal (``end_turn``), each in one transaction, so a process that dies
+mid-turn leaves a mark from which the next start repairs the session (``repair``): the
+unanswered question is marked interrupted and kept out of later prompts.
+
+Export/import is ``transfer.py``, the DataFrames ``frames.py``, profiles ``profiles.py``, the
+learned files ``retrieval/``; the store hands them its database.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import psutil
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from ..errors import (
     ContentTooLargeError,
-    DuplicateIdError,
     DuplicateNameError,
-    InvalidNameError,
     InvalidRequestError,
     MessageNotFoundError,
     SessionNotFoundError,
-    StoreError,
 )
-from .profiles import Profiles, m006_profiles
-from ..retrieval.embeddings import m008_vectors
-from ..retrieval.rag import Library, m007_library
-from ..validation import check_json, check_text
+from ..retrieval.rag import Library
+from ..validation import NAME_RE, SESSION_ID_RE, check_json, check_name, check_text
+from . import frames, transfer
+from .db import DB_FILENAME, Database, data_dir, load_json
+from .profiles import Profiles
+from .records import ROLES, Message, Session, make_title, new_message_id, new_session_id
 
-# always used with fullmatch(): "$" alone would also match before a trailing newline
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-SESSION_ID_RE = re.compile(r"session-[0-9a-f]{12}")
-MESSAGE_ID_RE = re.compile(r"msg-[0-9a-f]{12}")
-ROLES = ("system", "user", "assistant", "tool")
-TITLE_LEN = 50
-DB_FILENAME = "offgrid.sqlite3"
 TOUCH_WRITE_INTERVAL_S = 60.0  # reads persist last_access_at at most this often
-
-
-def data_dir() -> Path:
-    """``OFFGRID_HOME``, else ``<jupyter data dir>/offgrid``."""
-    home = os.environ.get("OFFGRID_HOME")
-    if home:
-        return Path(home).expanduser()
-    from jupyter_core.paths import jupyter_data_dir
-
-    return Path(jupyter_data_dir()) / "offgrid"
-
-
-def new_session_id() -> str:
-    return "session-" + uuid.uuid4().hex[:12]
-
-
-def new_message_id() -> str:
-    return "msg-" + uuid.uuid4().hex[:12]
-
-
-def _load_json(text: str | None, empty: Any) -> Any:
-    """A stored JSON column, never failing: a value this version cannot read back
-    (written by an older version without nesting bounds) becomes a note, so the
-    session it belongs to still reads and lists."""
-    if text is None or text in ("[]", "{}"):  # most rows hold the defaults: skip the parser
-        return empty
-    try:
-        return json.loads(text)
-    except (RecursionError, ValueError):
-        note = "unreadable: nested too deeply or not JSON"
-        return {"unreadable": note} if isinstance(empty, dict) or empty is None else [{"unreadable": note}]
-
-
-def _check_times(doc: dict, *keys: str) -> None:
-    for key in keys:
-        value = doc.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 <= value < 1e11):
-            raise InvalidRequestError(f"{key} must be a time in epoch seconds, got {value!r}.")
-
-
-def make_title(content: str) -> str:
-    text = " ".join(content.split())
-    return text if len(text) <= TITLE_LEN else text[:TITLE_LEN] + "…"
-
-
-@dataclass
-class Message:
-    id: str
-    session_id: str
-    role: str
-    content: str
-    timestamp: float
-    tool_calls: list = field(default_factory=list)
-    tool_results: list = field(default_factory=list)
-    usage: dict | None = None
-    finish_reason: str | None = None
-    metadata: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def interrupted(self) -> bool:
-        """A question left unanswered by a process that died (see ``Store.repair``)."""
-        return self.role == "user" and bool(self.metadata.get("interrupted"))
-
-
-@dataclass
-class Session:
-    id: str
-    name: str | None
-    title: str | None
-    system_prompt: str | None
-    profile: str | None
-    model: str | None
-    created_at: float
-    updated_at: float
-    last_access_at: float
-    ended: bool
-    metadata: dict
-    message_count: int
-    messages: list[Message] | None = None
-
-    def to_dict(self, messages: bool = True) -> dict[str, Any]:
-        out = asdict(self)
-        out["messages"] = [m.to_dict() for m in self.messages] if (messages and self.messages is not None) else None
-        if not messages:
-            out.pop("messages")
-        return out
-
-    def chat_messages(self) -> list[dict[str, Any]]:
-        """The conversation for the engine, system prompt first, in OpenAI's shapes: a stored
-        tool message (a call and its result, see tools.py) is the assistant's call followed
-        by the ``tool`` message the model read."""
-        out: list[dict[str, Any]] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        for m in self.messages or []:
-            if m.interrupted:  # a question whose process died is not history
-                continue
-            call = m.metadata.get("tool_call") if m.role == "tool" else None
-            if isinstance(call, dict) and isinstance(call.get("name"), str):
-                call_id = str(call.get("id") or m.id)
-                out.append({"role": "assistant", "content": "", "tool_calls": [{
-                    "id": call_id, "type": "function",
-                    "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments") or {})}}]})
-                out.append({"role": "tool", "tool_call_id": call_id, "content": m.content})
-            else:
-                out.append({"role": m.role, "content": m.content})
-        return out
-
-
-# -- migrations: named functions, applied once, recorded -------------------------------
-def _statements(conn: sqlite3.Connection, script: str) -> None:
-    # not executescript(): it commits, and a migration must stay inside its transaction
-    statement = ""
-    for piece in script.split(";"):
-        statement += piece + ";"
-        if sqlite3.complete_statement(statement):  # a trigger body holds ';' of its own
-            if statement.strip(" \n;"):
-                conn.execute(statement)
-            statement = ""
-
-
-def m001_initial(conn: sqlite3.Connection) -> None:
-    _statements(conn,
-        """
-        CREATE TABLE sessions (
-            id TEXT PRIMARY KEY,
-            name TEXT UNIQUE,
-            title TEXT,
-            system_prompt TEXT,
-            profile TEXT,
-            model TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            last_access_at REAL NOT NULL,
-            ended INTEGER NOT NULL DEFAULT 0,
-            metadata TEXT NOT NULL DEFAULT '{}',
-            message_count INTEGER NOT NULL DEFAULT 0,
-            version INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE INDEX sessions_updated ON sessions(updated_at DESC);
-        CREATE INDEX sessions_empty ON sessions(created_at) WHERE message_count = 0;
-        CREATE TABLE messages (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            id TEXT NOT NULL UNIQUE,
-            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-            role TEXT NOT NULL,
-            content TEXT NOT NULL,
-            timestamp REAL NOT NULL,
-            tool_calls TEXT NOT NULL DEFAULT '[]',
-            tool_results TEXT NOT NULL DEFAULT '[]',
-            usage TEXT,
-            finish_reason TEXT,
-            metadata TEXT NOT NULL DEFAULT '{}'
-        );
-        CREATE INDEX messages_session ON messages(session_id, seq);
-        """
-    )
-
-
-def m002_busy_sessions(conn: sqlite3.Connection) -> None:
-    """Sessions with a generation queued or running, per process (pruning skips them)."""
-    _statements(conn,
-        """
-        CREATE TABLE busy (
-            token TEXT PRIMARY KEY,
-            session_id TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            since REAL NOT NULL
-        );
-        CREATE INDEX busy_session ON busy(session_id);
-        """
-    )
-
-
-def m003_notebook_sessions(conn: sqlite3.Connection) -> None:
-    """Which session a notebook is using, so a restarted kernel continues it."""
-    _statements(conn,
-        """
-        CREATE TABLE notebook_sessions (
-            notebook TEXT PRIMARY KEY,
-            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-            updated_at REAL NOT NULL
-        );
-        CREATE INDEX messages_cell ON messages(session_id, json_extract(metadata, '$.cell_id'))
-            WHERE role = 'user' AND json_extract(metadata, '$.cell_id') IS NOT NULL;
-        """
-    )
-
-
-def m004_requests(conn: sqlite3.Connection) -> None:
-    """One row per generation request (the stats), and running totals per model kept
-    by a trigger, so the stats document never scans the rows."""
-    _statements(conn,
-        """
-        CREATE TABLE requests (
-            request_id TEXT PRIMARY KEY,
-            started_at REAL NOT NULL,
-            session_id TEXT,
-            model TEXT NOT NULL,
-            source TEXT NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            cached_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            queue_wait_ms REAL NOT NULL,
-            ttft_ms REAL,
-            total_ms REAL NOT NULL,
-            decode_ms REAL NOT NULL,
-            tokens_per_second REAL NOT NULL,
-            finish_reason TEXT NOT NULL,
-            error_type TEXT
-        );
-        CREATE INDEX requests_time ON requests(started_at);
-        CREATE INDEX requests_session ON requests(session_id, started_at);
-        CREATE INDEX requests_model_time ON requests(model, started_at);
-        CREATE INDEX requests_completed_total ON requests(model, total_ms, finish_reason)
-            WHERE finish_reason IN ('stop', 'length');
-        CREATE TABLE request_totals (
-            model TEXT PRIMARY KEY,
-            total_requests INTEGER NOT NULL DEFAULT 0,
-            completed INTEGER NOT NULL DEFAULT 0,
-            cancelled INTEGER NOT NULL DEFAULT 0,
-            errors INTEGER NOT NULL DEFAULT 0,
-            prompt_tokens INTEGER NOT NULL DEFAULT 0,
-            cached_tokens INTEGER NOT NULL DEFAULT 0,
-            completion_tokens INTEGER NOT NULL DEFAULT 0,
-            completed_total_ms REAL NOT NULL DEFAULT 0,
-            ttft_count INTEGER NOT NULL DEFAULT 0,
-            ttft_ms REAL NOT NULL DEFAULT 0,
-            decode_tokens INTEGER NOT NULL DEFAULT 0,
-            decode_ms REAL NOT NULL DEFAULT 0,
-            last_used REAL
-        );
-        CREATE TRIGGER requests_totals AFTER INSERT ON requests BEGIN
-            INSERT OR IGNORE INTO request_totals (model) VALUES (NEW.model);
-            UPDATE request_totals SET
-                total_requests = total_requests + 1,
-                completed = completed + (NEW.finish_reason IN ('stop', 'length')),
-                cancelled = cancelled + (NEW.finish_reason = 'cancelled'),
-                errors = errors + (NEW.finish_reason = 'error'),
-                prompt_tokens = prompt_tokens + NEW.prompt_tokens,
-                cached_tokens = cached_tokens + NEW.cached_tokens,
-                completion_tokens = completion_tokens + NEW.completion_tokens,
-                completed_total_ms = completed_total_ms
-                    + CASE WHEN NEW.finish_reason IN ('stop', 'length') THEN NEW.total_ms ELSE 0 END,
-                ttft_count = ttft_count + (NEW.ttft_ms IS NOT NULL),
-                ttft_ms = ttft_ms + coalesce(NEW.ttft_ms, 0),
-                decode_tokens = decode_tokens + max(NEW.completion_tokens - 1, 0) * (NEW.decode_ms > 0),
-                decode_ms = decode_ms + NEW.decode_ms,
-                last_used = max(coalesce(last_used, 0), NEW.started_at)
-            WHERE model = NEW.model;
-        END;
-        """
-    )
-
-
-def m005_turn_marks(conn: sqlite3.Connection) -> None:
-    """Busy marks name the question of the turn in flight and the process's start time
-    (so a reused pid is not mistaken for the process that died)."""
-    _statements(conn,
-        """
-        ALTER TABLE busy ADD COLUMN message_id TEXT;
-        ALTER TABLE busy ADD COLUMN pid_started REAL;
-        """
-    )
-
-
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests, m005_turn_marks, m006_profiles,
-    m007_library,
-    m008_vectors,
-]
+__all__ = ["DB_FILENAME", "SESSION_ID_RE", "Message", "Session", "Store", "data_dir", "get_store"]
 
 
 def _started(pid: int) -> float | None:
@@ -345,15 +66,6 @@ def _process_alive(pid: int, started: float | None) -> bool:
     return started is None or abs(now_started - started) < 1.0
 
 
-def _is_locked(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
-
-
-# Past SQLite's own busy timeout, retry a whole transaction a few times with jitter.
-_retry_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(5),
-                      wait=wait_random_exponential(multiplier=0.05, max=1.0), reraise=True)
-
-
 class _Cached:
     __slots__ = ("session", "version", "last_access", "persisted_access")
 
@@ -362,6 +74,7 @@ class _Cached:
         self.version = version
         self.last_access = now
         self.persisted_access = session.last_access_at
+
 
 
 class Store:
@@ -385,87 +98,29 @@ class Store:
         self.retention_days = retention_days
         self.max_content_bytes = int(max_content_bytes)
         self.prune_empty_after_s = prune_empty_after_s
-        self.busy_timeout_s = busy_timeout_s
-        self.synchronous = synchronous
         self.clock = clock
         self.busy_sessions = busy_sessions
-        self._local = threading.local()
+        self.pending_writers: list[Callable[[], Any]] = []  # flushed before the request rows are read
         self._cache: dict[str, _Cached] = {}
         self._cache_lock = threading.Lock()
-        self._migrate()
+        self.db = Database(self.path, busy_timeout_s=busy_timeout_s, synchronous=synchronous, clock=clock)
         self.repair()  # what a crashed process left: its marks, its unanswered questions
         self.prune()
 
-    # -- connections ------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._open()
-            self._local.conn = conn
-        return conn
+    # -- the database, for the modules that keep their own tables in it ----------------------
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (for read queries of other modules, e.g. stats)."""
+        return self.db.connection()
 
-    def _open(self) -> sqlite3.Connection:
-        if self.path.is_dir():
-            raise StoreError(f"Session database path is a directory: {self.path}. Point OFFGRID_HOME elsewhere.")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"Cannot open the session database {self.path}: {exc}. It was left untouched; "
-                "restore it from a backup or move it aside to start a new one."
-            ) from exc
-        except OSError as exc:
-            raise StoreError(f"Cannot create the session database {self.path}: {exc}.") from exc
-        if mode.lower() != "wal":
-            raise StoreError(f"Session database {self.path} could not switch to WAL mode (got {mode!r}).")
-        return conn
+    def transaction(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run *fn(conn)* in one write transaction, retried while the database is locked."""
+        return self.db.transaction(fn)
+
+    def migrations(self) -> list[str]:
+        return self.db.migrations()
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    @_retry_locked
-    def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run fn inside one write transaction (BEGIN IMMEDIATE ... COMMIT)."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.DatabaseError as exc:
-            if _is_locked(exc):
-                raise
-            raise StoreError(f"Session database {self.path} is not usable: {exc}.") from exc
-        try:
-            out = fn(conn)
-            conn.execute("COMMIT")
-            return out
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    def _migrate(self) -> None:
-        def apply(conn: sqlite3.Connection) -> None:
-            conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-            done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
-            for migration in MIGRATIONS:
-                if migration.__name__ not in done:
-                    migration(conn)
-                    conn.execute("INSERT INTO migrations VALUES (?, ?)", (migration.__name__, self.clock()))
-
-        try:
-            self._tx(apply)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"Session database {self.path} is corrupt or unreadable: {exc}. "
-                             "It was left untouched; restore a backup or move it aside.") from exc
+        self.db.close()
 
     @property
     def profiles(self) -> Profiles:
@@ -474,32 +129,11 @@ class Store:
 
     @property
     def library(self) -> Library:
-        """The collections of learned files, for retrieval (see rag.py)."""
+        """The collections of learned files, for retrieval (see retrieval/rag.py)."""
         return Library(self)
 
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection (for read queries of other modules, e.g. stats)."""
-        return self._conn()
-
-    def transaction(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run *fn(conn)* in one write transaction, retried while the database is locked."""
-        return self._tx(fn)
-
-    def migrations(self) -> list[str]:
-        return [r[0] for r in self._conn().execute("SELECT name FROM migrations ORDER BY rowid")]
-
     # -- validation ------------------------------------------------------------------
-    @staticmethod
-    def check_name(name: Any) -> str:
-        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            shown = ascii(name) if isinstance(name, str) else repr(name)
-            raise InvalidNameError(
-                f"Invalid session name {shown[:80]}: use 1-64 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit."
-            )
-        if SESSION_ID_RE.fullmatch(name):
-            raise InvalidNameError(f"Invalid session name {name!r}: names may not look like session ids.")
-        return name
+    check_name = staticmethod(check_name)  # a session's name: 1-64 letters, digits, '.', '_' or '-'
 
     @staticmethod
     def _check_fields(**fields: Any) -> None:
@@ -538,17 +172,17 @@ class Store:
             id=row["id"], name=row["name"], title=row["title"], system_prompt=row["system_prompt"],
             profile=row["profile"], model=row["model"], created_at=row["created_at"],
             updated_at=row["updated_at"], last_access_at=row["last_access_at"], ended=bool(row["ended"]),
-            metadata=_load_json(row["metadata"], {}), message_count=row["message_count"],
+            metadata=load_json(row["metadata"], {}), message_count=row["message_count"],
         )
 
     @staticmethod
     def _message(row: sqlite3.Row) -> Message:
-        usage = _load_json(row["usage"], None)
+        usage = load_json(row["usage"], None)
         return Message(
             id=row["id"], session_id=row["session_id"], role=row["role"], content=row["content"],
-            timestamp=row["timestamp"], tool_calls=_load_json(row["tool_calls"], []),
-            tool_results=_load_json(row["tool_results"], []), usage=usage if isinstance(usage, dict) else None,
-            finish_reason=row["finish_reason"], metadata=_load_json(row["metadata"], {}),
+            timestamp=row["timestamp"], tool_calls=load_json(row["tool_calls"], []),
+            tool_results=load_json(row["tool_results"], []), usage=usage if isinstance(usage, dict) else None,
+            finish_reason=row["finish_reason"], metadata=load_json(row["metadata"], {}),
         )
 
     def _row(self, conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
@@ -588,12 +222,12 @@ class Store:
             except sqlite3.IntegrityError as exc:
                 raise DuplicateNameError(f"A session named {name!r} already exists; pick another name.") from exc
 
-        self._tx(insert)
+        self.transaction(insert)
         return self.get(sid)
 
     def get(self, ref: str, *, messages: bool = True) -> Session:
         """A session by id or name, with its messages (from cache when current)."""
-        conn = self._conn()
+        conn = self.connection()
         row = self._row(conn, ref)
         session = self._session(row)
         now = self.clock()
@@ -616,11 +250,11 @@ class Store:
         return session
 
     def _persist_access(self, sid: str, now: float) -> None:
-        self._tx(lambda c: c.execute("UPDATE sessions SET last_access_at = ? WHERE id = ?", (now, sid)))
+        self.transaction(lambda c: c.execute("UPDATE sessions SET last_access_at = ? WHERE id = ?", (now, sid)))
 
     def exists(self, ref: str) -> bool:
         try:
-            self._row(self._conn(), ref)
+            self._row(self.connection(), ref)
             return True
         except SessionNotFoundError:
             return False
@@ -631,12 +265,12 @@ class Store:
             raise InvalidRequestError("limit must be an integer between 1 and 10000.")
         if not isinstance(offset, int) or offset < 0:
             raise InvalidRequestError("offset must be a non-negative integer.")
-        rows = self._conn().execute(
+        rows = self.connection().execute(
             "SELECT * FROM sessions ORDER BY updated_at DESC, rowid DESC LIMIT ? OFFSET ?", (limit, offset))
         return [self._session(r) for r in rows]
 
     def count(self) -> int:
-        return self._conn().execute("SELECT count(*) FROM sessions").fetchone()[0]
+        return self.connection().execute("SELECT count(*) FROM sessions").fetchone()[0]
 
     def delete(self, ref: str) -> None:
         def remove(conn: sqlite3.Connection) -> str:
@@ -644,7 +278,7 @@ class Store:
             conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
             return sid
 
-        self._forget(self._tx(remove))
+        self._forget(self.transaction(remove))
 
     def rename(self, ref: str, new_name: str | None) -> Session:
         if new_name is not None:
@@ -658,7 +292,7 @@ class Store:
                 raise DuplicateNameError(f"A session named {new_name!r} already exists; pick another name.") from exc
             return sid
 
-        return self.get(self._tx(update))
+        return self.get(self.transaction(update))
 
     def update(self, ref: str, *, system_prompt: str | None = None, model: str | None = None,
                profile: str | None = None, title: str | None = None, metadata: dict | None = None) -> Session:
@@ -676,7 +310,7 @@ class Store:
                 conn.execute(f"UPDATE sessions SET {sets}, version = version + 1 WHERE id = ?", (*fields.values(), sid))
             return sid
 
-        return self.get(self._tx(apply))
+        return self.get(self.transaction(apply))
 
     def end(self, ref: str) -> Session:
         def apply(conn: sqlite3.Connection) -> str:
@@ -684,7 +318,7 @@ class Store:
             conn.execute("UPDATE sessions SET ended = 1, version = version + 1 WHERE id = ?", (sid,))
             return sid
 
-        return self.get(self._tx(apply))
+        return self.get(self.transaction(apply))
 
     def fork(self, ref: str, upto_message_id: str | None = None, *, name: str | None = None) -> Session:
         """A new session holding a copy of the messages up to (and including) one message."""
@@ -715,7 +349,7 @@ class Store:
                 [(new_message_id(), new_id, r["role"], r["content"], r["timestamp"], r["tool_calls"],
                   r["tool_results"], r["usage"], r["finish_reason"], r["metadata"]) for r in rows])
 
-        self._tx(copy)
+        self.transaction(copy)
         return self.get(new_id)
 
     # -- messages ---------------------------------------------------------------------------
@@ -750,7 +384,7 @@ class Store:
             sid = self._row(conn, ref)["id"]
             return self._insert_message(conn, sid, role, content, now, fields)
 
-        msg = self._tx(insert)
+        msg = self.transaction(insert)
         self._forget(msg.session_id)
         return msg
 
@@ -785,7 +419,7 @@ class Store:
             sid = self._row(conn, ref)["id"]
             return sid, self._drop_turn(conn, sid, message_id, now)
 
-        sid, n = self._tx(remove)
+        sid, n = self.transaction(remove)
         self._forget(sid)
         return n
 
@@ -800,7 +434,7 @@ class Store:
             self._drop_turn(conn, sid, message_id, now)
             return self._insert_message(conn, sid, "user", content, now, fields)
 
-        msg = self._tx(replace)
+        msg = self.transaction(replace)
         self._forget(msg.session_id)
         return msg
 
@@ -809,7 +443,7 @@ class Store:
 
     def cell_turn(self, ref: str, cell_id: str) -> str | None:
         """Id of the newest user message a notebook cell stored in this session."""
-        conn = self._conn()
+        conn = self.connection()
         sid = self._row(conn, ref)["id"]
         row = conn.execute(
             "SELECT id FROM messages WHERE session_id = ? AND role = 'user' "
@@ -827,11 +461,11 @@ class Store:
                          "SET session_id = excluded.session_id, updated_at = excluded.updated_at",
                          (notebook, sid, now))
 
-        self._tx(apply)
+        self.transaction(apply)
 
     def notebook_session(self, notebook: str) -> Session | None:
         """The session *notebook* used last, if it still exists."""
-        row = self._conn().execute("SELECT session_id FROM notebook_sessions WHERE notebook = ?",
+        row = self.connection().execute("SELECT session_id FROM notebook_sessions WHERE notebook = ?",
                                    (notebook,)).fetchone()
         if row is None:
             return None
@@ -872,7 +506,7 @@ class Store:
             conn.execute("UPDATE sessions SET last_access_at = ? WHERE id = ?", (now, sid))
             return sid
 
-        sid = self._tx(apply)
+        sid = self.transaction(apply)
         with self._cache_lock:
             cached = self._cache.get(sid)
             if cached is not None:
@@ -881,12 +515,12 @@ class Store:
 
     def is_active(self, ref: str) -> bool:
         """Accessed within the idle TTL and not ended (does not itself count as an access)."""
-        row = self._row(self._conn(), ref)
+        row = self._row(self.connection(), ref)
         return not row["ended"] and self.clock() - self._last_access(row) < self.ttl_seconds
 
     def ttl_remaining(self, ref: str) -> float:
         """Seconds left before the session counts as idle-expired (0 when it already does)."""
-        row = self._row(self._conn(), ref)
+        row = self._row(self.connection(), ref)
         return max(0.0, self.ttl_seconds - (self.clock() - self._last_access(row)))
 
     def resume(self, ref: str, context: dict | None = None) -> Session:
@@ -903,11 +537,11 @@ class Store:
                          "WHERE id = ?", (json.dumps(meta), now, row["id"]))
             return row["id"]
 
-        return self.get(self._tx(apply))
+        return self.get(self.transaction(apply))
 
     def session_stats(self) -> dict[str, Any]:
         now, cut = self.clock(), self.clock() - self.ttl_seconds
-        row = self._conn().execute(
+        row = self.connection().execute(
             """SELECT count(*) AS total,
                       coalesce(sum(ended), 0) AS ended,
                       coalesce(sum(CASE WHEN ended = 0 AND last_access_at >= :cut THEN 1 ELSE 0 END), 0) AS active,
@@ -944,12 +578,12 @@ class Store:
     @contextmanager
     def busy(self, ref: str) -> Iterator[str]:
         """Mark a session as having a generation queued or running (pruning skips it)."""
-        sid = self._row(self._conn(), ref)["id"]
-        token = self._tx(lambda c: self._mark(c, sid))
+        sid = self._row(self.connection(), ref)["id"]
+        token = self.transaction(lambda c: self._mark(c, sid))
         try:
             yield sid
         finally:
-            self._tx(lambda c: c.execute("DELETE FROM busy WHERE token = ?", (token,)))
+            self.transaction(lambda c: c.execute("DELETE FROM busy WHERE token = ?", (token,)))
 
     def begin_turn(self, ref: str, content: str, *, metadata: dict | None = None,
                    replace: str | None = None) -> tuple[Message, str]:
@@ -971,7 +605,7 @@ class Store:
             msg = self._insert_message(conn, sid, "user", content, now, {"metadata": metadata})
             return msg, self._mark(conn, sid, msg.id)
 
-        msg, token = self._tx(apply)
+        msg, token = self.transaction(apply)
         self._forget(msg.session_id)
         return msg, token
 
@@ -996,7 +630,7 @@ class Store:
                 self._insert_message(conn, session_id, "tool", content, now, {"metadata": meta})
             return self._insert_message(conn, session_id, "assistant", reply, now, fields) if reply else None
 
-        out = self._tx(apply)
+        out = self.transaction(apply)
         self._forget(session_id)
         if out is False:
             raise SessionNotFoundError(f"Session {session_id} was deleted while the reply was being generated; "
@@ -1021,7 +655,7 @@ class Store:
             if conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone() is not None:
                 self._drop_turn(conn, session_id, message_id, now)  # unless deleted meanwhile
 
-        self._tx(apply)
+        self.transaction(apply)
         self._forget(session_id)
 
     def _dead_marks(self, conn: sqlite3.Connection, sid: str | None = None) -> list[sqlite3.Row]:
@@ -1041,7 +675,7 @@ class Store:
                                (mark["message_id"], mark["session_id"])).fetchone()
             if row is None:
                 continue
-            meta = _load_json(row["metadata"], {})
+            meta = load_json(row["metadata"], {})
             meta["interrupted"] = "the process answering it stopped before replying"
             conn.execute("UPDATE messages SET metadata = ? WHERE id = ?", (json.dumps(meta), mark["message_id"]))
             conn.execute("UPDATE sessions SET version = version + 1 WHERE id = ?", (mark["session_id"],))
@@ -1052,7 +686,7 @@ class Store:
         """Repair what dead processes left (all sessions, or one): their busy marks go,
         and the questions they never answered are marked interrupted. Runs when a store
         opens and before every turn; returns how many questions it marked."""
-        conn = self._conn()
+        conn = self.connection()
         sid = self._row(conn, ref)["id"] if ref is not None else None
         if not self._dead_marks(conn, sid):  # the usual case: a read, no write lock taken
             return 0
@@ -1061,7 +695,7 @@ class Store:
             marks = self._dead_marks(c, sid)  # again, inside the write transaction
             return self._repair(c, marks), {m["session_id"] for m in marks}
 
-        marked, touched = self._tx(apply)
+        marked, touched = self.transaction(apply)
         for s in touched:
             self._forget(s)
         return marked
@@ -1086,7 +720,7 @@ class Store:
                     "SELECT id FROM sessions WHERE updated_at < ?", (now - self.retention_days * 86400,))]
             return ids
 
-        if not candidates(self._conn()):  # the usual case: a read, no write lock taken
+        if not candidates(self.connection()):  # the usual case: a read, no write lock taken
             return 0
 
         def apply(conn: sqlite3.Connection) -> list[str]:
@@ -1098,159 +732,39 @@ class Store:
             conn.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in doomed])
             return doomed
 
-        doomed = self._tx(apply)
+        doomed = self.transaction(apply)
         for sid in doomed:
             self._forget(sid)
         return len(doomed)
 
-    # -- export / import ---------------------------------------------------------------------------
-    @staticmethod
-    def export_doc(session: Session) -> dict[str, Any]:
-        """A session (with its messages) as the export document :meth:`import_doc` reads."""
-        return {
-            "id": session.id, "profile_name": session.profile, "created_at": session.created_at,
-            "updated_at": session.updated_at, "title": session.title,
-            "messages": [{"id": m.id, "role": m.role, "content": m.content, "timestamp": m.timestamp,
-                          "tool_calls": m.tool_calls, "tool_results": m.tool_results, "usage": m.usage,
-                          "finish_reason": m.finish_reason, "metadata": m.metadata} for m in session.messages or []],
-            # beyond the original shape, so a round trip loses nothing:
-            "name": session.name, "system_prompt": session.system_prompt, "model": session.model,
-            "ended": session.ended, "metadata": session.metadata,
-        }
+    # -- export / import (chat/transfer.py) ----------------------------------------------------
+    export_doc = staticmethod(transfer.export_doc)
 
     def export(self, directory: str | os.PathLike, refs: Iterable[str] | None = None) -> list[Path]:
         """Write one ``<session id>.json`` per session (all when *refs* is None) into *directory*."""
-        target = Path(directory).expanduser().resolve()
-        target.mkdir(parents=True, exist_ok=True)
-        ids = [self._row(self._conn(), r)["id"] for r in refs] if refs is not None else \
-            [r[0] for r in self._conn().execute("SELECT id FROM sessions ORDER BY created_at")]
-        paths = []
-        for sid in ids:
-            assert SESSION_ID_RE.fullmatch(sid)  # ids, never names, become file names
-            path = target / f"{sid}.json"
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.export_doc(self.get(sid)), ensure_ascii=False, indent=1))
-            os.replace(tmp, path)
-            paths.append(path)
-        return paths
+        return transfer.export(self, directory, refs)
 
     def import_(self, path: str | os.PathLike) -> list[Session]:
-        """Import exported JSON (a file or a directory of them). Idempotent: messages
-        already present are skipped. A name held by another session is an error."""
-        src = Path(path).expanduser()
-        if not src.exists():
-            raise InvalidRequestError(f"Nothing to import at {src}: no such file or directory.")
-        files = sorted(src.glob("*.json")) if src.is_dir() else [src]
-        return [self._import_one(f) for f in files]
-
-    def _import_one(self, file: Path) -> Session:
-        try:
-            doc = json.loads(file.read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidRequestError(f"Cannot import {file}: not readable JSON ({exc}).") from exc
-        return self.import_doc(doc, file)
+        """Import exported JSON (a file or a directory of them); see chat/transfer.py."""
+        return transfer.import_path(self, path)
 
     def import_doc(self, doc: Any, file: str | os.PathLike = "the document") -> Session:
-        """Import one export document (see :meth:`export_doc`); *file* names it in errors."""
-        if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
-            raise InvalidRequestError(f"Cannot import {file}: expected an object with a 'messages' list.")
-        sid = doc.get("id")
-        if not isinstance(sid, str) or not SESSION_ID_RE.fullmatch(sid):
-            raise InvalidRequestError(f"Cannot import {file}: 'id' must look like session-<12 hex>.")
-        name = doc.get("name")
-        if name is not None:
-            self.check_name(name)
-        try:
-            self._check_fields(system_prompt=doc.get("system_prompt"), title=doc.get("title"),
-                               model=doc.get("model"), profile=doc.get("profile_name"), metadata=doc.get("metadata"))
-            _check_times(doc, "created_at", "updated_at")
-            for i, m in enumerate(doc["messages"]):
-                if not isinstance(m, dict) or not MESSAGE_ID_RE.fullmatch(str(m.get("id", ""))):
-                    raise InvalidRequestError(f"messages[{i}] needs an id like msg-<12 hex>.")
-                self._check_content(m.get("role"), m.get("content"))
-                self._check_fields(tool_calls=m.get("tool_calls"), tool_results=m.get("tool_results"),
-                                   usage=m.get("usage"), metadata=m.get("metadata"),
-                                   finish_reason=m.get("finish_reason"))
-                _check_times(m, "timestamp")
-            if doc.get("profile_name") is not None:
-                self.profiles.get(doc["profile_name"])  # as POST /sessions: an unknown profile is refused
-        except InvalidRequestError as exc:
-            raise type(exc)(f"Cannot import {file}: {exc}") from None
-        now = self.clock()
+        """Import one export document; *file* names it in errors."""
+        return transfer.import_doc(self, doc, file)
 
-        def apply(conn: sqlite3.Connection) -> None:
-            if name is not None:
-                holder = conn.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()
-                if holder is not None and holder[0] != sid:
-                    raise DuplicateNameError(f"Cannot import {file}: the name {name!r} belongs to session "
-                                             f"{holder[0]}. Rename one of them first.")
-            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)).fetchone() is None:
-                conn.execute(
-                    "INSERT INTO sessions (id, name, title, system_prompt, profile, model, created_at, updated_at, "
-                    "last_access_at, ended, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (sid, name, doc.get("title"), doc.get("system_prompt"), doc.get("profile_name"),
-                     doc.get("model"), float(doc.get("created_at") or now), float(doc.get("updated_at") or now), now,
-                     int(bool(doc.get("ended"))), json.dumps(doc.get("metadata") or {})))
-            known = {r[0] for r in conn.execute("SELECT id FROM messages WHERE session_id = ?", (sid,))}
-            fresh = []  # a message listed twice is imported once, where it first appears
-            for m in doc["messages"]:
-                if m["id"] not in known:
-                    known.add(m["id"])
-                    fresh.append(m)
-            clash = [m["id"] for m in fresh
-                     if conn.execute("SELECT 1 FROM messages WHERE id = ?", (m["id"],)).fetchone()]
-            if clash:
-                raise DuplicateIdError(f"Cannot import {file}: message {clash[0]} belongs to another session "
-                                       "(import that session's export only once, or give the message a new id).")
-            conn.executemany(
-                "INSERT INTO messages (id, session_id, role, content, timestamp, tool_calls, tool_results, usage, "
-                "finish_reason, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(m["id"], sid, m["role"], m["content"], float(m.get("timestamp") or now),
-                  json.dumps(m.get("tool_calls") or []), json.dumps(m.get("tool_results") or []),
-                  json.dumps(m["usage"]) if m.get("usage") is not None else None, m.get("finish_reason"),
-                  json.dumps(m.get("metadata") or {})) for m in fresh])
-            conn.execute("UPDATE sessions SET message_count = message_count + ?, version = version + 1 WHERE id = ?",
-                         (len(fresh), sid))
-
-        self._tx(apply)
-        self._forget(sid)
-        return self.get(sid)
-
-    # -- DataFrames ---------------------------------------------------------------------------------
-    def stats_frame(self, **filters: Any):
-        """The per-request statistics recorded in this store (:func:`offgrid_jupyter.stats.stats_frame`)."""
-        from ..stats import stats_frame
-
-        return stats_frame(store=self, **filters)
-
+    # -- DataFrames (chat/frames.py) ----------------------------------------------------------------
     def sessions_frame(self):
-        import pandas as pd
-
-        frame = pd.read_sql_query(
-            "SELECT id, name, title, profile, model, created_at, updated_at, last_access_at, ended, message_count "
-            "FROM sessions ORDER BY updated_at DESC", self._conn())
-        for col in ("created_at", "updated_at", "last_access_at"):
-            frame[col] = pd.to_datetime(frame[col], unit="s", utc=True)
-        frame["ended"] = frame["ended"].astype(bool)
-        frame["message_count"] = frame["message_count"].astype("int64")
-        return frame
+        return frames.sessions_frame(self)
 
     def messages_frame(self, ref: str | None = None):
-        import pandas as pd
+        return frames.messages_frame(self, ref)
 
-        sql = ("SELECT m.id, m.session_id, s.name AS session_name, m.role, m.content, m.timestamp, "
-               "m.finish_reason, m.usage FROM messages m JOIN sessions s ON s.id = m.session_id")
-        params: tuple = ()
-        if ref is not None:
-            sql += " WHERE m.session_id = ?"
-            params = (self._row(self._conn(), ref)["id"],)
-        frame = pd.read_sql_query(sql + " ORDER BY m.seq", self._conn(), params=params)
-        frame["timestamp"] = pd.to_datetime(frame["timestamp"], unit="s", utc=True)
-        frame["role"] = pd.Categorical(frame["role"], categories=list(ROLES))
-        usage = frame.pop("usage").map(lambda u: json.loads(u) if isinstance(u, str) else {})
-        for key in ("prompt_tokens", "completion_tokens"):
-            frame[key] = usage.map(lambda u, k=key: u.get(k, 0)).astype("int64")
-        return frame
+    def stats_frame(self, **filters: Any):
+        """The per-request statistics recorded in this store (``offgrid_jupyter.stats_frame``): what
+        this process recorded so far is written first."""
+        for flush in list(self.pending_writers):
+            flush()
+        return frames.requests_frame(self, **filters)
 
 
 _store: Store | None = None

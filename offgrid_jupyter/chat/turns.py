@@ -27,12 +27,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..inference.backend import Backend, Generation, GenerationResult
+from ..inference.backend import Backend
+from ..inference.generation import Generation, GenerationResult
 from ..errors import InvalidRequestError, QueueTimeoutError, TurnCancelledError, UnknownProfileError, UnknownToolError
 from ..inference.models import ModelInfo
 from .store import Message, Store
-from ..inference.tools import Rounds, Tool
-from ..validation import check_text
+from .rounds import Rounds
+from .tools import Tool
+from ..retrieval.rag import DEFAULT_K, MAX_K, with_sources
+from ..validation import check_name, check_text
 
 DEFAULT_ROUNDS = 4  # a turn's rounds when neither the turn nor its profile says
 
@@ -304,8 +307,6 @@ class ChatTurn:
     def _retrieved(self, question: str) -> str:
         """The question as the model reads it: the collection's best excerpts first, numbered for
         citation, within about 40% of the model's context (the stored question stays as asked)."""
-        from ..retrieval.rag import with_sources
-
         hits = self.store.library.search(question, self.rag["collection"], self.rag["k"])
         n_ctx = self.engine.describe().get("n_ctx") or 4096
         text, self.sources = with_sources(question, hits, budget_chars=int(n_ctx * 0.4 * 3.5))
@@ -399,12 +400,9 @@ def _check_rag(rag: Any) -> dict[str, Any] | None:
     """``None`` (no retrieval), or ``{"collection": NAME | None, "k": N}`` checked."""
     if rag is None or rag is False:
         return None
-    from ..retrieval.rag import DEFAULT_K, MAX_K
-    from .store import Store
-
     spec = {"collection": None, "k": DEFAULT_K, **(rag if isinstance(rag, dict) else {})}
     if spec["collection"] is not None:
-        Store.check_name(spec["collection"])
+        check_name(spec["collection"])
     k = spec["k"]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidRequestError(f"k must be an integer from 1 to {MAX_K}, got {k!r}.")

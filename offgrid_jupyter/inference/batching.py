@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import tools
+from . import toolcalls
 from ..errors import ContextOverflowError
 
 WAITING, PROMPT, DECODING = "waiting", "prompt", "decoding"  # a slot's phases
@@ -142,7 +142,7 @@ class Sequence:
 class Slot:
     """One request being served in a sequence."""
 
-    def __init__(self, gen: Any, kwargs: dict, limit: int, sampler: Any, order: int):
+    def __init__(self, gen: Any, kwargs: dict, limit: int, sampler: Any, order: int, calls: list[dict]):
         self.gen, self.kwargs, self.limit, self.sampler, self.order = gen, kwargs, limit, sampler, order
         self.prompt: list[int] = list(kwargs["prompt"])
         self.seq: Sequence | None = None
@@ -156,7 +156,7 @@ class Slot:
         self.text: list[str] = []  # text emitted so far
         self.pending = ""  # decoded text held back (it may begin a stop string, or a tool call)
         self.stops = [s for s in (kwargs.get("stop") or []) if s]
-        self.calls = tools.offered(gen.params.tools or [], gen.params.tool_choice)
+        self.calls = calls  # the tools this reply may call (toolcalls.offered): a reply starting "{" may be one
         self.deciding = bool(self.calls)  # a reply that may be a call is shown once it is not one
         self.ttft: float | None = None
         self.finish: str | None = None
@@ -192,9 +192,9 @@ class Batcher:
         """A request may join now: a sequence is free and nobody waits for cells before it."""
         return len(self.active) < len(self.seqs) and not any(s.phase == WAITING for s in self.active)
 
-    def admit(self, gen: Any, kwargs: dict, limit: int) -> Slot:
+    def admit(self, gen: Any, kwargs: dict, limit: int, calls: list[dict] | None = None) -> Slot:
         self._order += 1
-        slot = Slot(gen, kwargs, limit, self.llm.sampler(kwargs), self._order)
+        slot = Slot(gen, kwargs, limit, self.llm.sampler(kwargs), self._order, calls or [])
         self.active.append(slot)
         self._place(slot)
         return slot
@@ -389,7 +389,7 @@ class Batcher:
             head = slot.pending.lstrip()
             if not head or (head.startswith("{") and not final):
                 return hit >= 0  # it may be a call: shown only once it turns out not to be one
-            if head.startswith("{") and tools.parse_call(slot.pending, slot.calls) is not None:
+            if head.startswith("{") and toolcalls.parse_call(slot.pending, slot.calls) is not None:
                 return hit >= 0  # a call: the rounds show it, not the text
             slot.deciding = False
         keep = 0 if final else max((len(p) for s in slot.stops for p in _prefixes(s) if slot.pending.endswith(p)),

@@ -22,13 +22,14 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from . import tools
-from .backend import Generation, GenerationParams, QueueBackend
+from . import toolcalls
+from .backend import QueueBackend
+from .generation import Generation, GenerationParams
 from .batching import Batcher, KVCache, Slot
 from ..errors import ContextOverflowError, InvalidRequestError, ModelError, OffgridError, UnusableModelError
 from .llamacpp import LlamaModel, grammar, grammar_for, tool_grammar
 from .models import ModelInfo, resolve_model
-from .threads import ThreadTuner
+from .threads import ThreadTuner, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ MB = 1 << 20
 TOKEN_COUNT_CACHE = 8192  # per-message token counts kept for fitting long histories
 DEFAULT_PARALLEL = 4  # see README "How the engine works": measured on 2 cores (bench/concurrency.py)
 PREFILL_STALL = 0.5  # seconds of prompt a step may read while others decode: bounds their longest stall
-
-
-def available_cores() -> int:
-    """Cores this process may run on (llama-cpp-python's default is half of them)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 class Engine(QueueBackend):
@@ -210,12 +203,12 @@ class Engine(QueueBackend):
         cannot fit even alone is refused before the history is formatted at all."""
         sampling = dict(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k, repeat_penalty=params.repeat_penalty, seed=params.seed)
-        calls = tools.offered(params.tools or [], params.tool_choice)
+        calls = toolcalls.offered(params.tools or [], params.tool_choice)
         if calls:  # the tools go into the system prompt, and the grammar allows a call (or an answer)
-            messages = tools.for_template(messages, tools.instructions(calls, params.tool_choice))
+            messages = toolcalls.for_template(messages, toolcalls.instructions(calls, params.tool_choice))
             sampling["grammar"] = self._tool_grammar(calls, params)
         else:
-            messages = tools.for_template(messages)  # earlier calls in the history, as the model wrote them
+            messages = toolcalls.for_template(messages)  # earlier calls in the history, as the model wrote them
             if params.response_format is not None:  # the chat handler turns it into a llama.cpp grammar
                 sampling["response_format"] = params.response_format
         budget = self.n_ctx - min(params.max_tokens, max(64, self.n_ctx // 8))
@@ -248,7 +241,7 @@ class Engine(QueueBackend):
         answer = None
         if params.response_format is not None:
             answer = params.response_format.get("schema") or {"type": "object"}
-        text = tool_grammar(tools.call_schema(calls), answer, answer=not forced)
+        text = tool_grammar(toolcalls.call_schema(calls), answer, answer=not forced)
         with self._grammars_lock:  # the caller's thread checks, the engine thread uses
             cached = self._grammars.pop(text, None) or grammar(text)
             self._grammars[text] = cached  # most recently used last
@@ -265,7 +258,7 @@ class Engine(QueueBackend):
         schema = (params.response_format or {}).get("schema")
         if schema is not None:
             grammar_for(schema)  # a construct llama.cpp's grammars cannot express is the caller's 400, now
-        calls = tools.offered(params.tools or [], params.tool_choice)
+        calls = toolcalls.offered(params.tools or [], params.tool_choice)
         if calls:
             self._tool_grammar(calls, params)  # the same for a tool's parameters
 
@@ -323,7 +316,7 @@ class Engine(QueueBackend):
             kwargs = self._fit(llm, gen.messages, gen.params)
             # a reply stops where the context ends ("length"), never with llama.cpp out of KV cells
             limit = max(1, min(gen.params.max_tokens, self.n_ctx - len(kwargs["prompt"])))
-            self._batcher.admit(gen, kwargs, limit)
+            self._batcher.admit(gen, kwargs, limit, toolcalls.offered(gen.params.tools or [], gen.params.tool_choice))
         except Exception as exc:  # noqa: BLE001 - reported to the caller, the engine survives
             self._end(gen, error=exc, prompt=0)
 
@@ -340,7 +333,7 @@ class Engine(QueueBackend):
         gen = slot.gen
         call = None
         if slot.calls and slot.finish == "stop":  # a reply that started with "{": a call, or a JSON answer
-            call = tools.parse_call("".join(slot.text) + slot.pending if slot.deciding else "", slot.calls)
+            call = toolcalls.parse_call("".join(slot.text) + slot.pending if slot.deciding else "", slot.calls)
         text = "" if call else "".join(slot.text)
         self._end(gen, error=slot.error, prompt=len(slot.prompt), cached=slot.cached, completion=len(slot.sampled),
                   text=text, finish=slot.finish, ttft=slot.ttft, now=now, tool_calls=[call] if call else [])
@@ -361,30 +354,3 @@ class Engine(QueueBackend):
                 self._running.remove(gen)
             self._cv.notify_all()
         self._finish(gen, result, error)
-
-
-def _flag(value: str) -> bool:
-    if value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("use 1 or 0")
-
-
-def engine_settings_from_env() -> dict[str, Any]:
-    """Engine keyword arguments from OFFGRID_* environment variables."""
-    out: dict[str, Any] = {}
-    for env, key, cast in (("OFFGRID_N_CTX", "n_ctx", int), ("OFFGRID_THREADS", "n_threads", int),
-                           ("OFFGRID_N_PARALLEL", "n_parallel", int),
-                           ("OFFGRID_CHAT_FORMAT", "chat_format", str),
-                           ("OFFGRID_QUEUE_TIMEOUT", "queue_timeout", float),
-                           ("OFFGRID_MAX_QUEUE", "max_queue", int),
-                           ("OFFGRID_KV_CACHE_MB", "kv_cache_bytes", lambda v: int(float(v) * MB)),
-                           ("OFFGRID_TUNE_THREADS", "tune_threads", _flag)):
-        value = os.environ.get(env)
-        if value:
-            try:
-                out[key] = cast(value)
-            except ValueError as exc:
-                raise InvalidRequestError(f"{env}={value!r} is not valid: {exc}.") from exc
-    return out

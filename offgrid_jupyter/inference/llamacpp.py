@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InvalidModelError, InvalidRequestError, OffgridError, UnsupportedSchemaError
+from ..errors import IncompatibleLlamaError, InvalidModelError, InvalidRequestError, OffgridError, UnsupportedSchemaError
 
 # (where, attribute) pairs the adapter relies on; checked by check_compat()
 MODULE_ATTRIBUTES = [
@@ -62,11 +62,6 @@ INSTANCE_ATTRIBUTES = ["context_params", "chat_handler", "_chat_handlers", "chat
                        "tokenize", "_init_sampler", "_n_vocab", "_seed", "set_seed"]
 
 
-class IncompatibleLlamaError(OffgridError):
-    code = "incompatible_llama_cpp"
-    status = 500
-
-
 def _version() -> str:
     import llama_cpp
 
@@ -93,7 +88,7 @@ def check_compat(llm: Any = None) -> None:
     if missing:
         raise IncompatibleLlamaError(
             f"llama-cpp-python {_version()} no longer has {', '.join(missing)}, which offgrid-jupyter uses "
-            "(see offgrid_jupyter/llamacpp.py). Install a version within the range pyproject.toml gives.")
+            "(see offgrid_jupyter/inference/llamacpp.py). Install a version within the range pyproject.toml gives.")
 
 
 class GrammarChecked:

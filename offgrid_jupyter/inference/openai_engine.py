@@ -47,7 +47,8 @@ import httpx
 from httpx_sse import EventSource
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from .backend import Generation, GenerationParams, QueueBackend
+from .backend import QueueBackend
+from .generation import Generation, GenerationParams
 from ..errors import (
     ContextOverflowError,
     EngineBusyError,
@@ -56,7 +57,7 @@ from ..errors import (
     OffgridError,
 )
 from .structured import openai_form
-from .tools import new_call_id
+from .toolcalls import new_call_id
 
 log = logging.getLogger(__name__)
 
@@ -568,21 +569,3 @@ class OpenAIEngine(QueueBackend):
                                           f"({type(exc).__name__}). Nothing was stored; try again.")
         return EngineUnavailableError(f"The engine at {self.public_url} failed: {type(exc).__name__}: "
                                       f"{self.redact(str(exc))[:300]}")
-
-
-def engine_settings_from_env() -> dict[str, Any]:
-    """OpenAIEngine keyword arguments from OFFGRID_ENGINE_* (the URL itself is OFFGRID_ENGINE_URL)."""
-    out: dict[str, Any] = {}
-    if os.environ.get("OFFGRID_ENGINE_MODEL"):
-        out["model"] = os.environ["OFFGRID_ENGINE_MODEL"]
-    if os.environ.get("OFFGRID_ENGINE_API_KEY"):
-        out["api_key"] = os.environ["OFFGRID_ENGINE_API_KEY"]
-    for env, key, cast in (("OFFGRID_ENGINE_MAX_CONCURRENT", "max_concurrent", int),
-                           ("OFFGRID_ENGINE_READ_TIMEOUT", "read_timeout", float)):
-        raw = os.environ.get(env)
-        if raw:
-            try:
-                out[key] = cast(raw)
-            except ValueError:
-                raise InvalidRequestError(f"{env}={raw!r} is not a number.") from None
-    return out

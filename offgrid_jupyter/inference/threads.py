@@ -22,6 +22,16 @@ fewer is tried at once. llama.cpp applies a new count from the next token on
 
 from __future__ import annotations
 
+import os
+
+
+def available_cores() -> int:
+    """Cores this process may run on (llama-cpp-python's default is half of them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
 
 class ThreadTuner:
     """Chooses the decode thread count from measured token times (engine thread only)."""

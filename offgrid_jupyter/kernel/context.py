@@ -30,17 +30,29 @@ from pathlib import PurePath
 from typing import Any, Callable, Protocol
 
 from ..client import Client
-from ..inference.backend import Backend, get_engine
-from ..errors import DuplicateNameError, InvalidRequestError, SessionNotFoundError
+from ..inference.backend import Backend
+from ..runtime import get_engine, make_backend, settings_from_env
+from ..errors import DuplicateNameError, InvalidRequestError, SessionNotFoundError, UnknownProfileError
 from .remote import RemoteStore, RemoteTurn
 from ..stats import RequestLog, attach
 from ..chat.store import Session, Store, get_store
-from ..inference.tools import Tool
-from ..inference.tools import resolve as resolve_tools
+from ..chat.tools import Tool
+from ..chat.tools import resolve as resolve_tools
 from ..chat.turns import ChatTurn
 
 
 log = logging.getLogger(__name__)
+_loaded: "Context | None" = None  # the context of the magics `%load_ext offgrid_jupyter` registered
+
+
+def loaded() -> "Context | None":
+    """The loaded extension's context (the chat panel shares its engine, store and session)."""
+    return _loaded
+
+
+def set_loaded(context: "Context | None") -> None:
+    global _loaded
+    _loaded = context
 
 
 def _notebook_stem(path: str) -> str:
@@ -154,18 +166,11 @@ class Context:
                    max_concurrent: int | None = None) -> Backend:
         """Generate on the OpenAI-compatible engine at *url* from now on (None: a GGUF in this
         kernel again). The kernel stops sending its turns to a Jupyter server."""
-        from ..inference.engine import Engine, engine_settings_from_env
-
         if url:
-            from ..inference.openai_engine import OpenAIEngine
-            from ..inference.openai_engine import engine_settings_from_env as remote_settings
-
-            settings = {**remote_settings(), **{k: v for k, v in (("model", model), ("api_key", api_key),
-                                                                   ("max_concurrent", max_concurrent)) if v}}
-            engine: Backend = OpenAIEngine(url, **settings)
+            engine = make_backend(url, from_env=True, model=model, api_key=api_key, max_concurrent=max_concurrent)
             engine.model  # noqa: B018 - fail now, clearly, if it is not there or refuses the key
         else:
-            engine = Engine(**engine_settings_from_env())
+            engine = make_backend(None, from_env=False, **settings_from_env(remote=False))
         self.close()
         self._engine, self._own_engine = engine, True
         self.disconnect()
@@ -186,11 +191,9 @@ class Context:
         server records each request, so nothing is recorded here)."""
         engine = self._server_engine
         if engine is None or engine.url.rstrip("/") != client.base_url.rstrip("/"):
-            from ..inference.openai_engine import OpenAIEngine
-
             if engine is not None:
                 engine.close()
-            engine = self._server_engine = OpenAIEngine(client.base_url, api_key=client.api_key, max_concurrent=4,
+            engine = self._server_engine = make_backend(client.base_url, api_key=client.api_key, max_concurrent=4,
                                                         send_session=True)
         return engine
 
@@ -394,8 +397,6 @@ class ServerRunner:
 
 def _profile_tools(store: Store, session_id: str) -> bool:
     """Whether a session's profile offers tools (which a kernel, not the server, must run)."""
-    from ..errors import UnknownProfileError
-
     profile = store.get(session_id, messages=False).profile
     if not profile:
         return False

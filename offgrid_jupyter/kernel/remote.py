@@ -15,6 +15,7 @@ file and keeps reading it directly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -23,27 +24,28 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..client import Client
-from ..inference.backend import GenerationResult, Listeners, take_batch
-from ..errors import OffgridError
+from ..inference.generation import GenerationResult, Handle, drain
+from ..errors import OffgridError, ServerError
 from ..errors import InvalidRequestError
 from ..chat.store import SESSION_ID_RE, Message, Session
 from ..chat.turns import TurnResult
 
 
-class RemoteGeneration:
-    """A streamed server turn seen like an engine :class:`~offgrid_jupyter.engine.Generation`."""
+class RemoteGeneration(Handle):
+    """A streamed server turn as a generation handle: a reader thread turns the server's
+    Server-Sent Events into events; the consumer's side is :class:`Handle`'s."""
 
     def __init__(self, client: Client, session: str | None, content: str, body: dict[str, Any]):
+        super().__init__()
         self.client = client
         self.request_id: str | None = None
-        self.state = "queued"
+        self._state = "queued"
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._cancel = threading.Event()
+        self._stream: Iterator | None = None
         self._complete: dict[str, Any] | None = None
         self._error: BaseException | None = None
-        self._stream: Iterator | None = None
-        self._listeners = Listeners()
         if session is not None:
             stream = client.sessions.stream(session, content, **body)
         else:
@@ -52,14 +54,21 @@ class RemoteGeneration:
         self._stream = stream
         threading.Thread(target=self._read, name="offgrid-remote", daemon=True).start()
 
+    @property
+    def state(self) -> str:
+        return self._state
+
     def _read(self) -> None:
         try:
             self._take(*self._first)
             for kind, data in self._stream:
                 self._take(kind, data)
+            if self._state != "done":
+                raise ServerError("The server's stream ended before the turn did; see the server's log.")
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             self._error = exc
             self._events.put(("error", exc))
+            self._state = "done"
         finally:
             self._done.set()
 
@@ -69,38 +78,34 @@ class RemoteGeneration:
             if self._cancel.is_set():
                 self._send_cancel()
         if kind == "start":
-            self.state = "running"
+            self._state = "running"
         if kind == "complete":
             self._complete = data
-            self.state = "done"
+            self._state = "done"
         event = (kind, data.get("position") if kind == "queued" else data.get("delta") if kind == "token" else data)
         self._events.put(event)
         self._listeners(*event)
 
-    def listen(self, callback: Callable[[str, Any], None]) -> Callable[[], None]:
-        """As :meth:`Generation.listen <offgrid_jupyter.engine.Generation.listen>`."""
-        return self._listeners.add(callback)
+    def _outcome(self) -> dict[str, Any]:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._complete
 
-    def batches(self, interval: float = 0.1, *, heartbeat: bool = False) -> Iterator[list[tuple[str, Any]]]:
-        finished = False
-        try:
-            while True:
-                self._done.wait(interval)
-                try:
-                    batch = take_batch(self._events)
-                except BaseException:
-                    finished = True
-                    raise
-                if batch:
-                    finished = batch[-1][0] == "complete"
-                    yield batch
-                elif heartbeat:
-                    yield []
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.cancel()
+    def _pull(self, timeout: float | None, *, gather: bool, repeat_queued: bool = False) -> list:
+        batch = drain(self._events)
+        if gather:
+            self._done.wait(timeout)
+        elif not batch:
+            try:
+                batch.append(self._events.get(timeout=timeout))
+            except queue.Empty:
+                pass
+        return batch + drain(self._events)
+
+    async def _apull(self, timeout: float | None, *, gather: bool, repeat_queued: bool = False) -> list:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._pull(timeout, gather=gather, repeat_queued=repeat_queued))
 
     def cancel(self) -> None:
         """Ask the server to stop; the stream still ends with the turn it kept."""
@@ -115,16 +120,8 @@ class RemoteGeneration:
         except OffgridError:
             pass  # already over
 
-    def wait(self) -> dict[str, Any]:
-        try:
-            self._done.wait()
-        except KeyboardInterrupt:
-            self.cancel()
-            self._done.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._complete is not None
-        return self._complete
+    def _give_up(self) -> None:  # an interrupt: the server keeps the partial turn, which the stream still brings
+        self.cancel()
 
 
 class RemoteTurn:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 
 from ..chat.store import Session
 from ..retrieval.rag import sources_markdown
-from ..inference.tools import call_label
+from ..inference.toolcalls import call_label
 
 CURSOR = "▌"
 

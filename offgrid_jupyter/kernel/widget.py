@@ -28,7 +28,7 @@ import anywidget
 import ipywidgets as widgets
 import traitlets
 
-from .context import Context
+from .context import Context, loaded
 from ..errors import OffgridError, TurnCancelledError
 from ..retrieval.rag import sources_markdown
 from .render import Progress, tool_line, tool_lines
@@ -403,10 +403,9 @@ class ChatPanel(widgets.VBox):
 
 def _kernel_context() -> Context:
     """The loaded extension's context (the magics' engine, store and sessions), else a new one."""
-    from .. import _magics
-
-    if _magics is not None:
-        return _magics.context
+    context = loaded()
+    if context is not None:
+        return context
     from IPython import get_ipython
 
     return Context(get_ipython())

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidRequestError
+
 TARGET = 1200  # characters a chunk aims at
 MAX = 2400  # a chunk is cut (at a line, else within it) past this: no chunk is longer
 AST_MAX_BYTES = 2 << 20  # Python longer than this is cut into blocks without parsing it
@@ -57,8 +59,6 @@ class Limits:
     @classmethod
     def from_config(cls, values: dict[str, Any] | None) -> "Limits":
         """*values* (a config mapping) as Limits, each checked: a 400 naming the key otherwise."""
-        from ..errors import InvalidRequestError
-
         known = {f.name: f.type for f in fields(cls)}
         out = cls()
         for key, value in (values or {}).items():

@@ -27,13 +27,17 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from ..inference.llamacpp import Embedder
-    from ..chat.store import Store
+from ..errors import ModelError
+from ..inference.llamacpp import Embedder
+from ..inference.models import check_gguf
+from ..inference.threads import available_cores
+from . import Database
+
+
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +46,10 @@ CANDIDATES = 50  # from each ranking, before fusing
 BATCH = 16  # chunks embedded per call and per transaction
 
 
-def m008_vectors(conn: sqlite3.Connection) -> None:
-    """Embeddings of learned chunks, and the model each collection was embedded with."""
-    conn.execute("ALTER TABLE collections ADD COLUMN embedding_model TEXT")
-    conn.execute("CREATE TABLE chunk_vectors (chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE, "
-                 "collection TEXT NOT NULL, vector BLOB NOT NULL)")
-    conn.execute("CREATE INDEX chunk_vectors_collection ON chunk_vectors(collection)")
 
 
 # -- models ------------------------------------------------------------------------------------
-_models: dict[str, "Embedder"] = {}
+_models: dict[str, Embedder] = {}
 _models_lock = threading.Lock()
 
 
@@ -63,13 +61,9 @@ def _close_models() -> None:  # before the interpreter takes llama-cpp-python's 
         _models.clear()
 
 
-def embedder(path: str | Path) -> "Embedder":
+def embedder(path: str | Path) -> Embedder:
     """The embedding model at *path*, loaded once per process (checked first: a missing or
     non-GGUF file is a clear error before anything is learned)."""
-    from ..inference.engine import available_cores
-    from ..inference.llamacpp import Embedder
-    from ..inference.models import check_gguf
-
     info = check_gguf(Path(path).expanduser())
     key = str(info.path)
     with _models_lock:
@@ -80,13 +74,11 @@ def embedder(path: str | Path) -> "Embedder":
 
 def model_path(given: str | Path) -> str:
     """How a collection records its model: the file's resolved path, checked."""
-    from ..inference.models import check_gguf
-
     return str(check_gguf(Path(given).expanduser()).path)
 
 
 # -- writing -----------------------------------------------------------------------------------
-def use_model(store: "Store", collection: str, path: str) -> None:
+def use_model(store: Database, collection: str, path: str) -> None:
     """Make *path* the collection's model; its vectors from another model are dropped."""
 
     def write(c: sqlite3.Connection) -> None:
@@ -98,7 +90,7 @@ def use_model(store: "Store", collection: str, path: str) -> None:
     store.transaction(write)
 
 
-def embed_missing(store: "Store", collection: str, model: "Embedder",
+def embed_missing(store: Database, collection: str, model: Embedder,
                   progress: Callable[[Iterable], Iterable] | None = None) -> int:
     """Embed every chunk of *collection* that has no vector; returns how many."""
     conn = store.connection()
@@ -123,7 +115,7 @@ _matrices: dict[tuple[str, str], tuple[tuple, np.ndarray, np.ndarray]] = {}
 _matrices_lock = threading.Lock()
 
 
-def _matrix(store: "Store", collection: str) -> tuple[np.ndarray, np.ndarray]:
+def _matrix(store: Database, collection: str) -> tuple[np.ndarray, np.ndarray]:
     """The collection's chunk ids and vectors, read again only when they changed."""
     conn = store.connection()
     # (another model for the same chunks writes the same ids: its path is part of the version)
@@ -146,7 +138,7 @@ def _matrix(store: "Store", collection: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, matrix
 
 
-def nearest(store: "Store", collection: str, vector: np.ndarray, n: int = CANDIDATES) -> list[int]:
+def nearest(store: Database, collection: str, vector: np.ndarray, n: int = CANDIDATES) -> list[int]:
     """The ids of the *n* chunks of *collection* whose vectors are closest to *vector* (cosine)."""
     ids, matrix = _matrix(store, collection)
     if not len(ids) or matrix.shape[1] != vector.shape[0]:
@@ -169,8 +161,6 @@ def fuse(*rankings: list[int]) -> list[tuple[int, float]]:
 def query_vector(path: str, question: str) -> np.ndarray | None:
     """The question's vector from the collection's model, or None (and a warning in the log)
     when that model can no longer be loaded: the search falls back to BM25 alone."""
-    from ..errors import ModelError
-
     try:
         return embedder(path).embed([question])[0]
     except ModelError as exc:

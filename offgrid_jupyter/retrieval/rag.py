@@ -21,33 +21,29 @@ Why this shape:
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import os
 import re
 import sqlite3
-import stat
 import statistics
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
+from ..errors import CollectionNotFoundError, InvalidRequestError, NothingLearnedError
+from ..validation import check_name, check_text
 from . import embeddings
-from .chunking import KNOWN, Limits, Unreadable
-from ..errors import InvalidRequestError, OffgridError
+from .chunking import Limits, Unreadable
+from . import Database
+from .paths import expand
+from .paths import shown as shown_path
 from .reader import Reader
-
-if TYPE_CHECKING:
-    from ..chat.store import Store
 
 MAX_K = 50
 COMMON = 0.1  # a word in more than this share of the chunks is left out of a query (see Library._query)
 DEFAULT_K = 5
-SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".ipynb_checkpoints", ".venv", "venv",
-             ".mypy_cache", ".pytest_cache", ".tox", "build", "dist"}
 STOP = set("""a about above after again against all am an and any are as at be because been before being below
 between both but by can could did do does doing down during each few for from further had has have having he her
 here hers him his how i if in into is it its itself just me more most my no nor not now of off on once only or
@@ -56,24 +52,6 @@ through to too under until up very was we were what when where which while who w
 yours please tell explain give show find""".split())
 _latencies: deque[float] = deque(maxlen=2000)  # this process's searches, ms (the stats document's figures)
 _latencies_lock = threading.Lock()
-
-
-class PathRefusedError(OffgridError):
-    """A path a server will not learn: outside its root directory."""
-
-    code = "path_refused"
-    status = 403
-
-
-class NothingLearnedError(InvalidRequestError):
-    """Every path of a learn into a new collection failed: no collection is made, and why is said."""
-
-    code = "nothing_learned"
-
-
-class CollectionNotFoundError(OffgridError):
-    code = "collection_not_found"
-    status = 404
 
 
 @dataclass
@@ -125,206 +103,29 @@ class LearnReport:
         return text
 
 
-# -- the schema ---------------------------------------------------------------------------------
-def m007_library(conn: sqlite3.Connection) -> None:
-    """Learned files: collections, documents, chunks and their FTS5 index (see rag.py)."""
-    for sql in (
-        "CREATE TABLE collections (name TEXT PRIMARY KEY, created_at REAL NOT NULL, last_learned_at REAL)",
-        "CREATE TABLE documents (id INTEGER PRIMARY KEY, collection TEXT NOT NULL REFERENCES collections(name) "
-        "ON DELETE CASCADE, path TEXT NOT NULL, abspath TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER NOT NULL, "
-        "mtime REAL NOT NULL, sha256 TEXT NOT NULL, learned_at REAL NOT NULL, UNIQUE (collection, path))",
-        "CREATE TABLE chunks (id INTEGER PRIMARY KEY, document_id INTEGER NOT NULL REFERENCES documents(id) "
-        "ON DELETE CASCADE, collection TEXT NOT NULL, path TEXT NOT NULL, start INTEGER NOT NULL, "
-        "end INTEGER NOT NULL, unit TEXT NOT NULL, heading TEXT NOT NULL, text TEXT NOT NULL)",
-        "CREATE INDEX chunks_document ON chunks(document_id)",
-        "CREATE VIRTUAL TABLE chunks_fts USING fts5(text, heading, path, content='chunks', content_rowid='id', "
-        "tokenize='porter unicode61')",
-        "INSERT INTO chunks_fts(chunks_fts, rank) VALUES ('rank', 'bm25(1.0, 2.0, 1.5)')",
-        "CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN INSERT INTO chunks_fts(rowid, text, heading, path) "
-        "VALUES (new.id, new.text, new.heading, new.path); END",
-        "CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN INSERT INTO chunks_fts(chunks_fts, rowid, text, "
-        "heading, path) VALUES ('delete', old.id, old.text, old.heading, old.path); END",
-        "CREATE VIRTUAL TABLE chunks_vocab USING fts5vocab(chunks_fts, 'row')",
-        # each term's chunk count, copied from chunks_vocab after learning (reading it there scans the postings)
-        "CREATE TABLE term_df (term TEXT PRIMARY KEY, df INTEGER NOT NULL) WITHOUT ROWID",
-    ):
-        conn.execute(sql)
 
 
-# -- paths -----------------------------------------------------------------------------------------
-def inside(root: Path, given: str) -> Path:
-    """*given* (relative to *root*, or absolute) resolved, if it stays inside *root*; else a 403
-    naming the rule it broke."""
-    if not isinstance(given, str) or not given.strip() or "\x00" in given:
-        raise InvalidRequestError("A path to learn must be a non-empty string.")
-    if ".." in Path(given).parts:
-        raise PathRefusedError(f"{given[:200]!r}: paths may not contain '..'; give them relative to the server's "
-                               "root directory.")
-    root = root.resolve()
-    candidate = Path(given) if os.path.isabs(given) else root / given
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(root):
-        why = "it leads outside the server's root directory through a symbolic link" if \
-            candidate.absolute().is_relative_to(root) else "it is outside the server's root directory"
-        raise PathRefusedError(f"{given[:200]!r}: {why}; only files under it can be learned.")
-    return resolved
 
 
-class _Budget:
-    """How much of the file system one learn may look at (``max_entries``, ``max_files``): a walk
-    through links, or a glob over a huge tree, ends with a reason instead of never."""
-
-    def __init__(self, limits: Limits):
-        self.limits = limits
-        self.entries = 0
-        self.over: str | None = None
-
-    def spend(self, n: int) -> bool:
-        self.entries += n
-        if self.entries > self.limits.max_entries and self.over is None:
-            self.over = (f"stopped after looking at {self.limits.max_entries:,} folder entries (learn_limits "
-                         "max_entries); name a smaller folder or a narrower pattern")
-        return self.over is None
 
 
-def _expand(given: Iterable[str], root: Path | None, limits: Limits) -> tuple[list[Path], list[dict[str, str]]]:
-    """Files named by *given* (files, folders, globs), and what could not be found (named as given,
-    or relative to the root: a refusal never names a file outside it, nor the root itself)."""
-    files: list[Path] = []
-    failed: list[dict[str, str]] = []
-    budget = _Budget(limits)
-    for item in given:
-        try:
-            files += _expand_one(item, root, failed, budget)
-        except OSError as exc:  # a name too long, a folder we may not read...
-            failed.append({"path": item[:500], "reason": exc.strerror or type(exc).__name__})
-        if budget.over:
-            failed.append({"path": item[:500], "reason": budget.over})
-            break
-    seen, out = set(), []
-    for f in files:
-        key = str(f.resolve())
-        if key not in seen:
-            seen.add(key)
-            out.append(f)
-    if len(out) > limits.max_files:
-        failed.append({"path": ", ".join(g[:100] for g in given)[:500],
-                       "reason": f"{len(out):,} files; the first {limits.max_files:,} were taken (learn_limits "
-                                 "max_files): learn the rest in another call"})
-        out = out[:limits.max_files]
-    return out, failed
 
 
-def _expand_one(item: str, root: Path | None, failed: list[dict[str, str]], budget: _Budget) -> list[Path]:
-    if not isinstance(item, str) or not item.strip() or "\x00" in item:
-        raise InvalidRequestError("A path to learn must be a non-empty string without NUL characters.")
-    base = (root or Path.cwd()).resolve()
-    if glob.has_magic(item):
-        parts = Path(item).parts
-        fixed = []
-        for part in parts:
-            if glob.has_magic(part):
-                break
-            fixed.append(part)
-        start = Path(*fixed) if fixed else Path(".")
-        start = inside(root, str(start)) if root is not None else (base / start)  # the fixed part must be inside
-        matches = list(_glob(start, parts[len(fixed):], budget))
-        if root is not None:  # a match that leads outside (a link) is not learned, nor named
-            matches = [m for m in matches if m.resolve().is_relative_to(base)]
-        if not matches:
-            failed.append({"path": item[:500], "reason": "the pattern matches no file"})
-    else:
-        matches = [inside(root, item) if root is not None else base / item]
-    out: list[Path] = []
-    for m in matches:
-        try:
-            mode = m.stat().st_mode
-        except FileNotFoundError:
-            failed.append({"path": item[:500], "reason": "no such file or directory"})
-            continue
-        if stat.S_ISDIR(mode):
-            out += _walk(m, root, budget)
-        elif stat.S_ISREG(mode):
-            out.append(m)
-        else:
-            failed.append({"path": _shown(m, root), "reason": "not a regular file (a pipe, socket or device)"})
-    return out
 
 
-def _glob(start: Path, pattern: tuple[str, ...], budget: _Budget) -> Iterable[Path]:
-    """Paths under *start* matching *pattern* (components; ``**`` is any number of folders), in
-    sorted order. Links to folders are not followed (two links to an ancestor made ``**`` endless),
-    names starting with "." match only a component that starts with "." (as glob does), and the
-    walk spends *budget*. Each component is matched with fnmatch (no catastrophic backtracking)."""
-    if not start.is_dir() or not pattern:
-        return
-    for dirpath, dirnames, filenames in os.walk(start):  # followlinks=False
-        dirnames.sort()
-        if not budget.spend(len(dirnames) + len(filenames)):
-            return
-        rel = Path(dirpath).relative_to(start).parts
-        for name in sorted(dirnames + filenames):
-            if _matches(rel + (name,), pattern):
-                yield Path(dirpath) / name
-        if "**" not in pattern:  # no deeper than the pattern reaches
-            dirnames[:] = [d for d in dirnames if len(rel) + 1 < len(pattern)]
 
 
-def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
-    """Whether path components *parts* match glob components *pattern* (linear table, no recursion)."""
-    n, m = len(parts), len(pattern)
-    row = [True] + [False] * n  # row[i]: pattern[:j] matches parts[:i]
-    for j in range(1, m + 1):
-        pat = pattern[j - 1]
-        new = [False] * (n + 1)
-        if pat == "**":
-            new[0] = row[0]
-            for i in range(1, n + 1):
-                new[i] = row[i] or (new[i - 1] and not parts[i - 1].startswith("."))
-        else:
-            for i in range(1, n + 1):
-                name = parts[i - 1]
-                new[i] = row[i - 1] and fnmatch.fnmatchcase(name, pat) and (
-                    not name.startswith(".") or pat.startswith("."))
-        row = new
-    return row[n]
 
 
-def _walk(folder: Path, root: Path | None, budget: _Budget) -> list[Path]:
-    out = []
-    root_resolved = root.resolve() if root is not None else None
-    for dirpath, dirnames, filenames in os.walk(folder):  # symbolic links to folders are not followed
-        if not budget.spend(len(dirnames) + len(filenames)):
-            break
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or path.suffix.lower() not in KNOWN:
-                continue
-            try:
-                if not stat.S_ISREG(path.stat().st_mode):  # a pipe named notes.md would block its reader
-                    continue
-            except OSError:  # a link to nothing
-                continue
-            if root_resolved is not None and not path.resolve().is_relative_to(root_resolved):
-                continue  # a symbolic link out of the root
-            out.append(path)
-    return out
 
 
-def _shown(path: Path, root: Path | None) -> str:
-    """How a document's path is kept and cited: relative to the root (a server) or to the working
-    directory (a kernel: the notebook's folder), else absolute."""
-    base = (root or Path.cwd()).resolve()
-    resolved = path.resolve()
-    return resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else str(resolved)
 
 
 # -- the library ----------------------------------------------------------------------------------
 class Library:
     """The store's collections of learned files (``store.library``)."""
 
-    def __init__(self, store: "Store"):
+    def __init__(self, store: "Database"):
         self.store = store
 
     def learn(self, paths: list[str], collection: str = "default", *, root: str | os.PathLike | None = None,
@@ -340,9 +141,7 @@ class Library:
         Each file is read in a reader process (``reader.py``): one that cannot be read, or is past a
         limit, is one entry of ``failed`` with its reason, and the learn goes on. A collection is
         made only once a file is learned into it."""
-        from ..chat.store import Store
-
-        Store.check_name(collection)
+        check_name(collection)
         if not isinstance(paths, list) or not paths:
             raise InvalidRequestError("Give at least one path to learn (a file, a folder or a glob).")
         limits = limits or Limits()
@@ -350,14 +149,14 @@ class Library:
         model = embeddings.embedder(model_file) if model_file else None  # a bad model fails before any work
         started = time.monotonic()
         root_path = Path(root).resolve() if root is not None else None
-        files, failed = _expand(paths, root_path, limits)
+        files, failed = expand(paths, root_path, limits)
         report = LearnReport(collection, failed=failed)
         conn = self.store.connection()
         known = {r["path"]: r for r in conn.execute("SELECT * FROM documents WHERE collection = ?", (collection,))}
         seen = set()
         with Reader(limits) as reader:
             for f in (progress(files, desc=f"learning {collection}", unit="file") if progress else files):
-                shown = _shown(f, root_path)
+                shown = shown_path(f, root_path)
                 seen.add(shown)
                 try:
                     self._learn_file(reader, f, shown, collection, known.get(shown), report)
@@ -477,8 +276,6 @@ class Library:
         """The *k* chunks that best match *query*, in *collection* or in all of them: BM25, fused
         with the nearest vectors when the collection has an embedding model (``embeddings.py``;
         a hit's score is then its fused score). A search of every collection is BM25's."""
-        from ..validation import check_text
-
         check_text(query, "The query")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise InvalidRequestError(f"k must be an integer from 1 to {MAX_K}, got {k!r}.")

@@ -19,8 +19,9 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 from ..retrieval import embeddings
 from ..retrieval.chunking import Limits
 from ..inference.backend import QueueBackend
-from ..inference.tools import load as load_tools
+from ..chat.tools import load as load_tools
 from ..inference.engine import DEFAULT_PARALLEL, MB, Engine
+from ..runtime import make_backend
 from ..stats import attach
 from ..chat.store import DB_FILENAME, Store, data_dir
 from .handlers import handlers
@@ -165,15 +166,11 @@ class OffgridApp(ExtensionApp):
 
     def _backend(self) -> QueueBackend:
         """Where this server's model runs: the engine at engine_url, else a GGUF loaded here."""
-        if self.engine_url:
-            from ..inference.openai_engine import OpenAIEngine
-
-            return OpenAIEngine(self.engine_url, model=self.engine_model, api_key=self.engine_api_key,
-                                max_concurrent=self.engine_max_concurrent, read_timeout=self.engine_read_timeout,
-                                queue_timeout=self.queue_timeout, max_queue=self.max_queue)
-        return Engine(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads, queue_timeout=self.queue_timeout,
-                      max_queue=self.max_queue, kv_cache_bytes=int(self.kv_cache_mb * MB), n_parallel=self.n_parallel,
-                      tune_threads=self.tune_threads)
+        return make_backend(self.engine_url, model=self.engine_model, api_key=self.engine_api_key,
+                            max_concurrent=self.engine_max_concurrent, read_timeout=self.engine_read_timeout,
+                            model_path=self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                            kv_cache_bytes=int(self.kv_cache_mb * MB), n_parallel=self.n_parallel,
+                            tune_threads=self.tune_threads, queue_timeout=self.queue_timeout, max_queue=self.max_queue)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())

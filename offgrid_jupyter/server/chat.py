@@ -28,7 +28,7 @@ from tornado import web
 from jupyter_server.auth.decorator import authorized
 
 from ..errors import GenerationNotFoundError, IdempotencyConflictError, InvalidRequestError, OffgridError
-from ..inference.tools import openai_call
+from ..inference.toolcalls import openai_call
 from ..chat.turns import ChatTurn, TurnResult
 from .base import OffgridHandler
 from .state import ServerState

@@ -14,7 +14,7 @@ from jupyter_server.auth.decorator import authorized
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado import web
 
-from .. import __version__
+from ..version import __version__
 from ..chat import turns
 from ..errors import InvalidRequestError, OffgridError
 from ..inference.models import resolve_model
@@ -279,32 +279,19 @@ class MetricsHandler(OffgridHandler):
         self.finish(metrics, set_content_type=CONTENT_TYPE_LATEST)
 
 
-SESSION = r"(?P<ref>[^/]+)"
+ROUTES = [SessionsHandler, SessionHandler, MessagesHandler, ForkHandler, ExportHandler, ImportHandler,
+          NotebookSessionHandler, ChatHandler, StatusHandler, CancelHandler, StatsHandler, RequestsHandler,
+          ProfilesHandler, ToolsHandler, CollectionsHandler, CollectionHandler, SearchHandler, ModelsHandler,
+          HealthHandler, OpenAIChatHandler, OpenAPIHandler]
 
 
 def handlers() -> list[tuple[str, type]]:
-    v1 = "/offgrid/v1"
-    return [
-        (f"{v1}/sessions", SessionsHandler),
-        (f"{v1}/sessions/{SESSION}", SessionHandler),
-        (f"{v1}/sessions/{SESSION}/messages", MessagesHandler),
-        (f"{v1}/sessions/{SESSION}/fork", ForkHandler),
-        (f"{v1}/sessions/{SESSION}/export", ExportHandler),
-        (f"{v1}/import", ImportHandler),
-        (f"{v1}/notebooks/session", NotebookSessionHandler),
-        (f"{v1}/sessions/{SESSION}/chat", ChatHandler),
-        (f"{v1}/generation/status", StatusHandler),
-        (f"{v1}/generation/cancel", CancelHandler),
-        (f"{v1}/stats", StatsHandler),
-        (f"{v1}/stats/requests", RequestsHandler),
-        (f"{v1}/profiles", ProfilesHandler),
-        (f"{v1}/tools", ToolsHandler),
-        (f"{v1}/collections", CollectionsHandler),
-        (f"{v1}/collections/{SESSION.replace('ref', 'name')}", CollectionHandler),
-        (f"{v1}/collections/{SESSION.replace('ref', 'name')}/search", SearchHandler),
-        (f"{v1}/models", ModelsHandler),
-        (f"{v1}/health", HealthHandler),
-        (f"{v1}/chat/completions", OpenAIChatHandler),
-        (f"{v1}/openapi.json", OpenAPIHandler),
-        ("/offgrid/metrics", MetricsHandler),
-    ]
+    """The URL table, derived from openapi.json: each route class names its path in the document
+    (``spec_path``), whose ``{parameters}`` become URL groups; a route the document has and no
+    class serves (or the reverse) stops the server from starting."""
+    by_path = {h.spec_path: h for h in ROUTES}
+    missing = sorted(set(spec.paths()) ^ set(by_path))
+    if missing:
+        raise RuntimeError(f"openapi.json and the route classes disagree on: {', '.join(missing)}")
+    return [("/offgrid/v1" + spec.url_pattern(path), by_path[path]) for path in spec.paths()] + [
+        ("/offgrid/metrics", MetricsHandler)]

@@ -10,6 +10,7 @@ the responses honest too.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from importlib.resources import files
 from typing import Any
@@ -67,6 +68,17 @@ def query_names(path: str, method: str) -> frozenset[str]:
     """The query parameters the document gives (*path*, *method*)."""
     op = document()["paths"].get(path, {}).get(method, {})
     return frozenset(p["name"] for p in op.get("parameters", []) if p.get("in") == "query")
+
+
+def paths() -> list[str]:
+    """Every path the document gives (``/sessions/{ref}``...), longest first, so a URL table
+    built from them matches a specific route before a general one."""
+    return sorted(document()["paths"], key=lambda p: (-p.count("/"), p))
+
+
+def url_pattern(path: str) -> str:
+    """*path*'s ``{name}`` parameters as tornado's URL groups (one path segment each)."""
+    return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
 
 
 def methods(path: str) -> list[str]:

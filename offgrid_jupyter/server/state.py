@@ -14,7 +14,7 @@ from ..retrieval.chunking import Limits
 from ..stats import RequestLog
 from ..chat.store import Store
 from ..errors import UnknownToolError
-from ..inference.tools import Tool
+from ..chat.tools import Tool
 
 if TYPE_CHECKING:
     from .chat import SharedTurn

@@ -1,0 +1,103 @@
+"""The one place that chooses and builds a backend, from configuration or the environment.
+
+Where a process's model runs is decided here and nowhere else: an OpenAI-compatible inference
+server when an engine URL is given (``llama_cpp`` is then never imported), else a GGUF loaded in
+this process (:class:`~offgrid_jupyter.inference.engine.Engine`). The kernel (``get_engine()``,
+``%offgrid engine``), the server extension (its traitlets) and Python code (``get_engine()``)
+all build through :func:`make_backend`; ``OFFGRID_*`` variables are read by
+:func:`settings_from_env` only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from .chat.store import Store, get_store
+from .errors import InvalidRequestError
+from .inference.backend import QueueBackend
+from .inference.engine import MB, Engine
+from .inference.openai_engine import OpenAIEngine
+from .stats import attach, stats_document
+
+# keyword -> (environment variable, how to read it); the queue's two are both kinds'
+LOCAL = {"model_path": (None, str),  # (OFFGRID_MODEL is read where the model is resolved: inference/models.py)
+         "n_ctx": ("OFFGRID_N_CTX", int),
+         "n_threads": ("OFFGRID_THREADS", int), "n_parallel": ("OFFGRID_N_PARALLEL", int),
+         "chat_format": ("OFFGRID_CHAT_FORMAT", str),
+         "kv_cache_bytes": ("OFFGRID_KV_CACHE_MB", lambda v: int(float(v) * MB)),
+         "tune_threads": ("OFFGRID_TUNE_THREADS", lambda v: _flag(v))}
+REMOTE = {"model": ("OFFGRID_ENGINE_MODEL", str), "api_key": ("OFFGRID_ENGINE_API_KEY", str),
+          "max_concurrent": ("OFFGRID_ENGINE_MAX_CONCURRENT", int),
+          "read_timeout": ("OFFGRID_ENGINE_READ_TIMEOUT", float)}
+QUEUE = {"queue_timeout": ("OFFGRID_QUEUE_TIMEOUT", float), "max_queue": ("OFFGRID_MAX_QUEUE", int)}
+URL_ENV = "OFFGRID_ENGINE_URL"
+
+
+def _flag(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use 1 or 0")
+
+
+def settings_from_env(remote: bool) -> dict[str, Any]:
+    """The keyword arguments ``OFFGRID_*`` variables set, for an engine (*remote*) or a local model;
+    a value that does not read is a 400 naming the variable."""
+    out: dict[str, Any] = {}
+    for key, (env, cast) in {**(REMOTE if remote else LOCAL), **QUEUE}.items():
+        value = os.environ.get(env) if env else None
+        if not value:
+            continue
+        try:
+            out[key] = cast(value)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{env}={value!r} is not valid: {exc}.") from None
+    return out
+
+
+def make_backend(engine_url: str | None = None, *, from_env: bool = False, **settings: Any) -> QueueBackend:
+    """A backend: the OpenAI-compatible engine at *engine_url*, else a GGUF in this process.
+
+    *settings* may hold both kinds' keywords (the server passes all its settings); each kind
+    takes its own: ``model``, ``api_key``, ``max_concurrent``, ``read_timeout``, ``send_session``
+    for an engine; ``model_path``, ``n_ctx``, ``n_threads``, ``n_parallel``, ``chat_format``,
+    ``kv_cache_bytes``, ``tune_threads`` for a local model; ``queue_timeout`` and ``max_queue``
+    for both. None means the default. *from_env* fills what is not given (the URL included) from
+    ``OFFGRID_*`` variables."""
+    if from_env:
+        engine_url = engine_url or os.environ.get(URL_ENV) or None
+        settings = {**settings_from_env(remote=bool(engine_url)),
+                    **{k: v for k, v in settings.items() if v is not None}}
+    given = {k: v for k, v in settings.items() if v is not None}
+    if engine_url:
+        return OpenAIEngine(engine_url, **{k: v for k, v in given.items() if k in REMOTE or k in QUEUE
+                                           or k == "send_session"})
+    return Engine(given.pop("model_path", None), **{k: v for k, v in given.items() if k in LOCAL or k in QUEUE})
+
+
+_engine: QueueBackend | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine(**kwargs: Any) -> QueueBackend:
+    """The process-wide backend, created on first call (a local model loads on first use).
+
+    Keyword arguments (and OFFGRID_* environment variables) apply only when it is
+    created; ``switch_model`` changes the model later. Its requests are recorded in
+    the process-wide store (the usage statistics).
+    """
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            url = kwargs.pop("url", None)
+            _engine = make_backend(url, from_env=True, **kwargs)
+            attach(_engine, get_store())  # every request of the process's engine is recorded
+        return _engine
+
+
+def stats(engine: QueueBackend | None = None, store: Store | None = None) -> dict[str, Any]:
+    """``offgrid_jupyter.stats()``: the stats document of this process's engine."""
+    return stats_document(engine or get_engine(), store or get_store())
