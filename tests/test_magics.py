@@ -1,6 +1,7 @@
 """The magics through a real IPython InteractiveShell on the real default model."""
 
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -267,3 +268,34 @@ def test_a_queue_timeout_shows_the_wait_then_one_line_and_stores_nothing(make_en
         assert store.messages(session.id) == []
     finally:
         shell.close()
+
+
+def test_a_pandas_index_or_array_is_interpolated_as_its_values():
+    frame = pd.DataFrame({"month": [1], "region": ["n"], "revenue": [2.0]})
+    ns = {"df": frame, "arr": np.arange(3), "many": np.arange(60)}
+    assert interpolate("{df.columns.values}", ns) == "['month', 'region', 'revenue']"
+    assert interpolate("{df.columns} {arr} {df.shape}", ns) == "['month', 'region', 'revenue'] [0, 1, 2] (1, 3)"
+    assert interpolate("{many}", ns).endswith(", 49, … 10 more]")
+    assert interpolate("{arr!r}", ns) == "array([0, 1, 2])"  # asked for the repr: the repr
+
+
+def test_a_structured_reply_cut_by_the_token_limit_is_not_kept_and_o_var_holds_its_text(sh):
+    sh.ip.user_ns["Tool"] = {"type": "object", "properties": {"name": {"type": "string"},
+                                                               "description": {"type": "string"}},
+                             "required": ["name", "description"]}
+    result, cap = sh.run(f"%%offgrid {GREEDY} -n 16 --schema Tool -s structured -o partial\nDescribe pandas.")
+    one_line_error(result, cap, "token limit", "Nothing was stored", "The text is in partial")
+    assert sh.ip.user_ns["partial"].lstrip().startswith("{")
+    assert sh.store.get("structured").messages == []  # not in the session, nor in later prompts
+
+
+def test_status_names_the_tiny_default_and_help_lists_local(sh):
+    result, cap = sh.run("%offgrid status")
+    rows = dict(result.result.rows)
+    assert "Choosing a model" in rows["note"] and "SmolLM2-135M" in rows["note"]
+    result, _ = sh.run("%offgrid help")
+    assert "[--local]" in result.result.text
+    result, cap = sh.run(f"%%offgrid {GREEDY} -n 4\nMy data:\n`df` has <ArrowStringArray> columns\n- and a list")
+    history, _ = sh.run("%offgrid history")
+    shown = history.result._repr_markdown_()
+    assert "&lt;ArrowStringArray&gt;" in shown and "> My data:  \n> \\`df\\` has" in shown and "> \\- and a list" in shown

@@ -272,7 +272,8 @@ async def test_saving_a_notebook_snapshots_its_chat_panels(jp_fetch, state):
     first, second = saved["cells"][0]["outputs"]
     text = first["data"]["text/markdown"]
     assert "application/vnd.jupyter.widget-view+json" not in first["data"]
-    assert "`nb-session`" in text and "> What is **rain**?" in text and "Water that falls." in text
+    # the question as typed (its ** escaped: a person's text is text), the reply as Markdown
+    assert "`nb-session`" in text and "> What is \\*\\*rain\\*\\*?" in text and "Water that falls." in text
     assert "run this cell to reopen" in text
     assert second["data"]["application/vnd.jupyter.widget-view+json"] == {"model_id": "def"}  # not ours: kept
 
@@ -460,3 +461,49 @@ async def test_a_server_with_an_embedding_model_embeds_what_it_learns(api, state
     assert listed["vectors"] == listed["chunks"] and listed["embedding_model"] == state.embedding_model
     code, body, _ = await api("GET", "v1/collections/vec/search", q="qwzx vvyk", k="3")  # no word matches
     assert code == 200 and len(body["hits"]) == 3  # the vectors still rank
+
+
+# -- what a client is told ------------------------------------------------------------------------
+async def test_a_name_that_is_not_allowed_is_refused_in_words_not_a_regular_expression(api):
+    await api("POST", "v1/sessions", {"name": "wordy"})
+    code, out, _ = await api("PATCH", "v1/sessions/wordy", {"name": "has spaces!"})
+    message = out["error"]["message"]
+    assert code == 400 and "letters, digits, '.', '_' or '-'" in message and "[A-Za-z" not in message
+
+
+async def test_a_constrained_reply_cut_by_max_tokens_is_not_kept(api):
+    await api("POST", "v1/sessions", {"name": "typed-cut"})
+    rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+        "type": "object", "properties": {"name": {"type": "string"}, "description": {"type": "string"}},
+        "required": ["name", "description"]}}}
+    code, out, _ = await api("POST", "v1/sessions/typed-cut/chat",
+                             {"message": "Describe pandas.", "max_tokens": 12, "response_format": rf, **GREEDY})
+    assert code == 422 and out["error"]["code"] == "reply_cut" and "Nothing was stored" in out["error"]["message"]
+    code, text, _ = await api("POST", "v1/sessions/typed-cut/chat", {"message": "Describe pandas.", "max_tokens": 12,
+                                                                     "response_format": rf, "stream": True, **GREEDY},
+                              expect_json=False)
+    events = sse_events(text)
+    assert code == 200 and events[-1][0] == "error" and events[-1][1]["code"] == "reply_cut"
+    _, session, _ = await api("GET", "v1/sessions/typed-cut")
+    assert session["messages"] == []  # nothing half-done stays, in either form
+
+
+async def test_a_turn_waiting_for_its_session_says_why_and_the_running_turn_can_be_followed(api, state):
+    await api("POST", "v1/sessions", {"name": "busy-one"})
+    code, text, _ = await api("GET", "v1/sessions/busy-one/turn", expect_json=False)
+    assert code == 204  # nothing runs on it
+    first = asyncio.ensure_future(api("POST", "v1/sessions/busy-one/chat", {
+        "message": "Write a long story about a lighthouse.", "max_tokens": 300, "stream": True, **GREEDY},
+        expect_json=False))
+    while "busy-one" not in {t.turn.session_name for t in state.session_turns.values()}:
+        await asyncio.sleep(0.05)  # (until the first turn holds the session: state, not time)
+    follow = asyncio.ensure_future(api("GET", "v1/sessions/busy-one/turn", expect_json=False))
+    second = await api("POST", "v1/sessions/busy-one/chat", {"message": "And a short one?", "max_tokens": 8,
+                                                             "stream": True, **GREEDY}, expect_json=False)
+    (code1, text1, _), (code_f, text_f, _) = await first, await follow
+    events1, followed, events2 = sse_events(text1), sse_events(text_f), sse_events(second[1])
+    assert events2[0][0] == "waiting" and "still running" in events2[0][1]["reason"]
+    assert events2[-1][0] == "complete" and events1[-1][0] == "complete"
+    assert code_f == 200 and followed[-1][0] == "complete"
+    assert followed[-1][1]["response"]["id"] == events1[-1][1]["response"]["id"]  # the same turn, followed
+    assert "".join(d["delta"] for k, d in followed if k == "token") == events1[-1][1]["text"]

@@ -501,3 +501,31 @@ def test_a_reused_pid_does_not_keep_a_dead_turn_alive(store):
     # the mark claims this very pid, but a process started at another time: a reused pid
     store.transaction(lambda c: c.execute("UPDATE busy SET pid_started = pid_started - 1000"))
     assert store.repair() == 1 and store.get(s.id).messages[-1].interrupted
+
+
+def test_a_notebook_is_known_by_its_path_relative_to_the_servers_root_whoever_names_it(tmp_path):
+    root = tmp_path / "root"
+    (root / "work").mkdir(parents=True)
+    db = tmp_path / "db.sqlite3"
+    plain = Store(db)  # (a process that does not know the root: as before, the path as given)
+    legacy = plain.create("legacy")
+    plain.bind_notebook(str(root / "work" / "Old analysis.ipynb"), legacy.id)  # written before paths were relative
+    plain.close()
+    store = Store(db, notebook_root=root)  # the server, or a kernel it started (OFFGRID_ROOT)
+    s = store.create("sales")
+    store.bind_notebook(str(root / "work" / "Sales analysis.ipynb"), s.id)  # a kernel knows the absolute path
+    assert store.notebook_session("work/Sales analysis.ipynb").id == s.id  # the sidebar asks the relative one
+    assert store.notebook_session(str(root / "work" / "Sales analysis.ipynb")).id == s.id
+    assert store.notebook_session("work/Old analysis.ipynb").id == legacy.id  # relinked when the store opened
+    rows = store.connection().execute("SELECT notebook FROM notebook_sessions ORDER BY notebook").fetchall()
+    assert [r[0] for r in rows] == ["work/Old analysis.ipynb", "work/Sales analysis.ipynb"]
+    outside = str(tmp_path / "elsewhere.ipynb")
+    store.bind_notebook(outside, s.id)
+    assert store.notebook_session(outside).id == s.id  # outside the root: kept as it is
+
+
+def test_titles_are_plain_text():
+    from offgrid_jupyter.chat.records import make_title
+
+    assert make_title("Why does `df.groupby` fail?") == "Why does df.groupby fail?"
+    assert make_title("## **Plot** the [sales](data/sales.csv)\nplease") == "Plot the sales please"

@@ -153,7 +153,7 @@ export interface paths {
         put?: never;
         /**
          * One atomic turn: the question is stored, the reply generated and stored
-         * @description Turns on one session wait for each other (first come, first served). A client that disconnects cancels its turn (or its place in a queue) unless a retry with the same Idempotency-Key is waiting for it. With `stream: true` the answer is Server-Sent Events: `queued` {position} (every 2 s while waiting for the model), `start`, `loading`, `token` {delta}; for a session whose profile offers tools, `round_start` {round, max_rounds} before each generation and `tool_start` {tool_name, arguments} / `tool_end` {tool_name, result | error, duration_ms} around each call the server runs; then `complete` (the JSON answer) or `error` {message, type, code}.
+         * @description Turns on one session wait for each other (first come, first served). A client that disconnects cancels its turn (or its place in a queue) unless a retry with the same Idempotency-Key is waiting for it. With `stream: true` the answer is Server-Sent Events: `waiting` {session_id, reason, waited_s} (at once and every 5 s while another turn of the session is still running, so a client can say why; `GET sessions/{ref}/turn` streams that turn), `queued` {position} (every 2 s while waiting for the model), `start`, `loading`, `token` {delta}; for a session whose profile offers tools, `round_start` {round, max_rounds} before each generation and `tool_start` {tool_name, arguments} / `tool_end` {tool_name, result | error, duration_ms} around each call the server runs; then `complete` (the JSON answer) or `error` {message, type, code}. A reply constrained by `response_format` is kept only whole: cut by `max_tokens` (`reply_cut`), not JSON or off its schema (`reply_invalid`), or stopped, the turn is not stored and the error says why.
          */
         post: operations["chat"];
         delete?: never;
@@ -386,6 +386,29 @@ export interface paths {
         };
         /** This document */
         get: operations["openapi"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sessions/{ref}/turn": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description session id (session-…) or name, URL-encoded */
+                ref: string;
+            };
+            cookie?: never;
+        };
+        /**
+         * Follow the turn running on a session (a notebook cell's, another client's), from its start
+         * @description Server-Sent Events of the session's turn that is running on this server, replayed from its start and then live, ending with `complete` or `error` (the events of `POST sessions/{ref}/chat` with `stream: true`). Following never cancels the turn. 204 when no turn of the session runs on this server (a kernel with its own model runs its turns itself).
+         */
+        get: operations["followTurn"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1618,6 +1641,44 @@ export interface operations {
                 };
             };
             403: components["responses"]["403"];
+        };
+    };
+    followTurn: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description session id (session-…) or name, URL-encoded */
+                ref: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The turn's events */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /** @description with stream: true: one object per Server-Sent Event */
+                    "text/event-stream": {
+                        event?: string;
+                        data: string;
+                        id?: string;
+                        retry?: number;
+                    };
+                };
+            };
+            /** @description No turn of the session is running here */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            403: components["responses"]["403"];
+            404: components["responses"]["404"];
         };
     };
 }

@@ -38,6 +38,7 @@ export const ROUTES = {
   notebookSession: ['GET', '/notebooks/session'],
   bindNotebook: ['PUT', '/notebooks/session'],
   chat: ['POST', '/sessions/{ref}/chat'],
+  followTurn: ['GET', '/sessions/{ref}/turn'],
   generationStatus: ['GET', '/generation/status'],
   cancelGeneration: ['POST', '/generation/cancel'],
   stats: ['GET', '/stats'],
@@ -72,6 +73,7 @@ export class OffgridRequestError extends Error {
 
 /** The events of a streamed chat turn, as the server sends them. */
 export type ChatEvent =
+  | { event: 'waiting'; data: { session_id: string; reason: string; waited_s: number } }
   | { event: 'queued'; data: { position: number } }
   | { event: 'start'; data: { request_id?: string } }
   | { event: 'loading'; data: Record<string, unknown> }
@@ -172,6 +174,10 @@ export class OffgridClient {
   exportSession(ref: string): Promise<SessionExport> {
     return this.call('exportSession', { ref });
   }
+  /** Remember that the notebook at *path* uses session *ref* (its kernel's cells continue it). */
+  bindNotebook(path: string, ref: string): Promise<void> {
+    return this.call('bindNotebook', { body: { path, session: ref } });
+  }
   /** The session the notebook at *path* (relative to the server root) used last, or null. */
   async notebookSession(path: string): Promise<SessionSummary | null> {
     const answer = await this.call<{ session: SessionSummary | null }>('notebookSession', { query: { path } });
@@ -203,16 +209,27 @@ export class OffgridClient {
    * leaving the loop early) closes the stream, which cancels the turn on the server.
    */
   async *chat(ref: string, message: string, opts: ChatOptions = {}): AsyncGenerator<ChatEvent> {
+    const { signal: _ignored, ...params } = opts;
+    yield* this.stream('chat', ref, { message, stream: true, ...params }, opts.signal);
+  }
+
+  /**
+   * The turn running on a session (a notebook cell's, another client's), from its start: its
+   * events, or none when nothing runs there. Following never cancels it.
+   */
+  async *followTurn(ref: string, signal?: AbortSignal): AsyncGenerator<ChatEvent> {
+    yield* this.stream('followTurn', ref, undefined, signal);
+  }
+
+  private async *stream(op: Operation, ref: string, body: unknown, signal?: AbortSignal): AsyncGenerator<ChatEvent> {
     const controller = new AbortController();
     const abort = () => controller.abort();
-    opts.signal?.addEventListener('abort', abort);
+    signal?.addEventListener('abort', abort);
     try {
-      const { signal: _ignored, ...params } = opts;
-      const response = await this.send('chat', {
-        ref,
-        body: { message, stream: true, ...params },
-        signal: controller.signal
-      });
+      const response = await this.send(op, { ref, body, signal: controller.signal });
+      if (response.status === 204) {
+        return;
+      }
       if (!response.body) {
         throw new OffgridRequestError('The server answered the stream without a body.', 502, 'server_error', 'ServerError');
       }
@@ -229,7 +246,7 @@ export class OffgridClient {
         }
       }
     } finally {
-      opts.signal?.removeEventListener('abort', abort);
+      signal?.removeEventListener('abort', abort);
       controller.abort(); // a no-op once the stream ended; closes it when the caller left early
     }
   }

@@ -123,14 +123,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
         return;
       }
       openSidebar();
-      const path = notebooks?.currentWidget?.context.path;
-      let ref: string | null = sidebar.session?.id ?? null;
-      if (!ref && path) {
-        // the session the notebook's magics and panel use (none yet: a new one)
-        ref = (await client.notebookSession(path))?.id ?? null;
-      }
-      await sidebar.sendTo(ref, question);
+      // the cell's own notebook's conversation (the one its %%offgrid cells use), never just the open one
+      await sidebar.askAbout(notebooks?.currentWidget?.context.path ?? null, question);
     };
+    // the sidebar follows the active notebook: it shows that notebook's conversation
+    const followActive = () => void sidebar.followNotebook(notebooks?.currentWidget?.context.path ?? null);
+    notebooks?.currentChanged.connect(followActive);
+    void app.restored.then(followActive);
     app.commands.addCommand(CommandIDs.askCell, {
       label: 'Ask offgrid about this cell',
       caption: "Send the active cell's source (and its error, if it failed) to the current offgrid session",

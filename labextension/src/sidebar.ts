@@ -12,6 +12,7 @@ import { Widget } from '@lumino/widgets';
 
 import { ChatEvent, Message, OffgridClient, OffgridRequestError, Session, SessionSummary } from './client';
 import { ago, button, codeBlocks, h } from './dom';
+import { basename, endingNote, notebookStem, plainTitle, plural } from './text';
 import { StatsView } from './statsview';
 
 export interface SidebarSettings {
@@ -42,7 +43,9 @@ export class OffgridSidebar extends Widget {
   private signature = '';
   private current: Session | null = null;
   private streaming: AbortController | null = null;
+  private following: AbortController | null = null; // another turn of the open session, shown as it streams
   private requestId: string | null = null;
+  private notebook: string | null = null; // the active notebook's path (relative to the server root)
   private view: 'chats' | 'stats' = 'chats';
   private timer = 0;
   private listFailed = false;
@@ -58,6 +61,9 @@ export class OffgridSidebar extends Widget {
   private readonly list = h('ul', { class: 'offgrid-sessions', role: 'list' });
   private readonly chatView = h('div', { class: 'offgrid-chat-view', hidden: true });
   private readonly chatTitle = h('span', { class: 'offgrid-chat-title' });
+  private readonly chatSubtitle = h('div', { class: 'offgrid-chat-subtitle' });
+  private readonly notebookHint = h('div', { class: 'offgrid-notebook-hint', hidden: true });
+  private readonly modelHint = h('div', { class: 'offgrid-model-hint', hidden: true });
   private readonly messages = h('div', { class: 'offgrid-messages', role: 'log', 'aria-live': 'polite' });
   private readonly state = h('div', { class: 'offgrid-state', role: 'status' });
   private readonly box = h('textarea', {
@@ -85,16 +91,18 @@ export class OffgridSidebar extends Widget {
     this.stop.disabled = true;
 
     const newButton = button('+ New', 'New session', () => void this.newSession(), 'offgrid-new');
-    this.listView.append(h('div', { class: 'offgrid-toolbar' }, this.search, newButton), this.list);
+    this.listView.append(h('div', { class: 'offgrid-toolbar' }, this.search, newButton), this.notebookHint, this.list);
     const back = button('←', 'Back to the sessions', () => this.close_(), 'offgrid-back');
     this.chatView.append(
       h('div', { class: 'offgrid-toolbar' }, back, this.chatTitle),
+      this.chatSubtitle,
       this.messages,
       this.state,
       h('div', { class: 'offgrid-compose' }, this.box, h('div', { class: 'offgrid-compose-buttons' }, this.send, this.stop))
     );
     this.node.append(
       h('div', { class: 'offgrid-tabs', role: 'tablist' }, this.tabs.chats, this.tabs.stats),
+      this.modelHint,
       this.error,
       this.listView,
       this.chatView,
@@ -126,13 +134,23 @@ export class OffgridSidebar extends Widget {
     this.timer = window.setInterval(() => void this.poll(), POLL_MS);
   }
 
+  protected onAfterShow(): void {
+    // JupyterLab's side area is 250 px wide by default, too narrow for a reply's code: our min-width
+    // (360 px, CSS) takes effect when the area fits its shown widget again
+    this.parent?.fit();
+  }
+
   protected onBeforeDetach(): void {
     window.clearInterval(this.timer);
     this.stats.stop();
   }
 
   private async restore(): Promise<void> {
+    void this.showModelHint();
     await this.refresh();
+    if (this.current) {
+      return; // a notebook became active meanwhile and opened its conversation
+    }
     const saved = this.opts.storage?.getItem(STORAGE_KEY);
     if (saved) {
       try {
@@ -146,6 +164,21 @@ export class OffgridSidebar extends Widget {
       } catch {
         this.opts.storage?.removeItem(STORAGE_KEY);
       }
+    }
+  }
+
+  /** Say when the tiny embedded default answers: it shows the plumbing, not what a model can do. */
+  private async showModelHint(): Promise<void> {
+    try {
+      const models = await this.client.models();
+      if (models?.current?.source === 'default') {
+        this.modelHint.textContent =
+          `The embedded default model (${models.current.name}) is in use: small enough to show how everything ` +
+          "works, too small for good answers. The README's “Choosing a model” says which GGUF to use instead.";
+        this.modelHint.hidden = false;
+      }
+    } catch {
+      // the status item says when the server cannot be reached
     }
   }
 
@@ -202,20 +235,40 @@ export class OffgridSidebar extends Widget {
       return;
     }
     await this.refresh();
+    if (!this.current && this.notebook && !this.notebookHint.hidden) {
+      // the active notebook had no conversation: its first cell may have started one since
+      const path = this.notebook;
+      const session = await this.client.notebookSession(path).catch(() => null);
+      if (session && path === this.notebook && !this.current) {
+        await this.open(session.id, { notebook: path });
+      }
+      return;
+    }
     const open = this.current;
-    if (open && !this.streaming) {
+    if (open && !this.streaming && !this.following) {
       const summary = this.sessions.find(s => s.id === open.id);
       if (!summary) {
         this.close_(); // deleted elsewhere
-      } else if (summary.message_count !== open.messages.length || summary.name !== open.name) {
-        await this.open(open.id);
+        return;
+      }
+      try {
+        const status = await this.client.generationStatus();
+        if ((status.generating ?? []).some(g => g.session_id === open.id)) {
+          void this.follow(open.id); // a cell (or another client) is writing in this conversation: show it
+          return;
+        }
+      } catch {
+        // the list's own refresh says when the server is gone
+      }
+      if (summary.message_count !== open.messages.length || summary.name !== open.name) {
+        await this.open(open.id, { scroll: 'keep' });
       }
     }
   }
 
   /** A session's name if it has one (what magics and REST call it), else its title (its first question). */
   private label(s: SessionSummary): string {
-    return s.name || s.title || s.id;
+    return s.name || plainTitle(s.title) || s.id;
   }
 
   private renderList(): void {
@@ -229,8 +282,8 @@ export class OffgridSidebar extends Widget {
           'button',
           { class: 'offgrid-session-open', type: 'button', title: `Open ${this.label(s)}` },
           h('span', { class: 'offgrid-session-title' }, this.label(s)),
-          s.name && s.title ? h('span', { class: 'offgrid-session-subtitle' }, s.title) : null,
-          h('span', { class: 'offgrid-session-meta' }, `${s.message_count} messages · ${ago(s.updated_at)}`)
+          s.name && s.title ? h('span', { class: 'offgrid-session-subtitle' }, plainTitle(s.title)) : null,
+          h('span', { class: 'offgrid-session-meta' }, `${plural(s.message_count, 'message')} · ${ago(s.updated_at)}`)
         );
         open.addEventListener('click', () => void this.open(s.id));
         return h(
@@ -305,7 +358,7 @@ export class OffgridSidebar extends Widget {
     this.fail(null);
     const answer = await showDialog({
       title: `Delete ${this.label(s)}?`,
-      body: `Its ${s.message_count} messages are deleted for every notebook and kernel.`,
+      body: `Its ${plural(s.message_count, 'message')} ${s.message_count === 1 ? 'is' : 'are'} deleted for every notebook and kernel.`,
       buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
     });
     if (!answer.button.accept) {
@@ -338,44 +391,163 @@ export class OffgridSidebar extends Widget {
   }
 
   // -- one conversation ---------------------------------------------------------------------------
-  async open(ref: string): Promise<void> {
+  /**
+   * Show session *ref*. It opens at the newest message (once every reply's Markdown is rendered:
+   * scrolling before that lands short); ``scroll: 'keep'`` (a refresh of the open conversation)
+   * keeps the reader where they were, or at the bottom if they were there.
+   */
+  async open(ref: string, opts: { scroll?: 'bottom' | 'keep'; notebook?: string | null } = {}): Promise<void> {
+    const wasAtBottom = this.nearBottom();
+    const scrolled = this.messages.scrollTop;
+    let session: Session;
     try {
-      this.current = await this.client.getSession(ref);
+      session = await this.client.getSession(ref);
     } catch (err) {
       this.fail(err);
       return;
     }
-    this.chatTitle.textContent = this.label(this.current);
-    this.chatView.dataset.sessionId = this.current.id;
+    const same = this.current?.id === session.id;
+    this.current = session;
+    if (opts.notebook !== undefined) {
+      this.chatSubtitle.textContent = opts.notebook ? `${basename(opts.notebook)}'s conversation` : '';
+    } else if (!same) {
+      this.chatSubtitle.textContent = '';
+    }
+    this.chatTitle.textContent = this.label(session);
+    this.chatView.dataset.sessionId = session.id;
+    const rendered: Promise<void>[] = [];
     this.messages.replaceChildren(
-      ...this.current.messages.filter(m => m.role !== 'system').map(m => (m.role === 'tool' ? toolLine(m) : this.bubble(m)))
+      ...session.messages
+        .filter(m => m.role !== 'system')
+        .map(m => {
+          if (m.role === 'tool') {
+            return toolLine(m);
+          }
+          const { el, done } = this.bubble(m);
+          rendered.push(done);
+          return el;
+        })
     );
-    this.messages.scrollTop = this.messages.scrollHeight;
     this.showView('chats');
+    await Promise.all(rendered);
+    if (opts.scroll === 'keep' && same && !wasAtBottom) {
+      this.messages.scrollTop = scrolled;
+    } else {
+      this.scrollToEnd();
+    }
+  }
+
+  private nearBottom(): boolean {
+    const m = this.messages;
+    return m.scrollHeight - m.scrollTop - m.clientHeight < 40;
+  }
+
+  private scrollToEnd(): void {
+    this.messages.scrollTop = this.messages.scrollHeight;
+  }
+
+  /** Show the active notebook's conversation (the one its cells use), or offer to start it. */
+  async followNotebook(path: string | null): Promise<void> {
+    if (path === this.notebook) {
+      return;
+    }
+    this.notebook = path;
+    if (!path || this.streaming) {
+      return;
+    }
+    let session: SessionSummary | null = null;
+    try {
+      session = await this.client.notebookSession(path);
+    } catch (err) {
+      this.fail(err);
+      return;
+    }
+    if (path !== this.notebook) {
+      return; // another notebook became active meanwhile
+    }
+    if (session) {
+      await this.open(session.id, { notebook: path });
+    } else {
+      this.close_();
+      this.showNotebookHint(path);
+    }
+  }
+
+  private showNotebookHint(path: string): void {
+    const start = button('Start it', `Start ${basename(path)}'s conversation`, () => void this.startForNotebook(path),
+      'offgrid-start-notebook');
+    this.notebookHint.replaceChildren(
+      h('span', {}, `${basename(path)} has no conversation yet: its first %%offgrid cell, or a message here, starts one. `),
+      start
+    );
+    this.notebookHint.hidden = false;
+  }
+
+  /** The session of the notebook at *path*: the one its cells use, else a new one bound to it. */
+  async notebookSession(path: string): Promise<string> {
+    const found = await this.client.notebookSession(path);
+    if (found) {
+      return found.id;
+    }
+    const stem = notebookStem(path);
+    let session: Session | null = null;
+    for (const name of [stem, `${stem}-2`, `${stem}-3`, undefined]) {
+      try {
+        const metadata = { notebook: path } as unknown as Record<string, never>; // (any JSON object: see openapi.json)
+        session = await this.client.createSession(name ? { name, metadata } : { metadata });
+        break;
+      } catch (err) {
+        if (!(err instanceof OffgridRequestError) || err.status !== 409) {
+          throw err;
+        }
+      }
+    }
+    await this.client.bindNotebook(path, session!.id); // its kernel's cells continue this conversation
+    return session!.id;
+  }
+
+  private async startForNotebook(path: string): Promise<void> {
+    this.fail(null);
+    try {
+      const id = await this.notebookSession(path);
+      await this.refresh();
+      await this.open(id, { notebook: path });
+      this.box.focus();
+    } catch (err) {
+      this.fail(err);
+    }
   }
 
   private close_(): void {
     this.stopReply(); // going back to the list stops a running reply (it keeps what was said)
+    this.following?.abort();
     this.current = null;
+    this.notebookHint.hidden = true;
     this.showView('chats');
   }
 
-  private bubble(m: Pick<Message, 'role' | 'content'> & { id?: string; metadata?: unknown }, streaming = false): HTMLElement {
+  /** A message: a person's text as text (line breaks kept, nothing read as HTML or Markdown), a
+   * reply as Markdown with its sources, its actions and how it ended when that is not the usual. */
+  private bubble(m: Pick<Message, 'role' | 'content'> & Partial<Message>, streaming = false): { el: HTMLElement; done: Promise<void> } {
     const body = h('div', { class: 'offgrid-bubble-body' });
     const el = h('div', { class: `offgrid-bubble offgrid-${m.role}`, 'data-role': m.role, 'data-message-id': m.id }, body);
-    if (streaming) {
+    let done = Promise.resolve();
+    if (streaming || m.role !== 'assistant') {
       body.textContent = m.content;
     } else {
-      this.renderMarkdown(body, m.content);
+      done = this.renderMarkdown(body, m.content);
       const sources = ((m as any).metadata?.sources ?? []) as { path: string; start: number; end: number; unit?: string }[];
-      if (m.role === 'assistant' && sources.length) {
+      if (sources.length) {
         el.append(this.sources(sources));
       }
-      if (m.role === 'assistant') {
-        el.append(this.actions(m.content));
+      const ending = endingNote(m);
+      if (ending) {
+        el.dataset.finish = m.finish_reason ?? '';
+        el.append(h('div', { class: 'offgrid-bubble-note' }, ending));
       }
+      el.append(this.actions(m.content));
     }
-    return el;
+    return { el, done };
   }
 
   /** A reply's sources (retrieval): each opens its file. */
@@ -394,10 +566,10 @@ export class OffgridSidebar extends Widget {
     return list;
   }
 
-  private renderMarkdown(into: HTMLElement, text: string): void {
+  private renderMarkdown(into: HTMLElement, text: string): Promise<void> {
     const renderer = this.opts.rendermime.createRenderer('text/markdown');
     into.replaceChildren(renderer.node);
-    void renderer.renderModel(new MimeModel({ data: { 'text/markdown': text }, trusted: false }));
+    return renderer.renderModel(new MimeModel({ data: { 'text/markdown': text }, trusted: false })).catch(() => undefined);
   }
 
   private actions(text: string): HTMLElement {
@@ -432,9 +604,11 @@ export class OffgridSidebar extends Widget {
     this.send.disabled = true;
     this.stop.disabled = false;
     this.error.textContent = '';
-    const reply = this.bubble({ role: 'assistant', content: '' }, true);
+    const question = this.bubble({ role: 'user', content: message }).el;
+    const reply = this.bubble({ role: 'assistant', content: '' }, true).el;
     reply.classList.add('offgrid-mod-streaming');
-    this.messages.append(this.bubble({ role: 'user', content: message }), reply);
+    this.messages.append(question, reply);
+    this.scrollToEnd();
     this.state.textContent = 'Sending…';
     const body = reply.querySelector('.offgrid-bubble-body') as HTMLElement;
     let content = '';
@@ -448,10 +622,15 @@ export class OffgridSidebar extends Widget {
       });
       for await (const ev of stream) {
         this.onEvent(ev as ChatEvent);
-        if (ev.event === 'token') {
+        if (ev.event === 'waiting' && !this.following) {
+          void this.follow(session.id, question); // the turn it waits for: the same conversation, shown
+        } else if (ev.event === 'token') {
+          const follow = this.nearBottom(); // follow the reply, unless the reader scrolled up
           content += ev.data.delta;
           body.textContent = content;
-          this.messages.scrollTop = this.messages.scrollHeight;
+          if (follow) {
+            this.scrollToEnd();
+          }
         } else if (ev.event === 'tool_end') {
           const call = calls.shift();
           reply.before(
@@ -477,7 +656,60 @@ export class OffgridSidebar extends Widget {
       this.state.textContent = '';
       reply.classList.remove('offgrid-mod-streaming');
       if (this.current?.id === session.id) {
-        await this.open(session.id); // what the server stored (a stopped reply keeps its text)
+        await this.open(session.id, { scroll: 'keep' }); // what the server stored (a stopped reply keeps its text)
+      }
+    }
+  }
+
+  /** Show the turn running on *sessionId* that another surface started (a cell), as it streams;
+   * before *before* (our own question, waiting for it) or at the end. */
+  private async follow(sessionId: string, before?: HTMLElement): Promise<void> {
+    if (this.following) {
+      return;
+    }
+    const controller = new AbortController();
+    this.following = controller;
+    if (!before && this.current?.id === sessionId) {
+      await this.open(sessionId, { scroll: 'keep' }); // its question is stored by now: show it first
+    }
+    const reply = this.bubble({ role: 'assistant', content: '' }, true).el;
+    reply.classList.add('offgrid-mod-streaming', 'offgrid-mod-following');
+    const body = reply.querySelector('.offgrid-bubble-body') as HTMLElement;
+    let shown = false;
+    let content = '';
+    try {
+      for await (const ev of this.client.followTurn(sessionId, controller.signal)) {
+        if (!shown) {
+          if (before) {
+            before.before(reply);
+          } else {
+            this.messages.append(reply);
+          }
+          shown = true;
+          if (!this.streaming) {
+            this.state.textContent = 'Another turn of this conversation (a notebook cell?) is writing…';
+          }
+        }
+        if (ev.event === 'token') {
+          const follow = this.nearBottom();
+          content += ev.data.delta;
+          body.textContent = content;
+          if (follow) {
+            this.scrollToEnd();
+          }
+        }
+      }
+    } catch {
+      // it ended, or the reader left: the stored turn is shown below
+    } finally {
+      this.following = null;
+      if (!this.streaming) {
+        this.state.textContent = '';
+        if (this.current?.id === sessionId && shown) {
+          await this.open(sessionId, { scroll: 'keep' });
+        }
+      } else if (shown) {
+        reply.classList.remove('offgrid-mod-streaming'); // it stays until our own turn ends and all is reloaded
       }
     }
   }
@@ -486,7 +718,9 @@ export class OffgridSidebar extends Widget {
     if (ev.data && typeof ev.data.request_id === 'string') {
       this.requestId = ev.data.request_id;
     }
-    if (ev.event === 'queued') {
+    if (ev.event === 'waiting') {
+      this.state.textContent = `Waiting for the turn already running in this conversation (${Math.round(ev.data.waited_s)} s)…`;
+    } else if (ev.event === 'queued') {
       this.state.textContent = `Queued: position ${ev.data.position}`;
     } else if (ev.event === 'loading') {
       this.state.textContent = 'Loading the model…';
@@ -510,17 +744,28 @@ export class OffgridSidebar extends Widget {
     }
   }
 
-  /** Open (or create) a session and send *message* to it: the cell commands use this. */
-  async sendTo(ref: string | null, message: string): Promise<void> {
-    if (ref) {
-      await this.open(ref);
-    } else if (!this.current) {
-      const session = await this.client.createSession({});
+  /** Send *message* to the conversation of the notebook at *path* (a cell command): the session its
+   * cells use, else a new one bound to it; or, with no notebook, the open session (else a new one). */
+  async askAbout(path: string | null, message: string): Promise<void> {
+    this.fail(null);
+    try {
+      let ref: string | null = null;
+      if (path) {
+        ref = await this.notebookSession(path);
+      } else if (this.current) {
+        ref = this.current.id;
+      } else {
+        ref = (await this.client.createSession({})).id;
+      }
       await this.refresh();
-      await this.open(session.id);
+      if (this.current?.id !== ref) {
+        await this.open(ref, { notebook: path });
+      }
+      this.showView('chats');
+      await this.submit(message);
+    } catch (err) {
+      this.fail(err);
     }
-    this.showView('chats');
-    await this.submit(message);
   }
 }
 

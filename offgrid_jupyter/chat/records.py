@@ -40,8 +40,13 @@ def check_times(doc: dict, *keys: str) -> None:
             raise InvalidRequestError(f"{key} must be a time in epoch seconds, got {value!r}.")
 
 
+_MARKUP = re.compile(r"`+|\*\*|__|^#+\s+|!?\[([^\]]*)\]\([^)]*\)")
+
+
 def make_title(content: str) -> str:
-    text = " ".join(content.split())
+    """A session's title: its first question on one line, without Markdown's marks (a list of
+    sessions shows text, not backticks), cut at TITLE_LEN characters."""
+    text = " ".join(_MARKUP.sub(lambda m: m.group(1) or "", content.strip()).split())
     return text if len(text) <= TITLE_LEN else text[:TITLE_LEN] + "…"
 
 

@@ -45,6 +45,7 @@ from .profiles import Profiles
 from .records import ROLES, Message, Session, make_title, new_message_id, new_session_id
 
 TOUCH_WRITE_INTERVAL_S = 60.0  # reads persist last_access_at at most this often
+ROOT_ENV = "OFFGRID_ROOT"  # the Jupyter server's root directory, which it gives the kernels it starts
 __all__ = ["DB_FILENAME", "SESSION_ID_RE", "Message", "Session", "Store", "data_dir", "get_store"]
 
 
@@ -92,6 +93,7 @@ class Store:
         synchronous: str = "NORMAL",
         clock: Callable[[], float] = time.time,
         busy_sessions: Callable[[], Iterable[str]] | None = None,
+        notebook_root: str | os.PathLike | None = None,
     ):
         self.path = Path(path) if path else data_dir() / DB_FILENAME
         self.ttl_hours = float(ttl_hours)
@@ -100,11 +102,16 @@ class Store:
         self.prune_empty_after_s = prune_empty_after_s
         self.clock = clock
         self.busy_sessions = busy_sessions
+        # a notebook is known by its path relative to the Jupyter server's root, whoever names it
+        # (a kernel knows its notebook's absolute path, the sidebar the relative one)
+        root = notebook_root or os.environ.get(ROOT_ENV)
+        self.notebook_root = Path(root).expanduser().resolve() if root else None
         self.pending_writers: list[Callable[[], Any]] = []  # flushed before the request rows are read
         self._cache: dict[str, _Cached] = {}
         self._cache_lock = threading.Lock()
         self.db = Database(self.path, busy_timeout_s=busy_timeout_s, synchronous=synchronous, clock=clock)
         self.repair()  # what a crashed process left: its marks, its unanswered questions
+        self._relink_notebooks()
         self.prune()
 
     # -- the database, for the modules that keep their own tables in it ----------------------
@@ -451,28 +458,62 @@ class Store:
         return row[0] if row else None
 
     # -- notebooks -------------------------------------------------------------------------
+    def notebook_key(self, notebook: str) -> str:
+        """How a notebook's path is kept: relative to the server's root (``notebook_root``), in
+        POSIX form, when it is under it; else as given."""
+        path = Path(notebook)
+        if self.notebook_root is not None and path.is_absolute():
+            try:
+                return path.resolve().relative_to(self.notebook_root).as_posix()
+            except ValueError:
+                return notebook
+        return path.as_posix() if not path.is_absolute() else notebook
+
     def bind_notebook(self, notebook: str, ref: str) -> None:
-        """Remember that *notebook* (its path) uses this session."""
-        now = self.clock()
+        """Remember that *notebook* (its path, relative to the root or absolute) uses this session."""
+        now, key = self.clock(), self.notebook_key(notebook)
 
         def apply(conn: sqlite3.Connection) -> None:
             sid = self._row(conn, ref)["id"]
             conn.execute("INSERT INTO notebook_sessions VALUES (?, ?, ?) ON CONFLICT(notebook) DO UPDATE "
                          "SET session_id = excluded.session_id, updated_at = excluded.updated_at",
-                         (notebook, sid, now))
+                         (key, sid, now))
 
         self.transaction(apply)
 
     def notebook_session(self, notebook: str) -> Session | None:
-        """The session *notebook* used last, if it still exists."""
-        row = self.connection().execute("SELECT session_id FROM notebook_sessions WHERE notebook = ?",
-                                   (notebook,)).fetchone()
-        if row is None:
-            return None
-        try:
-            return self.get(row[0], messages=False)
-        except SessionNotFoundError:
-            return None
+        """The session *notebook* (relative to the root or absolute) used last, if it still exists."""
+        forms = [self.notebook_key(notebook), notebook]
+        if self.notebook_root is not None and not Path(notebook).is_absolute():
+            forms.append(str(self.notebook_root / notebook))  # a link written before paths were relative
+        for form in dict.fromkeys(forms):
+            row = self.connection().execute("SELECT session_id FROM notebook_sessions WHERE notebook = ?",
+                                            (form,)).fetchone()
+            if row is None:
+                continue
+            try:
+                return self.get(row[0], messages=False)
+            except SessionNotFoundError:
+                return None
+        return None
+
+    def _relink_notebooks(self) -> None:
+        """Links kept under a notebook's absolute path (before they were relative to the root) are
+        moved to the relative form, unless that form is already taken (it is newer)."""
+        if self.notebook_root is None:
+            return
+        prefix = str(self.notebook_root).rstrip("/") + "/"
+        rows = self.connection().execute("SELECT notebook FROM notebook_sessions WHERE substr(notebook, 1, ?) = ?",
+                                         (len(prefix), prefix)).fetchall()
+        if not rows:
+            return
+
+        def apply(conn: sqlite3.Connection) -> None:
+            for (old,) in rows:
+                conn.execute("UPDATE OR IGNORE notebook_sessions SET notebook = ? WHERE notebook = ?",
+                             (self.notebook_key(old), old))
+
+        self.transaction(apply)
 
     # -- lifetime (sliding idle TTL) -------------------------------------------------------------
     @property

@@ -29,8 +29,10 @@ from typing import Any, Awaitable, Callable
 
 from ..inference.backend import Backend
 from ..inference.generation import Generation, GenerationResult
-from ..errors import InvalidRequestError, QueueTimeoutError, TurnCancelledError, UnknownProfileError, UnknownToolError
+from ..errors import (InvalidRequestError, QueueTimeoutError, ReplyCutError, ReplyInvalidError, TurnCancelledError,
+                      UnknownProfileError, UnknownToolError)
 from ..inference.models import ModelInfo
+from ..inference.structured import check_reply, normalize
 from .store import Message, Store
 from .rounds import Rounds
 from .tools import Tool
@@ -117,6 +119,13 @@ def give_up(session_id: str, fut: Future) -> None:
     release(session_id)
 
 
+def held(session_id: str) -> bool:
+    """Whether a turn of *session_id* is running in this process (holding the session)."""
+    with _guard:
+        waiters = _sessions.get(session_id)
+        return waiters is not None and waiters.held
+
+
 def waiting(session_id: str | None = None) -> Any:
     """Turns waiting for *session_id* (not counting the one that holds it), or for
     every session: ``{session_id: count}`` of those with any waiting."""
@@ -182,6 +191,7 @@ class ChatTurn:
         self._cancelled = False
         self._state_lock = threading.Lock()
         self._held = ExitStack()  # released when the turn is over: the session's turn
+        self._response_format: dict | None = None  # a constrained reply is kept only whole
 
     # -- phase 1: wait for the session, store the question, queue the generation -------------
     def start(self) -> "ChatTurn":
@@ -267,6 +277,7 @@ class ChatTurn:
     def _queue(self, messages: list[dict], params: dict[str, Any], model: str | None, tools: list[Tool],
                rounds: int | None) -> None:
         """Retrieve (with --rag) and queue the generation; the caller rolls back if this raises."""
+        self._response_format = normalize(params.get("response_format"))
         if self.rag is not None:
             messages[-1] = {**messages[-1], "content": self._retrieved(messages[-1]["content"])}
         if tools and self.tool_choice != "none":
@@ -363,6 +374,19 @@ class ChatTurn:
     def _end(self, result: GenerationResult) -> TurnResult:
         reply = None
         steps = getattr(self.generation, "steps", None) or []  # the tool calls the rounds made
+        rf = self._response_format
+        if rf is not None and result.finish_reason in ("stop", "length", "cancelled"):
+            # a constrained reply is kept only whole: cut, stopped, not JSON or off the schema, it goes
+            if result.finish_reason == "cancelled":
+                self._rollback()
+                return TurnResult(self.session_id, self.session_name, None, None, result,
+                                  self.generation.model.sha256(), [h.source() for h in self.sources])
+            try:
+                check_reply(result.text, result.finish_reason, rf)
+            except (ReplyCutError, ReplyInvalidError) as exc:
+                self._rollback()
+                exc.text = result.text  # what the model wrote, for a caller that keeps it (-o VAR)
+                raise
         try:
             if self._mark is not None:
                 text = result.text if result.text.strip() else (

@@ -21,7 +21,7 @@ import json
 import re
 from typing import Any
 
-from ..errors import InvalidRequestError, ReplyCutError, ReplyInvalidError
+from ..errors import InvalidRequestError, ReplyCutError, ReplyInvalidError, UnsupportedSchemaError
 
 MAX_SCHEMA_BYTES = 64 * 1024
 # llama-cpp-python's converter writes ``maxLength: N`` (and maxItems, minItems, minLength, a pattern's
@@ -69,8 +69,41 @@ def normalize(response_format: Any) -> dict[str, Any] | None:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         raise InvalidRequestError(f"response_format's schema is not a valid JSON schema: {exc.message}") from None
+    check_expressible(schema, "response_format's schema")
     check_bounds(schema, "response_format's schema")
     return {"type": "json_object", "schema": schema}
+
+
+_NAMED = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")  # {name: schema}
+_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+        "unevaluatedItems", "unevaluatedProperties", "additionalItems")  # a schema
+_MANY = ("anyOf", "oneOf", "allOf", "prefixItems")  # [schema, ...]
+
+
+def check_expressible(schema: Any, what: str) -> None:
+    """Refuse, naming it and where it is, what a grammar cannot enforce and llama-cpp-python's
+    converter would ignore or fail on in its own words: a ``not`` (beside other keywords it was
+    silently dropped), a ``$ref`` to a remote schema (offgrid works offline)."""
+    todo: list[tuple[Any, str]] = [(schema, "")]
+    while todo:
+        node, where = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        if "not" in node:
+            raise UnsupportedSchemaError(f"{what}: a \"not\" (at {_at(where)}) cannot be enforced while the reply is "
+                                         "written (a grammar only says what may come next); drop it.")
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            raise UnsupportedSchemaError(f"{what}: the $ref {ref[:100]!r} (at {_at(where)}) points outside the schema, "
+                                         "and offgrid fetches nothing: copy that schema under \"$defs\" and refer "
+                                         "to it as \"#/$defs/NAME\".")
+        for key, value in node.items():
+            if key in _NAMED and isinstance(value, dict):
+                todo.extend((v, f"{where}.{key}.{k}") for k, v in value.items())
+            elif key in _ONE:
+                todo.append((value, f"{where}.{key}"))
+            elif key in _MANY and isinstance(value, list):
+                todo.extend((v, f"{where}.{key}[{i}]") for i, v in enumerate(value))
 
 
 def check_bounds(schema: Any, what: str, budget: int = MAX_EXPANSION) -> int:
@@ -172,6 +205,28 @@ def pattern_weight(pattern: str, what: str) -> int:
     return total
 
 
+def check_reply(text: str, finish_reason: str, response_format: dict[str, Any]) -> Any:
+    """A constrained reply's JSON value, checked: cut by the token limit (ReplyCutError), not JSON
+    or not matching the schema (ReplyInvalidError: numeric bounds and formats, which the grammar
+    does not enforce, are checked here). A turn whose reply fails this is not kept."""
+    if finish_reason == "length":
+        raise ReplyCutError("The reply reached the token limit before its JSON was complete: raise -n (max tokens; "
+                            "max_tokens over REST) and ask again. Nothing was stored.")
+    try:  # strict=False: llama.cpp's JSON grammar lets a raw control character (a tab) into a string
+        value = json.loads(text, strict=False)
+    except ValueError as exc:
+        raise ReplyInvalidError(f"The reply is not JSON ({exc}). Nothing was stored.") from None
+    schema = (response_format or {}).get("schema")
+    if schema is not None:
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import best_match
+
+        error = best_match(Draft202012Validator(schema).iter_errors(value))
+        if error is not None:
+            raise ReplyInvalidError(f"The reply does not match the schema: {error.message}. Nothing was stored.")
+    return value
+
+
 def openai_form(response_format: dict[str, Any] | None, style: str = "json_schema") -> dict[str, Any] | None:
     """The normalized form as an OpenAI-compatible engine takes it: OpenAI's ``json_schema``
     (OpenAI, vLLM, llama.cpp's server, Ollama), or with *style* ``"json_object"`` the
@@ -218,25 +273,13 @@ class Shape:
     def parse(self, text: str, finish_reason: str) -> Any:
         """The reply as the object asked for: a pydantic instance (or list of them) for a class,
         plain JSON values for a dict schema, checked against the schema either way."""
-        if finish_reason == "length":
-            raise ReplyCutError("The reply reached the token limit before its JSON was complete: "
-                                "raise -n (max tokens) and run the cell again.")
-        try:  # strict=False: llama.cpp's JSON grammar lets a raw control character (a tab) into a string
-            value = json.loads(text, strict=False)
-        except ValueError as exc:
-            raise ReplyInvalidError(f"The reply is not JSON ({exc}).") from None
-        if self.adapter is not None:
-            try:
-                return self.adapter.validate_python(value)
-            except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError names the fields
-                raise ReplyInvalidError(f"The reply does not match {_name(self.spec)}: {exc}") from None
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import best_match
-
-        error = best_match(Draft202012Validator(self.schema).iter_errors(value))
-        if error is not None:
-            raise ReplyInvalidError(f"The reply does not match the schema: {error.message}")
-        return value
+        if self.adapter is None:
+            return check_reply(text, finish_reason, self.response_format)
+        value = check_reply(text, finish_reason, {"type": "json_object"})
+        try:
+            return self.adapter.validate_python(value)
+        except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError names the fields
+            raise ReplyInvalidError(f"The reply does not match {_name(self.spec)}: {exc}") from None
 
     def frame(self, value: Any):
         """A list reply as a DataFrame (one row per item, typed columns)."""

@@ -203,10 +203,12 @@ class Context:
 
     # -- the notebook ----------------------------------------------------------------
     def notebook_path(self) -> str | None:
+        """This kernel's notebook: its path relative to the Jupyter server's root when the server
+        said where that is (``OFFGRID_ROOT``), the form the sidebar and every kernel use."""
         ns = getattr(self.shell, "user_ns", None) or {}
         for value in (ns.get("__vsc_ipynb_file__"), ns.get("__session__"), os.environ.get("JPY_SESSION_NAME")):
             if isinstance(value, str) and value.endswith(".ipynb"):
-                return value
+                return self.local_store.notebook_key(value) if not self.remote_sessions else value
         return None
 
     # -- the current session --------------------------------------------------------------

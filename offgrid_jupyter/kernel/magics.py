@@ -23,7 +23,8 @@ from traitlets import Bool, Dict, Enum, Float, Int, Unicode
 
 from .context import Context, set_loaded
 from .parsers import FORMATS, HELP, STRUCTURED, SUBCOMMANDS, HelpShown, cell_parser, line_parser, split
-from ..errors import DuplicateNameError, Interrupted, OffgridError, OffgridMagicError, ReplyCutError, SessionNotFoundError
+from ..errors import (DuplicateNameError, Interrupted, OffgridError, OffgridMagicError, ReplyCutError,
+                      ReplyInvalidError, SessionNotFoundError)
 from .render import Conversation, Note, Progress, Reply, Table, tool_lines
 from ..stats import summarize
 from ..chat.store import SESSION_ID_RE
@@ -39,7 +40,32 @@ MB = 1 << 20
 
 # -- interpolation ------------------------------------------------------------------
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}\n]+)\}")
-_formatter = string.Formatter()
+SHOWN_ITEMS = 50  # values of an array or index written into a prompt (then "… N more")
+
+
+class _Formatter(string.Formatter):
+    """``str.format`` for prompts: a pandas Index or array, or a 1-d numpy array, is written as the
+    list of its values (``['month', 'region']``), not its repr (pandas 3 wrote ``<ArrowStringArray>``,
+    the dtype and the length into the prompt, and the model quoted it back)."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if not format_spec and _array_like(value):
+            items = value.tolist()
+            more = len(items) - SHOWN_ITEMS
+            return repr(items[:SHOWN_ITEMS])[:-1] + (f", … {more} more]" if more > 0 else "]")
+        return super().format_field(value, format_spec)
+
+
+def _array_like(value: Any) -> bool:
+    module = type(value).__module__.split(".")[0]
+    if module == "numpy":
+        return getattr(value, "ndim", 0) == 1
+    if module == "pandas":  # an Index or an ExtensionArray (a Series or a DataFrame prints readably)
+        return hasattr(value, "tolist") and type(value).__name__ not in ("Series", "DataFrame")
+    return False
+
+
+_formatter = _Formatter()
 
 
 def interpolate(text: str, namespace: dict[str, Any]) -> str:
@@ -184,6 +210,11 @@ class OffgridMagics(Magics):
             self.context.turn_started(session_id, turn)  # chat panels on this session follow it
         try:
             outcome = self._run(turn, "json" if fmt == "frame" else fmt, stream=not args.no_stream, note=note)
+        except (ReplyCutError, ReplyInvalidError) as exc:  # a constrained reply that is not whole: not stored
+            if args.output:
+                self.shell.user_ns[args.output] = getattr(exc, "text", "")
+            kept = f" The text is in {args.output}." if args.output else " Use -o VAR to keep the text."
+            raise OffgridMagicError(f"{exc}{kept}") from None
         finally:
             self.context.turn_done(session_id)
         return self._deliver(outcome, fmt, args.output, shape)
@@ -243,8 +274,10 @@ class OffgridMagics(Magics):
         except KeyboardInterrupt:  # the kernel's Stop button: keep what was generated
             turn.cancel()
             outcome = turn.finish()
-        except BaseException:
+        except BaseException as exc:
             turn.abort()
+            if handle is not None and isinstance(exc, OffgridError):  # the partial text stays, marked
+                handle.update(Reply(getattr(exc, "text", ""), format=fmt, status=f"not kept: {exc}", done=True))
             raise
         final = self._final(outcome, fmt)
         if note:
@@ -289,7 +322,9 @@ class OffgridMagics(Magics):
             self.shell.user_ns[output] = outcome.reply.content if outcome.reply else r.text  # the object below
         if r.finish_reason == "cancelled":
             where = (f"the partial reply is kept in session {outcome.session_name or outcome.session_id!r}"
-                     if outcome.reply else "nothing was generated, so the turn was not stored")
+                     if outcome.reply else "a JSON reply is kept only whole, so the turn was not stored"
+                     if fmt in STRUCTURED and r.usage["completion_tokens"] else
+                     "nothing was generated, so the turn was not stored")
             raise Interrupted(f"generation stopped after {r.usage['completion_tokens']} tokens; {where}.")
         if fmt == "code" and r.text.strip():
             self.shell.set_next_input(extract_code(r.text), replace=False)
@@ -354,6 +389,10 @@ class OffgridMagics(Magics):
                   else "none yet (created by the first %%offgrid cell)"),
                  ("notebook", ctx.notebook_path() or "unknown to this kernel"),
                  ("store", str(ctx.store.path))]
+        if desc.get("source") == "default":
+            rows.append(("note", "this is the embedded default, SmolLM2-135M: small enough to show how everything "
+                                 "works, too small for good answers; the README's \"Choosing a model\" says which "
+                                 "GGUF to use instead (`%offgrid model PATH`)"))
         return Table("offgrid status", rows)
 
     def _cmd_sessions(self, args):

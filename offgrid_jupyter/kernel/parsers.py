@@ -172,10 +172,13 @@ HELP = """**offgrid** — a local LLM in your notebook.
 ```
 %%offgrid [-s NAME] [--new] [--system TEXT] [-t TEMP] [-n MAX_TOKENS] [--seed N]
           [-f markdown|text|code|json|frame] [--schema SPEC] [-o VAR] [--no-stream] [--no-history]
-          [--model PATH] [--no-interpolate] [--tools a,b] [--tool-choice auto|required|none|NAME]
+          [--model PATH] [--local] [--no-interpolate] [--tools a,b] [--tool-choice auto|required|none|NAME]
           [--max-rounds N] [--rag [COLLECTION]] [-k N]
 <prompt; {name} is replaced from your variables, {{ and }} are literal braces>
 ```
+
+`--local` runs the cell on a model in this kernel even when the kernel uses a Jupyter server's model
+(needed for `--model`: the server's model is its configuration's).
 
 | `%offgrid …` | |
 |---|---|

@@ -18,8 +18,23 @@ from ..inference.toolcalls import call_label
 CURSOR = "▌"
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}#|~])")
+_MD_BULLET = re.compile(r"^(\s*)([-+>])(?=\s)")
+_MD_NUMBERED = re.compile(r"^(\s*\d+)([.)])(?=\s)")
+
+
+def plain_markdown(line: str) -> str:
+    """One line of a person's text as Markdown that shows exactly that text: HTML and Markdown's
+    marks escaped (``<ArrowStringArray>`` vanished as a tag; ``*`` made italics)."""
+    line = _MD_SPECIAL.sub(r"\\\1", html.escape(line, quote=False))
+    line = _MD_BULLET.sub(r"\1\\\2", line)
+    return _MD_NUMBERED.sub(r"\1\\\2", line)
+
+
 def blockquote(text: str) -> str:
-    return "\n".join("> " + html.escape(line) if line else ">" for line in text.splitlines())
+    """*text* (a person's message) quoted as it was written: every line kept (a Markdown line break
+    at each), nothing in it read as Markdown or HTML."""
+    return "\n".join("> " + plain_markdown(line) + "  " if line.strip() else ">" for line in text.splitlines())
 
 
 class Reply:

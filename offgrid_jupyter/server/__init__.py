@@ -23,7 +23,7 @@ from ..chat.tools import load as load_tools
 from ..inference.engine import DEFAULT_PARALLEL, MB, Engine
 from ..runtime import make_backend
 from ..stats import attach
-from ..chat.store import DB_FILENAME, Store, data_dir
+from ..chat.store import DB_FILENAME, ROOT_ENV, Store, data_dir
 from .handlers import handlers
 from .snapshot import pre_save_hook
 from .state import ServerState
@@ -137,7 +137,8 @@ class OffgridApp(ExtensionApp):
     def initialize_settings(self) -> None:
         home = Path(self.data_dir).expanduser()
         engine = self._backend()
-        store = Store(home / DB_FILENAME, busy_sessions=engine.busy_session_ids)
+        root = getattr(self.serverapp, "root_dir", None) or os.getcwd()
+        store = Store(home / DB_FILENAME, busy_sessions=engine.busy_session_ids, notebook_root=root)
         kernel_key = secrets.token_urlsafe(32)
         self.state = ServerState(engine=engine, store=store, request_log=attach(engine, store),
                                  api_key=self.api_key, kernel_key=kernel_key, max_body_bytes=self.max_body_bytes,
@@ -153,6 +154,7 @@ class OffgridApp(ExtensionApp):
             os.environ["OFFGRID_URL"] = url_path_join(self.serverapp.connection_url, "offgrid/v1/")
             os.environ["OFFGRID_API_KEY"] = kernel_key
             os.environ["OFFGRID_HOME"] = str(home)
+            os.environ[ROOT_ENV] = str(Path(root).expanduser().resolve())  # notebooks are known relative to it
         contents = getattr(self.serverapp, "contents_manager", None)
         if self.snapshot_panels and hasattr(contents, "register_pre_save_hook"):
             contents.register_pre_save_hook(pre_save_hook(store))

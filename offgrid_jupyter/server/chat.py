@@ -29,10 +29,13 @@ from jupyter_server.auth.decorator import authorized
 
 from ..errors import GenerationNotFoundError, IdempotencyConflictError, InvalidRequestError, OffgridError
 from ..inference.toolcalls import openai_call
+from ..chat import turns
 from ..chat.turns import ChatTurn, TurnResult
 from .base import OffgridHandler
 from .state import ServerState
 
+WAITING_AFTER = 0.3  # s a streamed turn may take to begin before the client is told it waits
+WAITING_EVERY = 5.0  # s between the `waiting` events after that
 PARAMS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "repeat_penalty", "response_format")
 KEY_CHARS = set(map(chr, range(0x21, 0x7F)))
 
@@ -114,6 +117,8 @@ class SharedTurn:
             gen = turn.generation
             ident = {"request_id": gen.request_id, "session_id": turn.session_id}
             self.state.running[gen.request_id] = self
+            if turn.session_id is not None:
+                self.state.session_turns[turn.session_id] = self  # (GET sessions/{ref}/turn follows it)
             self.started.set_result(ident)
             async with aclosing(gen.aevents(poll_interval=2.0, repeat_queued=True)) as events:
                 async for kind, payload in events:
@@ -142,6 +147,8 @@ class SharedTurn:
             self.log = [("start", ident), *rounds, ("token", {"delta": payload["text"]}), ("complete", payload)]
         finally:
             self.state.running.pop(ident.get("request_id"), None)
+            if self.state.session_turns.get(ident.get("session_id")) is self:
+                del self.state.session_turns[ident["session_id"]]
 
 
 class ChatHandler(OffgridHandler):
@@ -182,9 +189,19 @@ class ChatHandler(OffgridHandler):
         self._shared = shared
         shared.want()
         try:
-            await asyncio.shield(shared.started)  # failing before the turn began: a real HTTP status
             if stream:
-                self.start_events()
+                await self._while_waiting(shared, session.id)
+            try:
+                await asyncio.shield(shared.started)  # failing before the turn began: a real HTTP status
+            except OffgridError as exc:
+                if not self._headers_written:
+                    raise
+                await self.event("error", {"message": str(exc), "type": type(exc).__name__, "code": exc.code})
+                self.end_events()  # (the stream had begun with `waiting`: the error is its last event)
+                return
+            if stream:
+                if not self._headers_written:
+                    self.start_events()
                 async for kind, payload in shared.follow():
                     await self.event(kind, payload)
                     if self._gone:
@@ -194,6 +211,27 @@ class ChatHandler(OffgridHandler):
                 self.send(200, await asyncio.shield(shared.result))
         finally:
             self.gone()
+
+    async def _while_waiting(self, shared: "SharedTurn", session_id: str) -> None:
+        """A streamed turn that has not begun within WAITING_AFTER s is waiting for its session's
+        running turn (or the engine's queue): say so at once, and every WAITING_EVERY s, so the
+        client can tell its user why (and follow that turn: GET sessions/{ref}/turn)."""
+        waited = 0.0
+        step = WAITING_AFTER
+        while not shared.started.done():
+            await asyncio.wait([shared.started], timeout=step)
+            if shared.started.done() or self._gone:
+                return
+            waited += step
+            step = WAITING_EVERY
+            if not self._headers_written:
+                self.start_events()
+            held = turns.held(session_id)
+            await self.event("waiting", {
+                "session_id": session_id, "waited_s": round(waited, 1),
+                "reason": "another turn of this session is still running (a notebook cell, the panel or another "
+                          "client); this one starts when it ends" if held else
+                          "the request is being prepared (retrieval, or the engine's model list)"})
 
     def _idempotency_key(self) -> str | None:
         key = self.request.headers.get("Idempotency-Key")
@@ -205,6 +243,27 @@ class ChatHandler(OffgridHandler):
         shared, self._shared = getattr(self, "_shared", None), None
         if shared is not None:
             shared.unwant()
+
+
+class TurnHandler(OffgridHandler):
+    """Follow the turn running on a session (a cell's, another client's): its events from the start."""
+
+    spec_path = "/sessions/{ref}/turn"
+
+    @web.authenticated
+    @authorized
+    async def get(self, ref: str) -> None:
+        session = await self.run(lambda: self.state.store.get(ref, messages=False))  # 404 for no such session
+        shared = self.state.session_turns.get(session.id)
+        if shared is None or shared.finished:
+            self.send(204)
+            return
+        self.start_events()
+        async for kind, payload in shared.follow():  # an observer: leaving never cancels the turn
+            await self.event(kind, payload)
+            if self._gone:
+                break
+        self.end_events()
 
 
 class CancelHandler(OffgridHandler):

@@ -23,7 +23,7 @@ from ..validation import check_text
 from . import spec
 from .base import OffgridHandler
 from .collections import CollectionHandler, CollectionsHandler, SearchHandler
-from .chat import CancelHandler, ChatHandler, OpenAIChatHandler
+from .chat import CancelHandler, ChatHandler, OpenAIChatHandler, TurnHandler
 
 
 class SessionsHandler(OffgridHandler):
@@ -280,7 +280,7 @@ class MetricsHandler(OffgridHandler):
 
 
 ROUTES = [SessionsHandler, SessionHandler, MessagesHandler, ForkHandler, ExportHandler, ImportHandler,
-          NotebookSessionHandler, ChatHandler, StatusHandler, CancelHandler, StatsHandler, RequestsHandler,
+          NotebookSessionHandler, ChatHandler, TurnHandler, StatusHandler, CancelHandler, StatsHandler, RequestsHandler,
           ProfilesHandler, ToolsHandler, CollectionsHandler, CollectionHandler, SearchHandler, ModelsHandler,
           HealthHandler, OpenAIChatHandler, OpenAPIHandler]
 

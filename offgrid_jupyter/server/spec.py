@@ -45,6 +45,26 @@ def _integer_fields(path: str, method: str) -> frozenset[str]:
                      if "integer" in (prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]))
 
 
+# what each pattern of the document asks for, in words (a raw regular expression is no error message)
+PATTERN_RULES = {
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$": "a name may contain 1-64 letters, digits, '.', '_' or '-', and starts "
+                                         "with a letter or digit",
+    r"^session-[0-9a-f]{12}$": "a session id looks like session- and 12 hexadecimal digits",
+    r"^msg-[0-9a-f]{12}$": "a message id looks like msg- and 12 hexadecimal digits",
+    r"^[A-Za-z_][A-Za-z0-9_]{0,63}$": "a tool's name is an identifier: letters, digits and '_', at most 64",
+    r"^[^\u0000]*\S[^\u0000]*$": "it must hold something other than spaces, and no NUL character",
+    r"\S": "it must hold something other than spaces",
+    r"^[\x21-\x7e]+$": "it may hold printable ASCII characters only",
+}
+
+
+def _message(error: Any) -> str:
+    if error.validator == "pattern" and error.validator_value in PATTERN_RULES:
+        shown = repr(error.instance) if len(repr(error.instance)) <= 80 else repr(error.instance)[:77] + "…"
+        return f"{shown} is not allowed: {PATTERN_RULES[error.validator_value]}"
+    return error.message
+
+
 def check_body(path: str, method: str, data: Any) -> dict[str, Any]:
     """*data* as the document's request body schema for (*path*, *method*) allows, else a 400
     naming where and what. Then ``null`` fields are dropped (they mean "the default") and
@@ -52,7 +72,8 @@ def check_body(path: str, method: str, data: Any) -> dict[str, Any]:
     error = best_match(_validator(path, method).iter_errors(data))
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-        message = error.message if len(error.message) <= MESSAGE_LIMIT else error.message[:MESSAGE_LIMIT] + "…"
+        message = _message(error)
+        message = message if len(message) <= MESSAGE_LIMIT else message[:MESSAGE_LIMIT] + "…"
         raise InvalidRequestError(f"Invalid request body at ${where}: {message}.")
     integers = _integer_fields(path, method)
     return {k: int(v) if k in integers and isinstance(v, float) else v for k, v in data.items() if v is not None}

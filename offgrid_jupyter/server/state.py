@@ -38,6 +38,7 @@ class ServerState:
         default_factory=lambda: ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="offgrid-store"))
     keyed: OrderedDict[tuple, "SharedTurn"] = field(default_factory=OrderedDict)  # (route, session, key) -> turn
     running: dict[str, "SharedTurn"] = field(default_factory=dict)  # request id -> turn, for cancel
+    session_turns: dict[str, "SharedTurn"] = field(default_factory=dict)  # session id -> its running turn
     tools: dict[str, Tool] = field(default_factory=dict)  # c.OffgridApp.tools, by name
     embedding_model: str | None = None  # c.OffgridApp.embedding_model, resolved
     learn_limits: Limits = field(default_factory=Limits)  # c.OffgridApp.learn_limits
