@@ -188,6 +188,25 @@ def test_a_second_notebook_shows_its_queue_position_then_completes(lab, open_not
         assert second.errors_shown() == []
 
 
+def test_a_saved_panel_comes_back_live_after_a_reload_while_its_kernel_runs(lab, open_notebook):
+    nb = open_chat(open_notebook, lab, "reloaded.ipynb", "%offgrid chat -n 16 -t 0")
+    console = []
+    nb.page.on("console", lambda msg: msg.type == "error" and console.append(msg.text))
+    with failing_shows(open_notebook):
+        nb.send("Name a colour.")
+        nb.page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        nb.page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')")
+        with api(lab) as c:
+            data = c.get("api/contents/reloaded.ipynb").json()["content"]["cells"][1]["outputs"][0]["data"]
+        assert set(data) == {"application/vnd.offgrid.panel+json", "text/markdown", "text/plain"}
+        nb.page.reload()  # the kernel runs on
+        nb.page.wait_for_selector(".offgrid-panel", timeout=60_000)  # the live panel, not its snapshot
+        assert "Name a colour." in nb.bubbles()[0]
+        nb.send("Name another one.")  # and it works
+        assert len(nb.bubbles()) == 4
+        assert nb.page.get_by_text("Error displaying widget").count() == 0 and console == []
+
+
 def test_a_saved_notebook_with_a_panel_reopens_without_a_widget_error(lab, open_notebook):
     nb = open_chat(open_notebook, lab, "saved.ipynb", "%offgrid chat -n 16 -t 0")
     with failing_shows(open_notebook):
@@ -197,12 +216,12 @@ def test_a_saved_notebook_with_a_panel_reopens_without_a_widget_error(lab, open_
         with api(lab) as c:
             saved = c.get("api/contents/saved.ipynb").json()["content"]
             outputs = saved["cells"][1]["outputs"]
-            assert "application/vnd.jupyter.widget-view+json" not in outputs[0]["data"]
+            assert "application/vnd.jupyter.widget-view+json" not in outputs[0]["data"]  # (ours keeps its id)
             assert "Name a colour." in outputs[0]["data"]["text/markdown"]
             for session in c.get("api/sessions").json():  # the kernel goes: no widget can live on
                 c.delete(f"api/sessions/{session['id']}")
         nb.page.close()
         again = open_notebook("saved.ipynb")
-        again.cell(1).get_by_text("offgrid chat").first.wait_for()
+        again.cell(1).get_by_text("run this cell to reopen").wait_for()  # the snapshot (the kernel is new)
         assert again.page.get_by_text("Error displaying widget").count() == 0
-        assert "run this cell to reopen" in again.cell(1).inner_text()
+        assert "Name a colour." in again.cell(1).inner_text()

@@ -15,6 +15,7 @@ import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { OffgridClient } from './client';
+import { panelRendererFactory } from './panel';
 import { cellQuestion } from './prompts';
 import { OffgridSidebar, SidebarSettings } from './sidebar';
 import { OffgridStatus } from './status';
@@ -59,6 +60,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     palette: ICommandPalette | null
   ) => {
     const client = serverClient();
+    // a saved chat panel: live when its kernel still holds it, else its snapshot (see panel.ts)
+    rendermime.addFactory(panelRendererFactory(notebooks), 0);
     const settings: SidebarSettings = { maxTokens: 512, temperature: 0.2, insertCodeAsCode: true };
     if (settingRegistry) {
       try {

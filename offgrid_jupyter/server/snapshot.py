@@ -5,7 +5,12 @@ with a new kernel would show "Error displaying widget: model not found". This
 pre-save hook of the Jupyter server's contents manager replaces, in the file only
 (the open notebook keeps its live panel), each panel's widget output with
 Markdown: the session's last messages and how to reopen the panel. A panel marks
-its output with ``metadata.offgrid_panel`` (see :mod:`offgrid_jupyter.widget`).
+its output with ``metadata.offgrid_panel`` (see :mod:`offgrid_jupyter.kernel.widget`).
+
+The output also keeps the widget's id under a type of our own (PANEL_MIME): the
+JupyterLab extension renders it as the live panel when the kernel still holds that
+widget (a page reloaded while the kernel runs), else as the snapshot; anything else
+(a notebook viewer, VS Code, nbconvert) shows the Markdown.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from ..kernel.render import blockquote
 from ..chat.store import Store
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+PANEL_MIME = "application/vnd.offgrid.panel+json"  # the widget's id and the snapshot (labextension/src/panel.ts)
 PANEL_KEY = "offgrid_panel"
 SHOWN_MESSAGES = 6
 SHOWN_CHARS = 1200
@@ -66,9 +72,12 @@ def pre_save_hook(store: Store) -> Callable[..., None]:
             for cell in model["content"].get("cells", []):
                 for output in cell.get("outputs") or []:
                     panel = (output.get("metadata") or {}).get(PANEL_KEY)
-                    if isinstance(panel, dict) and WIDGET_MIME in (output.get("data") or {}):
+                    data = output.get("data") or {}
+                    view = data.get(WIDGET_MIME) or (data.get(PANEL_MIME) or {}).get("view")
+                    if isinstance(panel, dict) and isinstance(view, dict):
                         text = panel_markdown(store, panel)
-                        output["data"] = {"text/markdown": text, "text/plain": text}
+                        output["data"] = {PANEL_MIME: {"view": view, "snapshot": text}, "text/markdown": text,
+                                          "text/plain": text}
         except Exception:  # a snapshot must never stand between the user and a save
             log.exception("offgrid: could not snapshot the chat panels of %s", path)
 
