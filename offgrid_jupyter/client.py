@@ -21,6 +21,7 @@ import httpx
 from httpx_sse import EventSource, connect_sse
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
+from .chat.attachments import inline
 from .chat.frames import to_epoch, typed_frame
 from .errors import InvalidRequestError, OffgridError, ServerError, from_response
 from .retrieval.rag import Hit, LearnReport
@@ -119,10 +120,15 @@ class Client:
         return from_response(response.status_code, payload)
 
     # -- the API ------------------------------------------------------------------------------
-    def chat(self, message: str, session: str | None = None, **params: Any) -> dict[str, Any]:
-        """A turn in *session*; without one, a one-shot answer (nothing stored)."""
+    def chat(self, message: str, session: str | None = None, *, context: list[dict] | None = None,
+             **params: Any) -> dict[str, Any]:
+        """A turn in *session*; without one, a one-shot answer (nothing stored). *context*:
+        attachments ``[{kind, name, text, type?}]`` (``offgrid_jupyter.describe`` writes a
+        variable's text), stored with the message and shown to the model before it."""
         if session is not None:
-            return self.sessions.chat(session, message, **params)
+            return self.sessions.chat(session, message, **({"context": context} if context else {}), **params)
+        if context:  # nothing is stored, so the prompt carries them (fitted to half a 4,096 context)
+            message = inline(message, context)
         body = {"messages": [{"role": "user", "content": message}], **params}
         out = self.request("POST", "chat/completions", body=body)
         choice = out["choices"][0]

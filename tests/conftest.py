@@ -71,6 +71,7 @@ class Shell:
         self.magics = OffgridMagics(shell=self.ip, context=Context(self.ip, engine=engine, store=store))
         self.ip.register_magics(self.magics)
         self.ip.events.register("pre_run_cell", self.magics.pre_run_cell)
+        self.magics.cells.install()  # what cells printed and raised (--context, {Err[n]})
         self.store = store
 
     def run(self, code, cell_id=None):
@@ -80,6 +81,7 @@ class Shell:
 
     def close(self):
         self.magics.context.close()
+        self.magics.cells.uninstall()
         if self.magics.pre_run_cell in self.ip.events.callbacks["pre_run_cell"]:
             self.ip.events.unregister("pre_run_cell", self.magics.pre_run_cell)
         self.ip.config.OffgridMagics = type(self.ip.config)()

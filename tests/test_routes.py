@@ -507,3 +507,42 @@ async def test_a_turn_waiting_for_its_session_says_why_and_the_running_turn_can_
     assert code_f == 200 and followed[-1][0] == "complete"
     assert followed[-1][1]["response"]["id"] == events1[-1][1]["response"]["id"]  # the same turn, followed
     assert "".join(d["delta"] for k, d in followed if k == "token") == events1[-1][1]["text"]
+
+
+async def test_a_chat_takes_attachments_stores_them_and_shows_them_to_the_model(api, state):
+    from offgrid_jupyter.chat.attachments import estimate_tokens
+
+    await api("POST", "v1/sessions", {"name": "attached"})
+    items = [{"kind": "variable", "name": "df", "type": "DataFrame", "text": "`df`: pandas DataFrame, 3 rows",
+              "tokens": 999999},
+             {"kind": "cell", "name": "In[4]", "text": "word " * 3000}]  # over half of the 2,048-token window
+    code, out, _ = await api("POST", "v1/sessions/attached/chat",
+                             {"message": "What is in @df?", "max_tokens": 3, **GREEDY, "context": items})
+    assert code == 200, out
+    meta = out["message"]["metadata"]
+    assert out["message"]["content"] == "What is in @df?"
+    first, cut = meta["context"]
+    assert first["tokens"] == estimate_tokens(first["text"])  # counted here, never taken from the caller
+    assert cut["text"].startswith("… (cut to fit") and sum(i["tokens"] for i in meta["context"]) <= 1024
+    assert meta["context_note"] == "attachments fitted to 1,024 tokens (cut: cell In[4])"
+    prompt = state.store.get("attached").chat_messages()[0]["content"]
+    assert prompt.startswith("Attached context:\n\n### @df (DataFrame)\n`df`: pandas DataFrame, 3 rows\n\n### cell In[4]")
+    assert prompt.endswith("---\n\nWhat is in @df?")
+    code, exported, _ = await api("GET", "v1/sessions/attached/export")
+    assert exported["messages"][0]["metadata"]["context"] == meta["context"]  # export keeps them
+
+
+@pytest.mark.parametrize("context, needle", [
+    ([{"kind": "file", "name": "a", "text": "x"}], "kind"),
+    ([{"kind": "variable", "text": "x"}], "name"),
+    ([{"kind": "variable", "name": "a\nb", "text": "x"}], "name"),
+    ([{"kind": "variable", "name": "a", "text": ""}], "text"),
+    ([{"kind": "variable", "name": "a", "text": "x"}] * 33, "context"),
+    ({"kind": "variable"}, "context"),
+])
+async def test_bad_attachments_are_a_400_naming_the_field_and_store_nothing(api, state, context, needle):
+    await api("POST", "v1/sessions", {"name": "strict"})
+    code, body, _ = await api("POST", "v1/sessions/strict/chat", {"message": "hi", "max_tokens": 2,
+                                                                  "context": context})
+    assert code == 400 and needle in body["error"]["message"], body
+    assert state.store.get("strict").messages == []

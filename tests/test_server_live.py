@@ -135,6 +135,27 @@ def test_a_kernel_started_by_the_server_uses_the_servers_model(server, client):
     assert client.sessions.get(meta["session_id"])["messages"][1]["content"] == session.messages[1].content
 
 
+def test_a_server_kernel_and_the_sdk_attach_variables_through_the_routes(server, client):
+    cells = ["%load_ext offgrid_jupyter",
+             "import pandas as pd\nsales = pd.DataFrame({'units': [1, None]})",
+             "%%offgrid -t 0 --seed 42 -n 4 -s attached-here\nWhich column of @sales has a gap?",
+             "from offgrid_jupyter import ChatPanel\n"
+             "panel = ChatPanel('attached-here', max_tokens=4, temperature=0.0)\npanel.send('And now @sales?')\n"
+             "assert panel.join(120), 'the panel did not finish'\nprint(panel.error.value or 'ok')"]
+    outputs = ServerKernel.run_cells(server["url"], cells)
+    assert all(cell[-1]["content"]["status"] == "ok" for cell in outputs), outputs
+    users = [m for m in client.sessions.get("attached-here")["messages"] if m["role"] == "user"]
+    assert [[(c["kind"], c["name"], c["type"]) for c in m["metadata"]["context"]] for m in users] == \
+        [[("variable", "sales", "DataFrame")]] * 2  # the magic and the panel, through the server's route
+    assert "- units: float64, 1 null" in users[0]["metadata"]["context"][0]["text"]
+    attached = [{"kind": "selection", "name": "from In[3]", "text": "x = 1"}]
+    turn = client.chat("What does the selection do?", "attached-here", context=attached, max_tokens=3, temperature=0)
+    assert turn["message"]["metadata"]["context"][0]["name"] == "from In[3]"
+    with_it = client.chat("What does the selection do?", context=attached, max_tokens=3, temperature=0)
+    without = client.chat("What does the selection do?", max_tokens=3, temperature=0)
+    assert with_it["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"] + 10  # a one-shot carries it
+
+
 def test_interrupting_a_server_kernel_stops_the_servers_generation(server, client):
     async def scenario():
         async with ServerKernel(server["url"]) as kernel:

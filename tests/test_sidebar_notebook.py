@@ -230,3 +230,55 @@ def test_notebook_7_cell_commands_use_the_notebooks_session_and_show_text_as_typ
     # Notebook 7 itself reports one page error while it loads (its settings' "schema"): none of ours
     assert [e for e in nb.errors if "schema" not in e] == [] and errors == []
     context.close()
+
+
+def test_at_lists_the_kernels_variables_and_chips_attach_them_and_the_active_cell(lab, lab_page):
+    write_notebook(lab, "Attach.ipynb", ["%load_ext offgrid_jupyter",
+                                         "import pandas as pd\nsales = pd.DataFrame({'units': [1, None]})\n"
+                                         "sale_count = 2\nclient_secret = 'abc'"])
+    ui = lab_page.goto("Attach.ipynb")
+    nb = notebook_on(ui, lab, "Attach.ipynb")
+    for i in range(2):
+        nb.run(i)
+        nb.wait_done(i)
+    nb.cell(1).click()  # the active cell: the one "+ Cell" attaches
+    ui.open_sidebar()
+    ui.root.locator(".offgrid-notebook-hint:not([hidden]) .offgrid-start-notebook").click()
+    ui.root.locator(".offgrid-chat-view:not([hidden])").wait_for(timeout=30_000)
+    box = ui.root.locator("textarea.offgrid-input")
+    box.click()
+    box.press_sequentially("How many gaps are in @sa")
+    items = ui.root.locator(".offgrid-mention-list:not([hidden]) .offgrid-mention")
+    items.first.wait_for(timeout=30_000)
+    listed = items.evaluate_all("els => els.map(e => [e.dataset.name, e.querySelector('.offgrid-mention-type')"
+                                ".textContent])")
+    assert listed == [["sales", "DataFrame"], ["sale_count", "int"]]  # filtered as typed, from the kernel
+    box.press("Enter")  # chooses the first
+    assert box.input_value() == "How many gaps are in @sales "
+    assert ui.root.locator(".offgrid-chip").evaluate_all("els => els.map(e => e.dataset.chip)") == ["@sales"]
+    box.press_sequentially("and @zzz")
+    ui.root.locator(".offgrid-mention-note").wait_for()
+    assert "No variable matches “zzz”" in ui.root.locator(".offgrid-mention-note").inner_text()
+    box.press("Escape")
+    box.fill("How many gaps are in @sales?")
+    ui.root.locator(".offgrid-attach-cell").click()
+    assert ui.root.locator(".offgrid-chip").count() == 2
+    ui.page.screenshot(path=str(lab_page.shots / "attach-before-send.png"))
+    box.press("Enter")
+    ui.page.wait_for_selector(f"{SIDEBAR} .offgrid-user .offgrid-attachment", timeout=30_000)
+    ui.wait_idle()
+    assert ui.root.locator(".offgrid-chip").count() == 0  # sent: the chips go with the message
+    summaries = ui.root.locator(".offgrid-user .offgrid-attachment summary").all_inner_texts()
+    assert summaries[0].startswith("@sales · DataFrame · ") and summaries[1].startswith("cell In[2] · code · ")
+    gauge = ui.root.locator(".offgrid-gauge").inner_text()
+    assert gauge.startswith("context ") and "(when full, the oldest turns go first)" in gauge
+    with api(lab) as c:
+        sid = c.get("offgrid/v1/notebooks/session", params={"path": "Attach.ipynb"}).json()["session"]["id"]
+        user = [m for m in c.get(f"offgrid/v1/sessions/{sid}").json()["messages"] if m["role"] == "user"][-1]
+    assert user["content"] == "How many gaps are in @sales?"
+    context = user["metadata"]["context"]
+    assert [(i["kind"], i["name"]) for i in context] == [("variable", "sales"), ("cell", "In[2]")]
+    assert "- units: float64, 1 null" in context[0]["text"] and "client_secret = 'abc'" in context[1]["text"]
+    ui.root.locator(".offgrid-user .offgrid-attachment summary").first.click()  # opens on what the model read
+    ui.page.screenshot(path=str(lab_page.shots / "attach-sent.png"))
+    assert not ui.errors, ui.errors

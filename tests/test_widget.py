@@ -187,3 +187,25 @@ def test_a_panel_with_rag_answers_from_learned_files_and_shows_its_sources(conte
     assert store.get(panel.session_id).messages[1].metadata["sources"][0]["path"] == "notes/ostrich.md"
     panel.refresh()  # the stored conversation shows them too
     assert "notes/ostrich.md" in markdown(last_reply(panel))
+
+
+def test_at_name_in_the_panel_attaches_the_kernels_variable_and_shows_it_as_a_chip(engine, store):
+    import pandas as pd
+
+    shell = Shell(engine, store)
+    try:
+        shell.ip.user_ns["sales"] = pd.DataFrame({"units": [1, None]})
+        panel = ChatPanel(context=shell.magics.context, **PARAMS)
+        panel.send("Which column of @sales has a gap? Write to a@b.org.")
+        assert panel.join(120)
+        session = store.get(panel.session_id)
+        [item] = session.messages[0].metadata["context"]
+        assert (item["kind"], item["name"], item["type"]) == ("variable", "sales", "DataFrame")
+        assert session.chat_messages()[0]["content"].startswith("Attached context:\n\n### @sales (DataFrame)")
+        bubble = panel.messages.children[-2].value
+        assert '<details class="offgrid-chip"><summary>@sales · DataFrame · ' in bubble
+        assert "context " in panel.status.value and " tokens (when full, the oldest turns go first)" in panel.status.value
+        again = ChatPanel(panel.session_id, context=shell.magics.context)  # reopened: the chip is still there
+        assert "offgrid-chip" in again.messages.children[0].value
+    finally:
+        shell.close()

@@ -483,6 +483,8 @@ export interface components {
             collection?: string | null;
             /** @description excerpts to retrieve (default 5) */
             rag_k?: number | null;
+            /** @description attachments for this message (at most 32): kept in the user message's metadata.context and shown to the model before the message, in this turn and every later one of the session */
+            context?: components["schemas"]["Attachment"][] | null;
         };
         ChatCompletionRequest: {
             /** @description ignored: the server's model answers */
@@ -734,6 +736,8 @@ export interface components {
             max_rounds: number;
             /** @enum {unknown} */
             source: "user" | "config";
+            /** @description earlier notebook cells a %%offgrid turn of a session made with this profile attaches (--context's default) */
+            context_cells?: number | "all" | null;
         };
         /** @description a function the model may call (OpenAI's form) */
         ToolSpec: {
@@ -814,6 +818,19 @@ export interface components {
             score: number;
             chunk_id: number;
             collection: string;
+        };
+        /** @description something attached to a message for the model to read: a kernel variable's description (offgrid_jupyter.describe), an earlier cell, or a selection. Stored in the user message's metadata.context (with its estimated tokens) and part of the prompt of that turn and every later turn of the session */
+        Attachment: {
+            /** @enum {unknown} */
+            kind: "variable" | "cell" | "selection";
+            /** @description the variable's name (df, model.coef_), the cell's label (In[3]), or the selection's */
+            name: string;
+            /** @description what the model reads; the turn's attachments together are fitted to half the context window (cut or left out, said in metadata.context_note) */
+            text: string;
+            /** @description DataFrame, function, code, error... */
+            type?: string | null;
+            /** @description ignored on input: the server counts */
+            tokens?: number | null;
         };
     };
     responses: {

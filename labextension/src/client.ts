@@ -89,6 +89,8 @@ export interface ChatOptions {
   max_tokens?: number;
   temperature?: number;
   metadata?: Record<string, unknown>;
+  /** Attached variables, cells or a selection (stored in the user message's metadata.context). */
+  context?: Schemas['Attachment'][];
   signal?: AbortSignal;
 }
 

@@ -14,7 +14,10 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 
+import type { ICodeCellModel } from '@jupyterlab/cells';
+
 import { OffgridClient } from './client';
+import { Attachment } from './kernelvars';
 import { panelRendererFactory } from './panel';
 import { cellQuestion } from './prompts';
 import { OffgridSidebar, SidebarSettings } from './sidebar';
@@ -96,7 +99,19 @@ const plugin: JupyterFrontEndPlugin<void> = {
     };
 
     const open = (path: string) => void app.commands.execute('docmanager:open', { path });
-    const sidebar = new OffgridSidebar({ client, rendermime, settings: () => settings, insert, storage: window.localStorage, open });
+    let statusItem: OffgridStatus | null = null;
+    const kernel = () => notebooks?.currentWidget?.sessionContext.session?.kernel ?? null;
+    const sidebar = new OffgridSidebar({
+      client,
+      rendermime,
+      settings: () => settings,
+      insert,
+      storage: window.localStorage,
+      open,
+      kernel,
+      activeCell: () => activeCellAttachment(notebooks),
+      turnEnded: () => void statusItem?.poll()
+    });
     sidebar.title.icon = offgridIcon;
     app.shell.add(sidebar, 'left', { rank: 600 });
     restorer?.add(sidebar, 'offgrid-sidebar');
@@ -155,10 +170,38 @@ const plugin: JupyterFrontEndPlugin<void> = {
     app.contextMenu.addItem({ command: CommandIDs.explainError, selector: '.jp-Notebook .jp-CodeCell', rank: 21 });
 
     if (statusBar) {
-      const item = new OffgridStatus(client, openSidebar);
-      statusBar.registerStatusItem('offgrid-jupyter:status', { item, align: 'left', rank: 5 });
+      statusItem = new OffgridStatus(client, openSidebar);
+      statusBar.registerStatusItem('offgrid-jupyter:status', { item: statusItem, align: 'left', rank: 5 });
     }
   }
 };
+
+/** The active cell as an attachment: what is selected in it, else its whole source. */
+function activeCellAttachment(notebooks: INotebookTracker | null): Attachment | null {
+  const cell = notebooks?.activeCell;
+  if (!cell) {
+    return null;
+  }
+  const source = cell.model.sharedModel.getSource();
+  const count = cell.model.type === 'code' ? (cell.model as ICodeCellModel).executionCount : null;
+  const index = notebooks?.currentWidget?.content.activeCellIndex ?? 0;
+  const name = count ? `In[${count}]` : `cell ${index + 1}`;
+  const editor = cell.editor;
+  if (editor) {
+    const sel = editor.getSelection();
+    const start = editor.getOffsetAt(sel.start);
+    const end = editor.getOffsetAt(sel.end);
+    if (end !== start) {
+      const text = source.slice(Math.min(start, end), Math.max(start, end));
+      if (text.trim()) {
+        return { kind: 'selection', name: `from ${name}`, type: cell.model.type, text };
+      }
+    }
+  }
+  if (!source.trim()) {
+    return null;
+  }
+  return { kind: 'cell', name, type: cell.model.type, text: source };
+}
 
 export default plugin;

@@ -8,11 +8,13 @@
 
 import { Clipboard, Dialog, InputDialog, showDialog } from '@jupyterlab/apputils';
 import { IRenderMimeRegistry, MimeModel } from '@jupyterlab/rendermime';
+import type { Kernel } from '@jupyterlab/services';
 import { Widget } from '@lumino/widgets';
 
 import { ChatEvent, Message, OffgridClient, OffgridRequestError, Session, SessionSummary } from './client';
 import { ago, button, codeBlocks, h } from './dom';
-import { basename, endingNote, notebookStem, plainTitle, plural } from './text';
+import { Attachment, KernelVariable, describeVariables, listVariables, mentionAt } from './kernelvars';
+import { basename, chipLabel, contextGauge, endingNote, notebookStem, plainTitle, plural } from './text';
 import { StatsView } from './statsview';
 
 export interface SidebarSettings {
@@ -31,9 +33,16 @@ export interface SidebarOptions {
   storage?: Storage;
   /** Open a file (a reply's source) in JupyterLab. */
   open?: (path: string) => void;
+  /** The active notebook's kernel, whose variables `@name` attaches (null: none running). */
+  kernel?: () => Kernel.IKernelConnection | null;
+  /** The active cell, or its selection when there is one, as an attachment (null: no cell). */
+  activeCell?: () => Attachment | null;
+  /** A turn of ours ended (the status bar looks again at once instead of at its next poll). */
+  turnEnded?: () => void;
 }
 
 const POLL_MS = 2000;
+const VARIABLES_MS = 3000; // how long the kernel's variable list is reused while typing
 const STORAGE_KEY = 'offgrid-jupyter:sidebar';
 
 export class OffgridSidebar extends Widget {
@@ -69,9 +78,23 @@ export class OffgridSidebar extends Widget {
   private readonly box = h('textarea', {
     class: 'offgrid-input jp-mod-styled',
     rows: '3',
-    placeholder: 'Ask offgrid… (Enter sends, Shift+Enter is a new line)',
+    placeholder: 'Ask offgrid… (Enter sends, Shift+Enter is a new line, @ attaches a variable)',
     'aria-label': 'Message'
   });
+  private readonly chips = h('div', { class: 'offgrid-chips' });
+  private readonly mentionList = h('ul', { class: 'offgrid-mention-list', role: 'listbox', hidden: true });
+  private readonly cellToggle = button(
+    '+ Cell',
+    'Attach the active cell (or what is selected in it) to the next message',
+    () => this.toggleCell(),
+    'offgrid-attach-cell'
+  );
+  private readonly gauge = h('div', { class: 'offgrid-gauge' });
+  private attached: string[] = []; // the variables chosen from the @ list (their chips)
+  private attachCell = false;
+  private variables: { at: number; kernel: Kernel.IKernelConnection | null; list: KernelVariable[] } | null = null;
+  private mention: { start: number; query: string; shown: KernelVariable[]; active: number } | null = null;
+  private nCtx: number | null = null;
   private readonly send = button('Send', 'Send the message (Enter)', () => void this.submit(), 'offgrid-send jp-mod-accept');
   private readonly stop = button('Stop', 'Stop the reply (keeps what was said)', () => this.stopReply(), 'offgrid-stop');
   private readonly error = h('div', { class: 'offgrid-error', role: 'alert' });
@@ -97,8 +120,16 @@ export class OffgridSidebar extends Widget {
       h('div', { class: 'offgrid-toolbar' }, back, this.chatTitle),
       this.chatSubtitle,
       this.messages,
+      this.gauge,
       this.state,
-      h('div', { class: 'offgrid-compose' }, this.box, h('div', { class: 'offgrid-compose-buttons' }, this.send, this.stop))
+      h(
+        'div',
+        { class: 'offgrid-compose' },
+        this.mentionList,
+        this.chips,
+        this.box,
+        h('div', { class: 'offgrid-compose-buttons' }, this.send, this.stop, this.cellToggle)
+      )
     );
     this.node.append(
       h('div', { class: 'offgrid-tabs', role: 'tablist' }, this.tabs.chats, this.tabs.stats),
@@ -112,7 +143,12 @@ export class OffgridSidebar extends Widget {
     this.tabs.chats.classList.add('offgrid-mod-active');
 
     this.search.addEventListener('input', () => this.renderList());
+    this.box.addEventListener('input', () => void this.updateMentions());
+    this.box.addEventListener('blur', () => window.setTimeout(() => this.closeMentions(), 150));
     this.box.addEventListener('keydown', event => {
+      if (this.mention && this.mentionKey(event)) {
+        return;
+      }
       if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
         void this.submit();
@@ -429,6 +465,7 @@ export class OffgridSidebar extends Widget {
         })
     );
     this.showView('chats');
+    void this.showGauge(session);
     await Promise.all(rendered);
     if (opts.scroll === 'keep' && same && !wasAtBottom) {
       this.messages.scrollTop = scrolled;
@@ -534,6 +571,23 @@ export class OffgridSidebar extends Widget {
     let done = Promise.resolve();
     if (streaming || m.role !== 'assistant') {
       body.textContent = m.content;
+      const attached = ((m as any).metadata?.context ?? []) as Attachment[];
+      if (m.role === 'user' && attached.length) {
+        el.append(
+          h(
+            'div',
+            { class: 'offgrid-attachments' },
+            ...attached.map(a =>
+              h(
+                'details',
+                { class: 'offgrid-attachment', 'data-kind': a.kind, 'data-name': a.name },
+                h('summary', {}, chipLabel(a)),
+                h('pre', {}, a.text)
+              )
+            )
+          )
+        );
+      }
     } else {
       done = this.renderMarkdown(body, m.content);
       const sources = ((m as any).metadata?.sources ?? []) as { path: string; start: number; end: number; unit?: string }[];
@@ -589,22 +643,226 @@ export class OffgridSidebar extends Widget {
     return h('div', { class: 'offgrid-bubble-actions' }, copy, insert);
   }
 
+  // -- attachments: @variables of the active notebook's kernel, the active cell -----------------
+  /** The `@partial` before the cursor opens the list of the kernel's variables, filtered as typed. */
+  private async updateMentions(): Promise<void> {
+    const at = mentionAt(this.box.value, this.box.selectionStart ?? this.box.value.length);
+    if (!at) {
+      this.closeMentions();
+      return;
+    }
+    const kernel = this.opts.kernel?.() ?? null;
+    if (!kernel) {
+      this.mention = { ...at, shown: [], active: 0 };
+      this.showMentionNote('No kernel: open a notebook whose kernel runs to attach its variables.');
+      return;
+    }
+    let list: KernelVariable[];
+    try {
+      list = await this.kernelVariables(kernel);
+    } catch (err) {
+      this.mention = { ...at, shown: [], active: 0 };
+      this.showMentionNote(err instanceof Error ? err.message : String(err));
+      return;
+    }
+    const again = mentionAt(this.box.value, this.box.selectionStart ?? this.box.value.length);
+    if (!again || again.start !== at.start) {
+      return; // typed on meanwhile: the newer input event shows its own list
+    }
+    const q = again.query.toLowerCase();
+    const shown = [
+      ...list.filter(v => v.name.toLowerCase().startsWith(q)),
+      ...list.filter(v => !v.name.toLowerCase().startsWith(q) && v.name.toLowerCase().includes(q))
+    ].slice(0, 50);
+    this.mention = { ...again, shown, active: 0 };
+    if (!shown.length) {
+      this.showMentionNote(list.length ? `No variable matches “${again.query}”.` : 'The kernel has no variables yet.');
+      return;
+    }
+    this.renderMentions();
+  }
+
+  private async kernelVariables(kernel: Kernel.IKernelConnection): Promise<KernelVariable[]> {
+    const cached = this.variables;
+    if (cached && cached.kernel === kernel && Date.now() - cached.at < VARIABLES_MS) {
+      return cached.list;
+    }
+    const list = await listVariables(kernel);
+    this.variables = { at: Date.now(), kernel, list };
+    return list;
+  }
+
+  private renderMentions(): void {
+    const m = this.mention!;
+    this.mentionList.replaceChildren(
+      ...m.shown.map((v, i) => {
+        const item = h(
+          'li',
+          { class: `offgrid-mention${i === m.active ? ' offgrid-mod-active' : ''}`, role: 'option', 'data-name': v.name },
+          h('span', { class: 'offgrid-mention-name' }, v.name),
+          h('span', { class: 'offgrid-mention-type' }, v.type)
+        );
+        item.addEventListener('mousedown', event => {
+          event.preventDefault(); // keep the focus in the box
+          this.choose(v);
+        });
+        return item;
+      })
+    );
+    this.mentionList.hidden = false;
+  }
+
+  private showMentionNote(text: string): void {
+    this.mentionList.replaceChildren(h('li', { class: 'offgrid-mention-note' }, text));
+    this.mentionList.hidden = false;
+  }
+
+  private closeMentions(): void {
+    this.mention = null;
+    this.mentionList.hidden = true;
+    this.mentionList.replaceChildren();
+  }
+
+  /** Keys while the list is open: arrows move, Enter or Tab chooses, Escape closes. */
+  private mentionKey(event: KeyboardEvent): boolean {
+    const m = this.mention!;
+    if (event.key === 'Escape') {
+      event.preventDefault();
+      this.closeMentions();
+      return true;
+    }
+    if (!m.shown.length) {
+      return false;
+    }
+    if (event.key === 'ArrowDown' || event.key === 'ArrowUp') {
+      event.preventDefault();
+      m.active = (m.active + (event.key === 'ArrowDown' ? 1 : m.shown.length - 1)) % m.shown.length;
+      this.renderMentions();
+      return true;
+    }
+    if ((event.key === 'Enter' && !event.shiftKey) || event.key === 'Tab') {
+      event.preventDefault();
+      this.choose(m.shown[m.active]);
+      return true;
+    }
+    return false;
+  }
+
+  /** `@partial` becomes `@name `, and the variable a chip (its description is taken when sending). */
+  private choose(v: KernelVariable): void {
+    const m = this.mention;
+    if (!m) {
+      return;
+    }
+    const cursor = this.box.selectionStart ?? this.box.value.length;
+    this.box.value = `${this.box.value.slice(0, m.start)}@${v.name} ${this.box.value.slice(cursor)}`;
+    const at = m.start + v.name.length + 2;
+    this.box.setSelectionRange(at, at);
+    if (!this.attached.includes(v.name)) {
+      this.attached.push(v.name);
+    }
+    this.closeMentions();
+    this.renderChips();
+    this.box.focus();
+  }
+
+  private toggleCell(): void {
+    this.attachCell = !this.attachCell;
+    this.renderChips();
+  }
+
+  private renderChips(): void {
+    this.cellToggle.classList.toggle('offgrid-mod-active', this.attachCell);
+    this.cellToggle.setAttribute('aria-pressed', String(this.attachCell));
+    const chips: HTMLElement[] = this.attached.map(name =>
+      this.chip(`@${name}`, `Do not attach ${name}`, () => {
+        this.attached = this.attached.filter(n => n !== name);
+        this.renderChips();
+      })
+    );
+    if (this.attachCell) {
+      chips.push(this.chip('the active cell', 'Do not attach the active cell', () => this.toggleCell()));
+    }
+    this.chips.replaceChildren(...chips);
+  }
+
+  private chip(text: string, removeTitle: string, remove: () => void): HTMLElement {
+    return h(
+      'span',
+      { class: 'offgrid-chip', 'data-chip': text },
+      text,
+      button('×', removeTitle, remove, 'offgrid-chip-remove')
+    );
+  }
+
+  /** What the message attaches, described now: the chips' variables and the message's other
+   * `@name`s (by the kernel), and the active cell or its selection when asked for. */
+  private async attachments(message: string): Promise<Attachment[]> {
+    const out: Attachment[] = [];
+    const kernel = this.opts.kernel?.() ?? null;
+    if (kernel && (this.attached.length || message.includes('@'))) {
+      out.push(...(await describeVariables(kernel, this.attached, message)));
+    } else if (this.attached.length) {
+      throw new Error('The notebook whose variables were chosen has no running kernel: they cannot be described.');
+    }
+    if (this.attachCell) {
+      const cell = this.opts.activeCell?.();
+      if (!cell) {
+        throw new Error('No active cell to attach: click a cell of a notebook first.');
+      }
+      out.push(cell);
+    }
+    return out;
+  }
+
+  /** The context gauge: how much of the model's window the session's prompt took at its last turn. */
+  private async showGauge(session: Session): Promise<void> {
+    const last = [...session.messages].reverse().find(m => m.role === 'assistant' && (m as any).usage);
+    if (!last) {
+      this.gauge.textContent = '';
+      return;
+    }
+    if (this.nCtx === null) {
+      try {
+        this.nCtx = (await this.client.models())?.current?.n_ctx ?? null;
+      } catch {
+        return;
+      }
+    }
+    const usage = (last as any).usage as { prompt_tokens?: number; completion_tokens?: number };
+    const used = (usage.prompt_tokens ?? 0) + (usage.completion_tokens ?? 0);
+    this.gauge.textContent = this.nCtx ? contextGauge(used, this.nCtx) : '';
+  }
+
   /** Send the message box's text (or *text*) as a turn of the open session. */
   async submit(text?: string): Promise<void> {
     const message = (text ?? this.box.value).trim();
     if (!message || this.streaming || !this.current) {
       return;
     }
-    if (text === undefined) {
-      this.box.value = '';
-    }
     const session = this.current;
     const controller = new AbortController();
     this.streaming = controller;
+    let context: Attachment[] = [];
+    if (text === undefined) {
+      try {
+        this.state.textContent = this.attached.length || message.includes('@') ? 'Describing the attachments…' : '';
+        context = await this.attachments(message);
+      } catch (err) {
+        this.streaming = null;
+        this.state.textContent = '';
+        this.fail(err);
+        return; // the message and its chips stay, to fix and send again
+      }
+      this.box.value = '';
+      this.attached = [];
+      this.attachCell = false;
+      this.renderChips();
+    }
     this.send.disabled = true;
     this.stop.disabled = false;
     this.error.textContent = '';
-    const question = this.bubble({ role: 'user', content: message }).el;
+    const question = this.bubble({ role: 'user', content: message, metadata: { context } } as any).el;
     const reply = this.bubble({ role: 'assistant', content: '' }, true).el;
     reply.classList.add('offgrid-mod-streaming');
     this.messages.append(question, reply);
@@ -618,6 +876,7 @@ export class OffgridSidebar extends Widget {
       const stream = this.client.chat(session.id, message, {
         max_tokens: settings.maxTokens,
         temperature: settings.temperature,
+        ...(context.length ? { context } : {}),
         signal: controller.signal
       });
       for await (const ev of stream) {
@@ -655,6 +914,7 @@ export class OffgridSidebar extends Widget {
       this.stop.disabled = true;
       this.state.textContent = '';
       reply.classList.remove('offgrid-mod-streaming');
+      this.opts.turnEnded?.();
       if (this.current?.id === session.id) {
         await this.open(session.id, { scroll: 'keep' }); // what the server stored (a stopped reply keeps its text)
       }

@@ -33,3 +33,16 @@ export function endingNote(m: Partial<Message>): string | null {
   }
   return null;
 }
+
+/** A collapsed attachment: `@df · DataFrame · 312 tokens`, `cell In[3] · error · 80 tokens`. */
+export function chipLabel(a: { kind: string; name: string; type?: string | null; tokens?: number | null }): string {
+  const label = a.kind === 'variable' ? `@${a.name}` : `${a.kind} ${a.name}`;
+  const tokens = a.tokens ? ` · ${a.tokens.toLocaleString('en-US')} tokens` : '';
+  return `${label} · ${a.type || a.kind}${tokens}`;
+}
+
+/** The context gauge: how much of the model's window the session's prompt takes, and what goes first. */
+export function contextGauge(used: number, nCtx: number): string {
+  const n = (x: number) => x.toLocaleString('en-US');
+  return `context ${n(used)} / ${n(nCtx)} tokens (when full, the oldest turns go first)`;
+}

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "seed")
+MAX_CONTEXT_CELLS = 200  # what the kernel keeps (kernel/cells.py)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Profile:
     tools: list[str] = field(default_factory=list)
     max_rounds: int = 4
     source: str = "user"  # user | config
+    context_cells: int | str | None = None  # earlier cells a turn attaches: N, "all", or None (the caller's)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,7 +50,7 @@ def check_profile(name: str, spec: dict[str, Any], source: str = "user") -> Prof
     check_name(name)
     if not isinstance(spec, dict):
         raise InvalidRequestError(f"Profile {name!r} must be an object of its settings.")
-    known = {"system_prompt", "model", "tools", "max_rounds", *SAMPLING}
+    known = {"system_prompt", "model", "tools", "max_rounds", "context_cells", *SAMPLING}
     unknown = set(spec) - known
     if unknown:
         raise InvalidRequestError(f"Profile {name!r} has unknown setting(s) {', '.join(sorted(unknown))}: "
@@ -64,12 +66,17 @@ def check_profile(name: str, spec: dict[str, Any], source: str = "user") -> Prof
     rounds = spec.get("max_rounds", 4)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS_LIMIT:
         raise InvalidRequestError(f"Profile {name!r}: max_rounds must be an integer from 1 to {MAX_ROUNDS_LIMIT}.")
+    cells = spec.get("context_cells")
+    if cells is not None and cells != "all" and (isinstance(cells, bool) or not isinstance(cells, int)
+                                                 or not 0 <= cells <= MAX_CONTEXT_CELLS):
+        raise InvalidRequestError(f"Profile {name!r}: context_cells must be a number of cells from 0 to "
+                                  f"{MAX_CONTEXT_CELLS}, or \"all\".")
     params = {k: spec[k] for k in SAMPLING if spec.get(k) is not None}
     try:
         GenerationParams(**params).validate()
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"Profile {name!r}: {exc}") from None
-    return Profile(name, spec.get("system_prompt"), params, spec.get("model"), list(tools), rounds, source)
+    return Profile(name, spec.get("system_prompt"), params, spec.get("model"), list(tools), rounds, source, cells)
 
 
 class Profiles:
@@ -79,7 +86,7 @@ class Profiles:
         self.store = store
 
     def put(self, profile: Profile) -> Profile:
-        doc = json.dumps({"params": profile.params, "tools": profile.tools})
+        doc = json.dumps({"params": profile.params, "tools": profile.tools, "context_cells": profile.context_cells})
         self.store.transaction(lambda c: c.execute(
             "INSERT INTO profiles (name, system_prompt, model, max_rounds, settings, source, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET system_prompt = excluded.system_prompt, "
@@ -115,4 +122,4 @@ class Profiles:
 def _profile(row: sqlite3.Row) -> Profile:
     settings = json.loads(row["settings"] or "{}")
     return Profile(row["name"], row["system_prompt"], settings.get("params") or {}, row["model"],
-                   settings.get("tools") or [], row["max_rounds"], row["source"])
+                   settings.get("tools") or [], row["max_rounds"], row["source"], settings.get("context_cells"))

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import InvalidRequestError
 from ..validation import NAME_RE, SESSION_ID_RE
+from .attachments import stored_context, with_context
 
 MESSAGE_ID_RE = re.compile(r"msg-[0-9a-f]{12}")
 
@@ -110,6 +111,8 @@ class Session:
                     "id": call_id, "type": "function",
                     "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments") or {})}}]})
                 out.append({"role": "tool", "tool_call_id": call_id, "content": m.content})
+            elif m.role == "user":  # with what was attached to it (chat/attachments.py)
+                out.append({"role": "user", "content": with_context(m.content, stored_context(m.metadata))})
             else:
                 out.append({"role": m.role, "content": m.content})
         return out

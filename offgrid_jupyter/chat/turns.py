@@ -33,6 +33,7 @@ from ..errors import (InvalidRequestError, QueueTimeoutError, ReplyCutError, Rep
                       UnknownProfileError, UnknownToolError)
 from ..inference.models import ModelInfo
 from ..inference.structured import check_reply, normalize
+from . import attachments
 from .store import Message, Store
 from .rounds import Rounds
 from .tools import Tool
@@ -166,7 +167,8 @@ class ChatTurn:
                  model: str | None = None, metadata: dict | None = None, replace: str | None = None,
                  history: bool = True, tools: list[Tool] | None = None, tool_choice: Any = None,
                  max_rounds: int | None = None, find_tools: Callable[[list[str]], list[Tool]] | None = None,
-                 tool_executor: Any = None, rag: dict[str, Any] | None = None):
+                 tool_executor: Any = None, rag: dict[str, Any] | None = None,
+                 context: list[dict[str, Any]] | None = None):
         if history and session is None:
             raise ValueError("a turn with history needs a session")
         engine.params(**(params or {}))  # a bad parameter fails before anything is stored
@@ -180,6 +182,9 @@ class ChatTurn:
         self.find_tools, self.tool_executor = find_tools, tool_executor
         # retrieval: {"collection": NAME or None for all, "k": N}; the excerpts it found (rag.Hit)
         self.rag = _check_rag(rag)
+        # attached variables, cells, selections (chat/attachments.py), fitted when the turn starts
+        self.attachments = attachments.check(context)
+        self.context_note: str | None = None  # what fitting cut or left out
         self.sources: list[Any] = []
         self.user_message: Message | None = None
         self.session_id: str | None = None
@@ -254,17 +259,22 @@ class ChatTurn:
 
     def _store_question(self) -> tuple:
         """Short and blocking: store the question with its mark; the request to queue."""
+        attached = self._fitted()
         if not self.history:
             messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
-                {"role": "user", "content": self.content}]
+                {"role": "user", "content": attachments.with_context(self.content, attached)}]
             return messages, self.params, self.model, self.tools or [], self.max_rounds
         sid = self._claimed
         self._held.callback(release, sid)  # the session's turn is ours until the reply is stored
         try:
             if self._cancelled:
                 raise self._cancelled_error()
+            metadata = self.metadata
+            if attached:  # the record of what the model was shown with this message
+                metadata = {**(metadata or {}), "context": attached,
+                            **({"context_note": self.context_note} if self.context_note else {})}
             self.user_message, self._mark = self.store.begin_turn(
-                sid, self.content, metadata=self.metadata, replace=self.replace)
+                sid, self.content, metadata=metadata, replace=self.replace)
             sess = self.store.get(sid, messages=True)
             self.session_id, self.session_name = sess.id, sess.name
             messages = sess.chat_messages()
@@ -273,6 +283,14 @@ class ChatTurn:
             self._rollback()  # the question goes back out (and the session's turn is released)
             raise
         return messages, params, model, tools, rounds
+
+    def _fitted(self) -> list[dict[str, Any]]:
+        """This turn's attachments within their share of the model's context window."""
+        if not self.attachments:
+            return []
+        n_ctx = self.engine.describe().get("n_ctx") or 4096
+        fitted, self.context_note = attachments.fit(self.attachments, int(n_ctx * attachments.SHARE))
+        return fitted
 
     def _queue(self, messages: list[dict], params: dict[str, Any], model: str | None, tools: list[Tool],
                rounds: int | None) -> None:

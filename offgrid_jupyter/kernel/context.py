@@ -33,6 +33,7 @@ from ..client import Client
 from ..inference.backend import Backend
 from ..runtime import get_engine, make_backend, settings_from_env
 from ..errors import DuplicateNameError, InvalidRequestError, SessionNotFoundError, UnknownProfileError
+from .describe import DEFAULT_TOKENS
 from .remote import RemoteStore, RemoteTurn
 from ..stats import RequestLog, attach
 from ..chat.store import Session, Store, get_store
@@ -78,6 +79,7 @@ class Context:
         self._server_engine: Backend | None = None  # see server_engine()
         self._current: str | None = None  # session id
         self._current_spec: dict[str, Any] = {}  # name/system prompt, to re-create a pruned empty session
+        self.attach_tokens = DEFAULT_TOKENS  # one @variable's description (c.OffgridMagics.attach_tokens)
 
     @property
     def engine(self) -> Backend:
@@ -366,7 +368,8 @@ class ServerRunner:
     def start_turn(self, session_id: str | None, content: str, *, params: dict[str, Any], source: str = "magic",
                    system_prompt: str | None = None, model: str | None = None, metadata: dict | None = None,
                    replace: str | None = None, tools: list[Tool] | None = None, tool_choice: Any = None,
-                   max_rounds: int | None = None, rag: dict | None = None) -> ChatTurn | RemoteTurn:
+                   max_rounds: int | None = None, rag: dict | None = None,
+                   context: list[dict] | None = None) -> ChatTurn | RemoteTurn:
         if model:
             raise InvalidRequestError("--model needs this kernel's own backend: the server's model is set by its "
                                       "configuration. Add --local to run the cell in this kernel.")
@@ -376,12 +379,12 @@ class ServerRunner:
         if tools or profile_tools:
             return self._tool_turn(session_id, content, params=params, source=source, system_prompt=system_prompt,
                                    metadata=metadata, replace=replace, tools=tools, tool_choice=tool_choice,
-                                   max_rounds=max_rounds, rag=rag)
+                                   max_rounds=max_rounds, rag=rag, context=context)
         if rag is not None and session_id is None:
             raise InvalidRequestError("--rag on the server's model needs a session (its chat route retrieves): "
                                       "drop --no-history, or add --local.")
         return RemoteTurn(self.client, session_id, content, params=params, metadata=metadata, replace=replace,
-                          system_prompt=system_prompt, rag=rag)
+                          system_prompt=system_prompt, rag=rag, context=context)
 
     def _tool_turn(self, session_id: str | None, content: str, **kwargs: Any) -> ChatTurn:
         """Tools are the kernel's functions, so the kernel drives the rounds: each round is one

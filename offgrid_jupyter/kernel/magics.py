@@ -19,13 +19,16 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
-from traitlets import Bool, Dict, Enum, Float, Int, Unicode
+from traitlets import Bool, Dict, Enum, Float, Int, Unicode, Union, observe
 
+from .cells import CellLog
 from .context import Context, set_loaded
+from .describe import DEFAULT_TOKENS, attachment, mentions, resolve
+from ..chat.attachments import label, stored_context
 from .parsers import FORMATS, HELP, STRUCTURED, SUBCOMMANDS, HelpShown, cell_parser, line_parser, split
 from ..errors import (DuplicateNameError, Interrupted, OffgridError, OffgridMagicError, ReplyCutError,
                       ReplyInvalidError, SessionNotFoundError)
-from .render import Conversation, Note, Progress, Reply, Table, tool_lines
+from .render import Conversation, Note, Progress, Reply, Table, context_gauge, tool_lines
 from ..stats import summarize
 from ..chat.store import SESSION_ID_RE
 from ..chat.profiles import check_profile
@@ -133,6 +136,11 @@ class OffgridMagics(Magics):
     learn_limits = Dict(help="What `%offgrid learn` may take from one file: max_file_mb, max_text_mb, max_columns, "
                         "max_rows, max_pages, max_cells, and per learn max_files, max_entries, seconds_per_file, "
                         "memory_mb (see the README's 'Ask your own files').").tag(config=True)
+    context_cells = Union([Int(), Enum(["all"])], default_value=0,
+                          help="Earlier cells every %%offgrid cell attaches (--context's default): a number, or "
+                               "'all' (as many as fit). A session's profile can set its own.").tag(config=True)
+    attach_tokens = Int(DEFAULT_TOKENS, help="Longest description of one @variable or one attached cell, in "
+                        "(estimated) tokens.").tag(config=True)
     profiles = Dict(help="Profiles to define: {name: {system_prompt, temperature, max_tokens, top_p, top_k, "
                     "repeat_penalty, seed, model, tools, max_rounds}} (put in the store the first time a cell or "
                     "`%offgrid profile(s)` runs).").tag(config=True)
@@ -143,6 +151,12 @@ class OffgridMagics(Magics):
         self._cell_id: str | None = None
         self._cell_parser, self._line_parser = cell_parser(), line_parser()
         self._profiles_defined = False
+        self.cells = CellLog(shell)  # installed by load(): what earlier cells printed and raised
+        self.context.attach_tokens = self.attach_tokens  # (the panel's @name too)
+
+    @observe("attach_tokens")
+    def _attach_tokens_changed(self, change: Any) -> None:
+        self.context.attach_tokens = change["new"]
 
     def pre_run_cell(self, info) -> None:
         """IPython event: remember which notebook cell is running (for re-runs)."""
@@ -197,19 +211,21 @@ class OffgridMagics(Magics):
         if args.k is not None and args.rag is None:
             raise UsageError("-k is how many excerpts --rag retrieves: add --rag [COLLECTION].")
         rag = None if args.rag is None else {"collection": args.rag or None, "k": args.k or 5}
+        context = self._attachments(cell, args, session_id)
         try:
             turn = self.context.start_turn(session_id, prompt, params=params, local=args.local,
                                            system_prompt=args.system or self.system_prompt, model=args.model,
                                            metadata={"cell_id": self._cell_id} if self._cell_id else None,
                                            replace=replace, tools=tools, tool_choice=args.tool_choice,
-                                           max_rounds=args.max_rounds, rag=rag)
+                                           max_rounds=args.max_rounds, rag=rag, context=context)
         except KeyboardInterrupt:  # Stop while an earlier turn of this session (a panel's) still runs
             raise Interrupted("stopped while an earlier turn of this session was running; nothing was stored.") \
                 from None
         if session_id is not None:
             self.context.turn_started(session_id, turn)  # chat panels on this session follow it
         try:
-            outcome = self._run(turn, "json" if fmt == "frame" else fmt, stream=not args.no_stream, note=note)
+            outcome = self._run(turn, "json" if fmt == "frame" else fmt, stream=not args.no_stream, note=note,
+                                local=args.local)
         except (ReplyCutError, ReplyInvalidError) as exc:  # a constrained reply that is not whole: not stored
             if args.output:
                 self.shell.user_ns[args.output] = getattr(exc, "text", "")
@@ -218,6 +234,34 @@ class OffgridMagics(Magics):
         finally:
             self.context.turn_done(session_id)
         return self._deliver(outcome, fmt, args.output, shape)
+
+    def _attachments(self, cell: str, args: argparse.Namespace, session_id: str | None) -> list[dict[str, Any]]:
+        """What the cell attaches: a description of each ``@name`` that is a variable (unless
+        --no-interpolate), and the cells run before it (--context, else the session's profile's
+        context_cells, else c.OffgridMagics.context_cells)."""
+        ns = self.shell.user_ns
+        items = []
+        if not args.no_interpolate:
+            for name in mentions(cell, ns):
+                items.append(attachment(name, resolve(name, ns)[1], max_tokens=self.attach_tokens))
+        count = args.context
+        if count is None and session_id is not None:
+            count = self._profile_cells(session_id)
+        if count is None:
+            count = self.context_cells
+        if count:
+            items += self.cells.attachments(self.shell.execution_count, None if count == "all" else count,
+                                            self.attach_tokens)
+        return items
+
+    def _profile_cells(self, session_id: str) -> int | str | None:
+        profile = getattr(self.context.store.get(session_id, messages=False), "profile", None)
+        if not profile:
+            return None
+        try:
+            return self._profiles().get(profile).context_cells
+        except OffgridError:  # deleted since, or sessions on a server elsewhere
+            return None
 
     def _shape(self, spec: str) -> Shape:
         """--schema SPEC: a name in the notebook's namespace, ``list[Name]``, or inline JSON."""
@@ -265,7 +309,8 @@ class OffgridMagics(Magics):
             return s, f"created session `{s.name}`"
         return ctx.current_session(system_prompt=self.system_prompt), None
 
-    def _run(self, turn: ChatTurn | RemoteTurn, fmt: str, *, stream: bool, note: str | None = None) -> TurnResult:
+    def _run(self, turn: ChatTurn | RemoteTurn, fmt: str, *, stream: bool, note: str | None = None,
+             local: bool = False) -> TurnResult:
         handle = display(Reply(format=fmt, status="waiting for the model…"), display_id=True) if stream else None
         try:
             if handle is not None:
@@ -280,8 +325,7 @@ class OffgridMagics(Magics):
                 handle.update(Reply(getattr(exc, "text", ""), format=fmt, status=f"not kept: {exc}", done=True))
             raise
         final = self._final(outcome, fmt)
-        if note:
-            final.status = note + (f" · {final.status}" if final.status else "")
+        final.status = " · ".join(filter(None, [note, final.status, self._context_line(outcome, local)])) or None
         if handle is not None:
             handle.update(final)
         else:
@@ -291,6 +335,25 @@ class OffgridMagics(Magics):
     def _stream(self, turn: ChatTurn | RemoteTurn, fmt: str, handle) -> None:
         for text, status in Progress().views(turn.generation.batches(self.update_interval, heartbeat=True)):
             handle.update(Reply(text, format=fmt, status=status))
+
+    def _context_line(self, outcome: TurnResult, local: bool) -> str | None:
+        """What the turn attached (and what fitting cut), and the context gauge: how much of the
+        model's window the session's next prompt takes, and what goes first when it is full."""
+        msg = outcome.user_message
+        metadata = msg.metadata if msg is not None else {}
+        items = stored_context(metadata)
+        parts = [f"attached {', '.join(label(i) for i in items)}"] if items else []
+        if metadata.get("context_note"):
+            parts.append(str(metadata["context_note"]))
+        if outcome.session_id is not None:
+            try:
+                n_ctx = self.context.runner(local=local).describe().get("n_ctx")
+            except OffgridError:
+                n_ctx = None
+            if n_ctx:
+                used = outcome.result.usage.get("prompt_tokens", 0) + outcome.result.usage.get("completion_tokens", 0)
+                parts.append(context_gauge(used, n_ctx))
+        return " · ".join(parts) or None
 
     @staticmethod
     def _final(outcome: TurnResult, fmt: str) -> Reply:
@@ -426,7 +489,8 @@ class OffgridMagics(Magics):
         import pandas as pd
 
         rows = [p.to_dict() for p in self._profiles().list()]
-        return pd.DataFrame(rows, columns=["name", "system_prompt", "params", "model", "tools", "max_rounds", "source"])
+        return pd.DataFrame(rows, columns=["name", "system_prompt", "params", "model", "tools", "max_rounds",
+                                           "context_cells", "source"])
 
     def _cmd_profile(self, args) -> Note:
         profiles = self._profiles()
@@ -435,7 +499,8 @@ class OffgridMagics(Magics):
             return Note(f"Deleted profile `{args.name}`; sessions made with it keep their messages.")
         spec = {"system_prompt": args.system, "temperature": args.temperature, "max_tokens": args.max_tokens,
                 "seed": args.seed, "model": args.model, "max_rounds": args.max_rounds,
-                "tools": [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else []}
+                "tools": [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else [],
+                "context_cells": args.context}
         profile = profiles.put(check_profile(args.name, {k: v for k, v in spec.items() if v is not None}))
         return Note(f"Profile `{profile.name}` saved: `%%offgrid --new --profile {profile.name}` starts a session "
                     "with it.")
@@ -585,6 +650,7 @@ def load(ipython: Any) -> None:
     _magics = OffgridMagics(shell=ipython)
     ipython.register_magics(_magics)
     ipython.events.register("pre_run_cell", _magics.pre_run_cell)
+    _magics.cells.install()
     set_loaded(_magics.context)
 
 
@@ -592,6 +658,7 @@ def unload(ipython: Any) -> None:
     global _magics
     if _magics is not None:
         _magics.context.close()
+        _magics.cells.uninstall()
         try:
             ipython.events.unregister("pre_run_cell", _magics.pre_run_cell)
         except ValueError:

@@ -38,6 +38,14 @@ def _identifier(value: str) -> str:
     return value
 
 
+def _cells(value: str) -> int | str:
+    if value == "all":
+        return value
+    if value.isdigit() and int(value) <= 200:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r} is not a number of cells from 0 to 200, or all")
+
+
 def cell_parser() -> Parser:
     p = Parser(prog="%%offgrid", description="The cell body is the prompt.")
     p.add_argument("-s", "--session", metavar="NAME", help="session to use for this cell (id or name)")
@@ -59,7 +67,9 @@ def cell_parser() -> Parser:
     p.add_argument("--no-history", action="store_true", help="one-shot: no memory, nothing stored")
     p.add_argument("--model", metavar="PATH|NAME", help="a GGUF file (or, on an OpenAI-compatible engine, one of "
                    "its models) to answer this cell with")
-    p.add_argument("--no-interpolate", action="store_true", help="leave {name} fields as written")
+    p.add_argument("--no-interpolate", action="store_true", help="leave {name} fields and @name mentions as written")
+    p.add_argument("--context", metavar="N|all", type=_cells,
+                   help="attach the N cells run before this one (source, output or error; all: as many as fit)")
     p.add_argument("--local", action="store_true", help="use the in-kernel model even when a server is connected")
     p.add_argument("--tools", metavar="NAME,NAME", help="offer these functions of the notebook (or @tool objects) "
                    "to the model; the calls it makes run in this kernel")
@@ -93,7 +103,8 @@ SUBCOMMANDS = {
     "connect": "use a Jupyter server's shared model [URL] [--token KEY] (default: OFFGRID_URL)",
     "disconnect": "use a model loaded in this kernel instead of the server's",
     "profiles": "the profiles sessions can be made with, as a DataFrame",
-    "profile": "add NAME [--system TEXT] [-t T] [-n N] [--model M] [--tools a,b] [--max-rounds N] | delete NAME",
+    "profile": "add NAME [--system TEXT] [-t T] [-n N] [--model M] [--tools a,b] [--max-rounds N] [--context N|all] "
+               "| delete NAME",
     "learn": "learn files, folders or globs for --rag: PATH [PATH...] [--collection NAME] | --list | --delete NAME",
     "search": "the learned chunks that best match QUERY, as a DataFrame [-k N] [--collection NAME]",
     "engine": "generate on an OpenAI-compatible server URL [--model NAME] [--api-key KEY] [--max-concurrent N], "
@@ -144,6 +155,8 @@ def line_parser() -> Parser:
     parsers["profile"].add_argument("--model", metavar="PATH|NAME")
     parsers["profile"].add_argument("--tools", metavar="NAME,NAME", help="tools the profile offers (comma-separated)")
     parsers["profile"].add_argument("--max-rounds", type=int, default=4)
+    parsers["profile"].add_argument("--context", metavar="N|all", type=_cells,
+                                    help="earlier cells its sessions' cells attach (--context's default)")
     parsers["learn"].add_argument("paths", nargs="*", metavar="PATH")
     parsers["learn"].add_argument("--collection", "-c", default="default", metavar="NAME")
     parsers["learn"].add_argument("--list", action="store_true", help="the collections, as a DataFrame")
@@ -173,8 +186,9 @@ HELP = """**offgrid** — a local LLM in your notebook.
 %%offgrid [-s NAME] [--new] [--system TEXT] [-t TEMP] [-n MAX_TOKENS] [--seed N]
           [-f markdown|text|code|json|frame] [--schema SPEC] [-o VAR] [--no-stream] [--no-history]
           [--model PATH] [--local] [--no-interpolate] [--tools a,b] [--tool-choice auto|required|none|NAME]
-          [--max-rounds N] [--rag [COLLECTION]] [-k N]
-<prompt; {name} is replaced from your variables, {{ and }} are literal braces>
+          [--max-rounds N] [--rag [COLLECTION]] [-k N] [--context N|all]
+<prompt; {name} is replaced from your variables, {{ and }} are literal braces;
+ @name attaches a description of the variable name; {Err[3]} is the traceback of In[3]>
 ```
 
 `--local` runs the cell on a model in this kernel even when the kernel uses a Jupyter server's model

@@ -28,6 +28,7 @@ from ..inference.generation import GenerationResult, Handle, drain
 from ..errors import OffgridError, ServerError
 from ..errors import InvalidRequestError
 from ..chat.store import SESSION_ID_RE, Message, Session
+from ..chat import attachments
 from ..chat.turns import TurnResult
 
 
@@ -127,16 +128,22 @@ class RemoteGeneration(Handle):
 class RemoteTurn:
     def __init__(self, client: Client, session: str | None, content: str, *, params: dict[str, Any],
                  metadata: dict | None = None, replace: str | None = None, system_prompt: str | None = None,
-                 rag: dict | None = None):
+                 rag: dict | None = None, context: list[dict] | None = None):
         body = {k: v for k, v in params.items() if v is not None}
         if rag is not None:  # the server retrieves from its own collections
             body.update({"rag": True, "rag_k": rag.get("k")}, **({"collection": rag["collection"]}
                                                                if rag.get("collection") else {}))
             body = {k: v for k, v in body.items() if v is not None}
-        if session is not None:
+        if session is not None:  # the server fits and stores the attachments
             body.update({k: v for k, v in (("metadata", metadata), ("replace_message_id", replace)) if v})
-        elif system_prompt:
-            body["system_prompt"] = system_prompt
+            if context:
+                body["context"] = [{k: i[k] for k in ("kind", "name", "type", "text")}
+                                   for i in attachments.check(context)]
+        else:
+            if context:  # one-shot: nothing is stored, so the prompt carries them
+                content = attachments.inline(content, context)
+            if system_prompt:
+                body["system_prompt"] = system_prompt
         self.generation = RemoteGeneration(client, session, content, body)
 
     def cancel(self) -> None:

@@ -11,6 +11,7 @@ import re
 import time
 from typing import Any, Iterable, Iterator
 
+from ..chat.attachments import chip, stored_context
 from ..chat.store import Session
 from ..retrieval.rag import sources_markdown
 from ..inference.toolcalls import call_label
@@ -35,6 +36,21 @@ def blockquote(text: str) -> str:
     """*text* (a person's message) quoted as it was written: every line kept (a Markdown line break
     at each), nothing in it read as Markdown or HTML."""
     return "\n".join("> " + plain_markdown(line) + "  " if line.strip() else ">" for line in text.splitlines())
+
+
+def context_gauge(used: int, n_ctx: int) -> str:
+    """``context 1,840 / 4,096 tokens``, and what the engine leaves out first when the session
+    outgrows the window (the oldest turns; never the system prompt or the newest message)."""
+    return f"context {used:,} / {n_ctx:,} tokens (when full, the oldest turns go first)"
+
+
+def chips_html(items: list[dict[str, Any]]) -> str:
+    """A message's attachments as collapsed chips (``@df · DataFrame · 312 tokens``) that open on
+    what the model read; HTML that Markdown passes through (JupyterLab's sanitizer keeps
+    details, summary and pre)."""
+    return "".join(f'<details class="offgrid-chip"><summary>{html.escape(chip(i))}</summary>'
+                   f'<pre style="white-space:pre-wrap;max-height:240px;overflow:auto">{html.escape(i["text"])}</pre>'
+                   "</details>" for i in items)
 
 
 class Reply:
@@ -171,7 +187,8 @@ class Conversation:
         for m in self.messages:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.timestamp))
             if m.role == "user":
-                parts.append(f"**You** · {when}\n\n{blockquote(m.content)}")
+                chips = chips_html(stored_context(m.metadata))
+                parts.append(f"**You** · {when}\n\n{blockquote(m.content)}" + (f"\n\n{chips}" if chips else ""))
             elif m.role == "tool":
                 call = m.metadata.get("tool_call") or {}
                 parts.append(tool_line(call.get("name", "tool"), call.get("arguments"), m.content))

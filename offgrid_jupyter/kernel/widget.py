@@ -31,7 +31,9 @@ import traitlets
 from .context import Context, loaded
 from ..errors import OffgridError, TurnCancelledError
 from ..retrieval.rag import sources_markdown
-from .render import Progress, tool_line, tool_lines
+from .describe import attachment, mentions, resolve
+from .render import Progress, chips_html, context_gauge, tool_line, tool_lines
+from ..chat.attachments import stored_context
 from ..chat.store import Session
 
 NEW = "__new__"  # a new session with a generated name, not used by the cells
@@ -47,13 +49,15 @@ class MessageBox(anywidget.AnyWidget):
     _esm = Path(__file__).with_name("panel.js")
     value = traitlets.Unicode("").tag(sync=True)
     submitted = traitlets.Int(0).tag(sync=True)
-    placeholder = traitlets.Unicode("Message (Enter sends, Shift+Enter for a new line)").tag(sync=True)
+    placeholder = traitlets.Unicode("Message (Enter sends, Shift+Enter for a new line, @name attaches a variable)"
+                                    ).tag(sync=True)
 
 
-def _user_bubble(text: str) -> widgets.HTML:
+def _user_bubble(text: str, attached: list[dict] | None = None) -> widgets.HTML:
+    chips = f'<div style="white-space:normal;font-size:90%">{chips_html(attached)}</div>' if attached else ""
     return widgets.HTML(
         f'<div style="margin:4px 0 4px 20%;padding:6px 10px;border-radius:10px;'
-        f'background:var(--jp-layout-color2,#e8f0fe);white-space:pre-wrap">{html.escape(text)}</div>')
+        f'background:var(--jp-layout-color2,#e8f0fe);white-space:pre-wrap">{html.escape(text)}{chips}</div>')
 
 
 def _markdown(text: str, note: str | None = None) -> tuple[dict, ...]:
@@ -98,6 +102,7 @@ class ChatPanel(widgets.VBox):
         self._followed_turn = None
         self._stopping = False
         self._last_tps: float | None = None
+        self._context_used = 0  # tokens the session's prompt took at its last turn (the context gauge)
         self._filling = False
 
         self.picker = widgets.Dropdown(description="Session", layout=widgets.Layout(width="60%"))
@@ -210,7 +215,8 @@ class ChatPanel(widgets.VBox):
         bubbles = []
         for m in session.messages or []:
             if m.role == "user":
-                bubbles.append(_user_bubble(m.content + ("\n(no reply: interrupted)" if m.interrupted else "")))
+                bubbles.append(_user_bubble(m.content + ("\n(no reply: interrupted)" if m.interrupted else ""),
+                                            stored_context(m.metadata)))
             elif m.role == "assistant":
                 body = "\n\n".join(filter(None, [m.content, sources_markdown(m.metadata.get("sources") or [])]))
                 bubbles.append(_assistant_bubble(body, "interrupted" if m.finish_reason == "cancelled" else None))
@@ -308,12 +314,13 @@ class ChatPanel(widgets.VBox):
         except OffgridError as exc:
             self._fail(exc)
             return
+        attached = self._attachments(text)
         self.box.value = ""
         self._stopping = False
         reply = _assistant_bubble("", "waiting for the model…")
-        self.messages.children = (*self.messages.children, _user_bubble(text), reply)
+        self.messages.children = (*self.messages.children, _user_bubble(text, attached), reply)
         self._set_busy(True)
-        self._thread = threading.Thread(target=self._generate, args=(self.session_id, text, reply),
+        self._thread = threading.Thread(target=self._generate, args=(self.session_id, text, reply, attached),
                                         name="offgrid-panel", daemon=True)
         self._thread.start()
 
@@ -330,10 +337,18 @@ class ChatPanel(widgets.VBox):
             self._thread.join(timeout)
         return not self.busy
 
-    def _generate(self, session_id: str, text: str, reply: widgets.Output) -> None:
+    def _attachments(self, text: str) -> list[dict]:
+        """``@name`` in the message: a description of that variable of the kernel, made here, on
+        the kernel's main thread (where a slow repr can be interrupted), as the magic does."""
+        ns = getattr(self.context.shell, "user_ns", None) or {}
+        return [attachment(name, resolve(name, ns)[1], max_tokens=self.context.attach_tokens)
+                for name in mentions(text, ns)]
+
+    def _generate(self, session_id: str, text: str, reply: widgets.Output, attached: list[dict] | None = None) -> None:
         progress = Progress()
         try:
-            self._turn = self.context.start_turn(session_id, text, params=self.params, source="panel", rag=self.rag)
+            self._turn = self.context.start_turn(session_id, text, params=self.params, source="panel", rag=self.rag,
+                                                 context=attached or None)
             if self._stopping:
                 self._turn.cancel()
             self.context.turn_started(session_id, self._turn)
@@ -347,6 +362,7 @@ class ChatPanel(widgets.VBox):
                 self._take_back(text)
             else:
                 self._last_tps = r.timings.get("tokens_per_second") or None
+                self._context_used = r.usage.get("prompt_tokens", 0) + r.usage.get("completion_tokens", 0)
                 body = "\n\n".join(filter(None, [*tool_lines(r), r.text, sources_markdown(outcome.sources)]))
                 reply.outputs = _markdown(body, r.note or _ending(r.finish_reason, r.params))
         except TurnCancelledError:  # stopped while an earlier turn of the session was still running
@@ -389,6 +405,8 @@ class ChatPanel(widgets.VBox):
         parts = [html.escape(model), runner.label]
         if self._last_tps:
             parts.append(f"{self._last_tps:.1f} tok/s last reply")
+        if self._context_used and desc.get("n_ctx"):
+            parts.append(context_gauge(self._context_used, desc["n_ctx"]))
         if extra:
             parts.append(html.escape(extra))
         return f'<span style="color:var(--jp-ui-font-color2,#666);font-size:90%">{" · ".join(parts)}</span>'

@@ -176,7 +176,7 @@ class ChatHandler(OffgridHandler):
                 replace=data.get("replace_message_id"), tool_choice=data.get("tool_choice"),
                 find_tools=self.state.find_tools, tool_executor=self.state.tool_pool,
                 rag={"collection": data.get("collection"), "k": data.get("rag_k", 5)}
-                if data.get("rag") or data.get("collection") else None))
+                if data.get("rag") or data.get("collection") else None, context=data.get("context")))
             shared = self.state.keyed.get(scope) if key else None  # (a retry may have begun it meanwhile)
             if shared is not None and shared.fingerprint != fingerprint:
                 raise IdempotencyConflictError(f"Idempotency-Key {key!r} was already used for a different request "
