@@ -268,6 +268,9 @@ def test_at_lists_the_kernels_variables_and_chips_attach_them_and_the_active_cel
     ui.page.wait_for_selector(f"{SIDEBAR} .offgrid-user .offgrid-attachment", timeout=30_000)
     ui.wait_idle()
     assert ui.root.locator(".offgrid-chip").count() == 0  # sent: the chips go with the message
+    ui.page.wait_for_function(  # what the server stored (with its token counts) replaces the sent bubble
+        "sel => [...document.querySelectorAll(sel + ' .offgrid-user .offgrid-attachment summary')]"
+        ".every(s => s.textContent.endsWith('tokens'))", arg=SIDEBAR, timeout=30_000)
     summaries = ui.root.locator(".offgrid-user .offgrid-attachment summary").all_inner_texts()
     assert summaries[0].startswith("@sales · DataFrame · ") and summaries[1].startswith("cell In[2] · code · ")
     gauge = ui.root.locator(".offgrid-gauge").inner_text()
