@@ -546,3 +546,26 @@ async def test_bad_attachments_are_a_400_naming_the_field_and_store_nothing(api,
                                                                   "context": context})
     assert code == 400 and needle in body["error"]["message"], body
     assert state.store.get("strict").messages == []
+
+
+async def test_a_proposal_is_a_stored_turn_whose_reply_is_parsed_and_compiled(api, state):
+    await api("POST", "v1/sessions", {"name": "nb-fixes"})
+    body = {"task": "fix", "source": "total = sum(values) + offset", "cell_label": "In[4]", "cell_id": "c-4",
+            "error": "\u001b[31mNameError\u001b[0m: name 'offset' is not defined", "max_tokens": 200,
+            "context": [{"kind": "variable", "name": "values", "type": "list", "text": "`values`: list of 3 items"}]}
+    code, out, _ = await api("POST", "v1/sessions/nb-fixes/proposals", body)
+    assert code == 200, out
+    proposal = out["proposal"]
+    assert set(proposal) >= {"code", "explanation", "checked", "compile_error"} and proposal["checked"] is True
+    question = out["message"]
+    assert question["metadata"]["task"] == "fix" and question["metadata"]["cell_id"] == "c-4"
+    assert question["metadata"]["target_source"] == body["source"]
+    assert [(c["kind"], c["name"]) for c in question["metadata"]["context"]] == [("cell", "In[4]"),
+                                                                                  ("variable", "values")]
+    assert "\x1b" not in question["metadata"]["context"][0]["text"]  # the traceback as plain text
+    assert json.loads(out["text"])["code"] is not None  # the reply itself: JSON, whole
+    stats = state.store.connection().execute("SELECT source FROM requests ORDER BY started_at DESC").fetchone()
+    assert stats[0] == "fix"
+    code, out, _ = await api("POST", "v1/sessions/nb-fixes/proposals",
+                             {"task": "generate", "instruction": "Print hello.", "language": "R", "max_tokens": 200})
+    assert code == 200 and out["proposal"]["cells"] and out["proposal"]["checked"] is False  # only Python compiled

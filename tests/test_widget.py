@@ -209,3 +209,25 @@ def test_at_name_in_the_panel_attaches_the_kernels_variable_and_shows_it_as_a_ch
         assert "offgrid-chip" in again.messages.children[0].value
     finally:
         shell.close()
+
+
+def test_a_fix_shows_in_the_panel_as_a_diff_with_apply_below(engine, store):
+    import json as _json
+
+    shell = Shell(engine, store)
+    try:
+        session = shell.magics.context.current_session()
+        question = store.add_message(session.id, "user", "Fix In[2]: it failed.", metadata={
+            "task": "fix", "cell": "In[2]", "target_source": "total = x + 1"})
+        store.add_message(session.id, "assistant", _json.dumps({"code": "x = 0\ntotal = x + 1",
+                                                                "explanation": "x was not defined"}))
+        assert question.metadata["task"] == "fix"
+        panel = ChatPanel(session.id, context=shell.magics.context)
+        shown, apply = panel.messages.children[-1].children
+        assert "offgrid-diff" in shown.value and "+x = 0" in shown.value and "x was not defined" in shown.value
+        shell.ip.rl_next_input = None
+        apply.click()
+        assert shell.ip.rl_next_input == "x = 0\ntotal = x + 1"  # (a terminal shell's set_next_input)
+        assert apply.disabled and apply.description.startswith("Applied")
+    finally:
+        shell.close()

@@ -162,6 +162,29 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/sessions/{ref}/proposals": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description session id (session-…) or name, URL-encoded */
+                ref: string;
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * A fix, an edit or new cells as a proposal (a turn of the session, its reply constrained to JSON)
+         * @description The question names the task and the target cell (label, id, the source the proposal is a diff against) in its metadata (`task`, `cell`, `cell_id`, `target_source`); the cell, with its error for a fix, and the `context` go in as attachments. The reply is constrained to `{code, explanation}` (fix, edit) or `{cells: [{cell_type, source}]}` (generate), so it always parses; `complete` carries it as `proposal`, with Python code compiled (never run) and `compile_error` saying why it does not compile. Events, waiting, idempotency and cancellation as for `POST sessions/{ref}/chat`; a proposal cut by `max_tokens` is `reply_cut` and nothing is stored. A cell that cannot fit the model's window twice is a 413 naming its size.
+         */
+        post: operations["propose"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/generation/status": {
         parameters: {
             query?: never;
@@ -832,6 +855,93 @@ export interface components {
             /** @description ignored on input: the server counts */
             tokens?: number | null;
         };
+        /** @description A fix, an edit or new cells for a notebook: a turn of the session whose reply is constrained to a proposal */
+        ProposalRequest: {
+            /**
+             * @description fix: a failed cell (source and error); edit: a cell and an instruction; generate: cells from an instruction
+             * @enum {unknown}
+             */
+            task: "fix" | "edit" | "generate";
+            /** @description the target cell's source (fix and edit; generate: optional, the active cell's) */
+            source?: string | null;
+            /** @description fix: the cell's error as plain text (the traceback) */
+            error?: string | null;
+            /** @description edit and generate: what to do */
+            instruction?: string | null;
+            /** @description the kernel's language (default python: the proposal is compiled, never run) */
+            language?: string | null;
+            /** @description how the cell is named to the model and in the session (In[3]) */
+            cell_label?: string | null;
+            /** @description the notebook's id of the target cell, kept in the question's metadata */
+            cell_id?: string | null;
+            /** @description the variables the cell reads, described by its kernel (offgrid_jupyter.describe) */
+            context?: components["schemas"]["Attachment"][] | null;
+            /** @description longest reply in tokens (default 512) */
+            max_tokens?: number | null;
+            /** @description 0 = greedy (default 0.2) */
+            temperature?: number | null;
+            /** @description fixed seed (with temperature 0: the same reply) */
+            seed?: number | null;
+            /** @default false */
+            stream: boolean | null;
+        };
+        ProposalResponse: {
+            session_id: string;
+            session_name?: string | null;
+            message?: components["schemas"]["Message"] | null;
+            response?: components["schemas"]["Message"] | null;
+            text: string;
+            /** @enum {unknown} */
+            finish_reason: "stop" | "length" | "cancelled" | "error";
+            model?: string;
+            model_sha256?: string;
+            request_id: string;
+            params?: Record<string, never>;
+            usage: {
+                prompt_tokens?: number;
+                cached_tokens?: number;
+                completion_tokens?: number;
+                total_tokens?: number;
+            };
+            timings?: {
+                ttft_ms?: number | null;
+                total_ms?: number;
+                tokens_per_second?: number;
+            };
+            queue_stats?: {
+                was_queued?: boolean;
+                queue_wait_ms?: number;
+                queue_position?: number;
+                generation_ms?: number;
+            };
+            started_at?: number;
+            /** @description present when the turn called tools */
+            tool_calls?: components["schemas"]["ToolCall"][];
+            tool_results?: components["schemas"]["ToolResult"][];
+            /** @description generations the turn ran */
+            rounds?: number;
+            /** @description why the rounds ended without an answer (max_rounds reached, stopped) */
+            note?: string | null;
+            /** @description with rag: the excerpts the model was given */
+            sources?: components["schemas"]["Source"][];
+            /** @description the reply, parsed and checked (null when stopped) */
+            proposal?: components["schemas"]["Proposal"] | null;
+        };
+        Proposal: {
+            explanation: string;
+            /** @description fix and edit: the whole new cell */
+            code?: string;
+            /** @description generate: the new cells */
+            cells?: {
+                /** @enum {unknown} */
+                cell_type: "markdown" | "code";
+                source: string;
+            }[];
+            /** @description whether the code was compiled (Python only) */
+            checked: boolean;
+            /** @description why the code does not compile */
+            compile_error: string | null;
+        };
     };
     responses: {
         /** @description Invalid request: the message names the field and the rule */
@@ -1234,6 +1344,50 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ChatResponse"];
+                    /** @description with stream: true: one object per Server-Sent Event */
+                    "text/event-stream": {
+                        event?: string;
+                        data: string;
+                        id?: string;
+                        retry?: number;
+                    };
+                };
+            };
+            400: components["responses"]["400"];
+            403: components["responses"]["403"];
+            404: components["responses"]["404"];
+            409: components["responses"]["409"];
+            413: components["responses"]["413"];
+            422: components["responses"]["422"];
+            503: components["responses"]["503"];
+        };
+    };
+    propose: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description a retry with the same key (same session, same body) gets the first request's turn, as JSON or as events, instead of a second turn */
+                "Idempotency-Key"?: string;
+            };
+            path: {
+                /** @description session id (session-…) or name, URL-encoded */
+                ref: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ProposalRequest"];
+            };
+        };
+        responses: {
+            /** @description The proposal */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProposalResponse"];
                     /** @description with stream: true: one object per Server-Sent Event */
                     "text/event-stream": {
                         event?: string;

@@ -20,6 +20,8 @@ export type ChatResponse = Schemas['ChatResponse'];
 export type GenerationStatus = Schemas['GenerationStatus'];
 export type Stats = Schemas['Stats'];
 export type SessionExport = Schemas['SessionExport'];
+export type ProposalRequest = Omit<Schemas['ProposalRequest'], 'stream'>;
+export type Proposal = Schemas['Proposal'];
 
 /** Sends one request to a path under `/offgrid/v1/`. */
 export type Fetch = (path: string, init: RequestInit) => Promise<Response>;
@@ -38,6 +40,7 @@ export const ROUTES = {
   notebookSession: ['GET', '/notebooks/session'],
   bindNotebook: ['PUT', '/notebooks/session'],
   chat: ['POST', '/sessions/{ref}/chat'],
+  propose: ['POST', '/sessions/{ref}/proposals'],
   followTurn: ['GET', '/sessions/{ref}/turn'],
   generationStatus: ['GET', '/generation/status'],
   cancelGeneration: ['POST', '/generation/cancel'],
@@ -213,6 +216,14 @@ export class OffgridClient {
   async *chat(ref: string, message: string, opts: ChatOptions = {}): AsyncGenerator<ChatEvent> {
     const { signal: _ignored, ...params } = opts;
     yield* this.stream('chat', ref, { message, stream: true, ...params }, opts.signal);
+  }
+
+  /**
+   * A fix, an edit or new cells, streamed as a turn of the session (its reply is JSON, constrained
+   * by a grammar): the `complete` event carries the parsed `proposal`. Aborting cancels it.
+   */
+  async *propose(ref: string, request: ProposalRequest, signal?: AbortSignal): AsyncGenerator<ChatEvent> {
+    yield* this.stream('propose', ref, { ...request, stream: true }, signal);
   }
 
   /**

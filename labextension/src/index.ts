@@ -7,17 +7,19 @@
 import { ILabShell, ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
 import { URLExt } from '@jupyterlab/coreutils';
-import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
+import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
 import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { ServerConnection } from '@jupyterlab/services';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 
-import type { ICodeCellModel } from '@jupyterlab/cells';
+import type { Cell, ICodeCellModel } from '@jupyterlab/cells';
 
 import { OffgridClient } from './client';
+import { button, h } from './dom';
 import { Attachment } from './kernelvars';
+import { ProposalHost, ProposalView, Task, cellError } from './proposals';
 import { panelRendererFactory } from './panel';
 import { cellQuestion } from './prompts';
 import { OffgridSidebar, SidebarSettings } from './sidebar';
@@ -35,8 +37,14 @@ export const offgridIcon = new LabIcon({
 export const CommandIDs = {
   open: 'offgrid:open-chat',
   askCell: 'offgrid:ask-about-cell',
-  explainError: 'offgrid:explain-error'
+  explainError: 'offgrid:explain-error',
+  fixCell: 'offgrid:fix-cell',
+  editCell: 'offgrid:edit-cell',
+  generateCells: 'offgrid:generate-cells'
 };
+
+/** "Edit this cell with offgrid": no JupyterLab or Notebook 7 default uses it (a test checks). */
+export const EDIT_KEYS = ['Accel Alt E'];
 
 /** The client of this page's Jupyter server. */
 export function serverClient(settings = ServerConnection.makeSettings()): OffgridClient {
@@ -163,11 +171,77 @@ const plugin: JupyterFrontEndPlugin<void> = {
       },
       execute: () => ask(true)
     });
+
+    // -- proposals: fix, edit, generate (proposals.ts) ------------------------------------------
+    const host: ProposalHost = {
+      client,
+      notebookSession: path => sidebar.notebookSession(path),
+      turnEnded: () => void statusItem?.poll()
+    };
+    const target = () => {
+      const panel = notebooks?.currentWidget ?? null;
+      const cell = panel?.content.activeCell ?? null;
+      return panel && cell ? { panel, cell } : null;
+    };
+    const propose = (task: Task, panel?: NotebookPanel, cell?: Cell) => {
+      const t = panel && cell ? { panel, cell } : target();
+      if (!t) {
+        return;
+      }
+      const view = new ProposalView(host, t.panel, t.cell, task);
+      if (task === 'fix') {
+        void view.start();
+      } else {
+        view.ask();
+      }
+    };
+    app.commands.addCommand(CommandIDs.fixCell, {
+      label: 'Fix this error with offgrid',
+      caption: 'Propose a corrected cell as a diff to accept or reject',
+      isEnabled: () => {
+        const t = target();
+        return !!t && cellError(t.cell) !== null;
+      },
+      execute: () => propose('fix')
+    });
+    app.commands.addCommand(CommandIDs.editCell, {
+      label: 'Edit this cell with offgrid',
+      caption: 'Say what to change; the proposal shows as a diff to accept or reject',
+      isEnabled: () => {
+        const t = target();
+        return !!t && t.cell.model.sharedModel.getSource().trim() !== '';
+      },
+      execute: () => propose('edit')
+    });
+    app.commands.addCommand(CommandIDs.generateCells, {
+      label: 'Generate cells with offgrid',
+      caption: 'Say what the new cells should do; they are inserted below the active cell once accepted',
+      isEnabled: () => target() !== null,
+      execute: () => propose('generate')
+    });
+    app.commands.addKeyBinding({ command: CommandIDs.editCell, keys: EDIT_KEYS, selector: '.jp-Notebook' });
+    // a failed cell gets a "Fix with offgrid" button under its error
+    NotebookActions.executionScheduled.connect((_, { cell }) => cell.node.querySelector('.offgrid-fix-bar')?.remove());
+    NotebookActions.executed.connect((_, { notebook, cell, success }) => {
+      const panel = notebooks?.find(p => p.content === notebook);
+      if (success || !panel || cellError(cell) === null || cell.node.querySelector('.offgrid-fix-bar')) {
+        return;
+      }
+      const fix = button('Fix with offgrid', 'Propose a corrected cell as a diff', () => propose('fix', panel, cell),
+        'offgrid-fix-button');
+      const bar = h('div', { class: 'offgrid-fix-bar' }, fix);
+      const outputs = cell.node.querySelector('.jp-Cell-outputWrapper');
+      (outputs ?? cell.node).append(bar);
+    });
+
     for (const command of Object.values(CommandIDs)) {
       palette?.addItem({ command, category: 'offgrid' });
     }
     app.contextMenu.addItem({ command: CommandIDs.askCell, selector: '.jp-Notebook .jp-Cell', rank: 20 });
     app.contextMenu.addItem({ command: CommandIDs.explainError, selector: '.jp-Notebook .jp-CodeCell', rank: 21 });
+    app.contextMenu.addItem({ command: CommandIDs.fixCell, selector: '.jp-Notebook .jp-CodeCell', rank: 22 });
+    app.contextMenu.addItem({ command: CommandIDs.editCell, selector: '.jp-Notebook .jp-Cell', rank: 23 });
+    app.contextMenu.addItem({ command: CommandIDs.generateCells, selector: '.jp-Notebook .jp-Cell', rank: 24 });
 
     if (statusBar) {
       statusItem = new OffgridStatus(client, openSidebar);

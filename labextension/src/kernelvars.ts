@@ -59,6 +59,13 @@ export async function describeVariables(
   return Array.isArray(value) ? (value as Attachment[]) : [];
 }
 
+/** The variables a cell's *source* reads (those the kernel holds), described, for a fix or an edit. */
+export async function cellVariables(kernel: Kernel.IKernelConnection, source: string): Promise<Attachment[]> {
+  const helper = "__import__('offgrid_jupyter.kernel.proposals', fromlist=['kernel_reads'])";
+  const value = await evaluate(kernel, `${helper}.kernel_reads(${JSON.stringify(source)})`);
+  return Array.isArray(value) ? (value as Attachment[]) : [];
+}
+
 /** The `@partial` being typed just before the cursor, if any: where it starts and what it says. */
 export function mentionAt(text: string, cursor: number): { start: number; query: string } | null {
   const m = /(?:^|[^\w.@])@([A-Za-z_][\w.]*)?$/.exec(text.slice(0, cursor));

@@ -24,22 +24,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat.attachments import clip, estimate_tokens
+from ..chat.edits import plain, shorten_traceback
 
 KEEP_CELLS = 200
 KEEP_CHARS = 8_000  # of what one cell printed
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _OURS = re.compile(r"\s*%%?offgrid\b")
-
-
-def plain(text: str) -> str:
-    """*text* without terminal colour codes."""
-    return _ANSI.sub("", text)
 
 
 @dataclass
 class CellRecord:
     number: int  # the execution count: In[number]
     source: str
+    cell_id: str | None = None  # the notebook's id of the cell (Jupyter sends it with the request)
     printed: list[str] = field(default_factory=list)
     printed_chars: int = 0
     result: str | None = None  # the repr of Out[number]
@@ -62,24 +58,6 @@ class CellRecord:
         elif out.strip():
             parts.append("Output:\n" + clip(out.strip(), left))
         return "\n".join(parts)
-
-
-def _shorten(traceback: str, head: int = 800, tail: int = 1600) -> str:
-    """A long traceback's start (the cell's own frame) and end (the frames nearest the error and
-    the error itself), whole lines, with what was left out said: a pandas KeyError is 150 lines
-    of library frames that would take a small model's whole window."""
-    if len(traceback) <= head + tail:
-        return traceback
-    lines = traceback.split("\n")
-    first, used = [], 0
-    while lines and used + len(lines[0]) < head:
-        used += len(lines[0]) + 1
-        first.append(lines.pop(0))
-    last, used = [], 0
-    while lines and used + len(lines[-1]) < tail:
-        used += len(lines[-1]) + 1
-        last.insert(0, lines.pop())
-    return "\n".join([*first, f"… ({len(lines)} lines of frames left out)", *last]) if lines else traceback
 
 
 class CellLog:
@@ -144,7 +122,7 @@ class CellLog:
     # -- IPython events ------------------------------------------------------------------
     def pre_run_cell(self, info: Any) -> None:
         number = self.shell.execution_count
-        self._running = CellRecord(number, getattr(info, "raw_cell", "") or "")
+        self._running = CellRecord(number, getattr(info, "raw_cell", "") or "", getattr(info, "cell_id", None))
 
     def post_run_cell(self, result: Any) -> None:
         cell, self._running = self._running, None
@@ -176,7 +154,7 @@ class CellLog:
         except Exception:  # noqa: BLE001 - IPython's formatter failed: the standard library's
             import traceback
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        return _shorten(text)
+        return shorten_traceback(text)
 
     # -- for a prompt ------------------------------------------------------------------------
     def before(self, number: int, count: int | None) -> list[CellRecord]:
@@ -184,6 +162,12 @@ class CellLog:
         leaving out the cells that were prompts themselves (their turns are in the session)."""
         earlier = [c for n, c in self.cells.items() if n < number and not _OURS.match(c.source)]
         return earlier if count is None else earlier[-count:] if count > 0 else []
+
+    def failed(self, number: int | None = None) -> CellRecord | None:
+        """The cell In[*number*], or the last one that failed (None when there is none)."""
+        if number is not None:
+            return self.cells.get(number)
+        return next((c for c in reversed(self.cells.values()) if c.error), None)
 
     def attachments(self, number: int, count: int | None, max_tokens: int) -> list[dict[str, Any]]:
         out = []

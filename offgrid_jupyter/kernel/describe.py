@@ -369,7 +369,7 @@ def attachment(name: str, obj: Any, *, max_tokens: int = DEFAULT_TOKENS) -> dict
 
 
 # -- for the sidebar (called in the notebook's kernel with user_expressions) ----------------------
-class _Raw:
+class RawJSON:
     """A value whose text/plain is exactly its text, so a ``user_expressions`` reply carries our
     JSON as it is (a string's would be its Python repr, quotes and escapes included)."""
 
@@ -397,7 +397,7 @@ def _hidden() -> set[str]:
     return set(shell.user_ns_hidden) if shell is not None else set()
 
 
-def kernel_variables(limit: int = 500) -> _Raw:
+def kernel_variables(limit: int = 500) -> RawJSON:
     """The kernel's variables as JSON ``[{name, type}]`` (what the sidebar's ``@`` list shows):
     what a user would call their data: no modules, no ``_names``, nothing IPython keeps."""
     hidden = _hidden()
@@ -408,10 +408,10 @@ def kernel_variables(limit: int = 500) -> _Raw:
         out.append({"name": name, "type": type_name(value)})
         if len(out) >= limit:
             break
-    return _Raw(json.dumps(out))
+    return RawJSON(json.dumps(out))
 
 
-def kernel_attach(names: list[str], text: str = "") -> _Raw:
+def kernel_attach(names: list[str], text: str = "") -> RawJSON:
     """The attachments for *names* (the sidebar's chips) and for the ``@name``s of *text* (the
     message, read as the magic reads a cell), those that are variables of the kernel, as JSON,
     each within the kernel's ``c.OffgridMagics.attach_tokens`` (the magic's budget)."""
@@ -428,4 +428,4 @@ def kernel_attach(names: list[str], text: str = "") -> _Raw:
         ok, obj = resolve(name, ns) if isinstance(name, str) else (False, None)
         if ok:
             out.append(attachment(name, obj, max_tokens=budget))
-    return _Raw(json.dumps(out))
+    return RawJSON(json.dumps(out))

@@ -21,7 +21,10 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 from traitlets import Bool, Dict, Enum, Float, Int, Unicode, Union, observe
 
+from . import proposals
 from .cells import CellLog
+from .proposals import ProposalView, partial_code
+from ..chat.edits import Task
 from .context import Context, set_loaded
 from .describe import DEFAULT_TOKENS, attachment, mentions, resolve
 from ..chat.attachments import label, stored_context
@@ -509,6 +512,57 @@ class OffgridMagics(Magics):
         """Where this kernel's collections are: its store, or the server's (connected elsewhere)."""
         ctx = self.context
         return ctx.client.collections if ctx.remote_sessions else ctx.store.library
+
+    # -- fix and edit: proposals as diffs (kernel/proposals.py) ------------------------------------
+    def _cmd_fix(self, args) -> None:
+        cell = self.cells.failed(args.n)
+        if cell is None:
+            raise UsageError(
+                f"No cell In[{args.n}] in this kernel's record (it keeps the cells run since %load_ext offgrid_jupyter)."
+                if args.n is not None else
+                "No cell has failed since offgrid was loaded: run the failing cell, then `%offgrid fix` "
+                "(or `%offgrid fix N` for In[N]).")
+        if not cell.error:
+            raise UsageError(f"In[{cell.number}] did not fail: `%offgrid edit {cell.number} INSTRUCTION` changes it.")
+        task = Task("fix", cell.source, f"In[{cell.number}]", error=cell.error, cell_id=cell.cell_id).check()
+        return self._propose(task, args)
+
+    def _cmd_edit(self, args) -> None:
+        cell = self.cells.failed(args.n)
+        if cell is None:
+            raise UsageError(f"No cell In[{args.n}] in this kernel's record (it keeps the cells run since "
+                             "%load_ext offgrid_jupyter): run it first.")
+        task = Task("edit", cell.source, f"In[{cell.number}]", instruction=" ".join(args.instruction),
+                    cell_id=cell.cell_id).check()
+        return self._propose(task, args)
+
+    def _propose(self, task: Task, args) -> None:
+        """Stream the proposal's code into the cell, then show it as a diff and offer it as the next input."""
+        session = self.context.current_session(system_prompt=self.system_prompt)
+        handle = display(Reply(status=f"proposing a {task.kind} of {task.label}…"), display_id=True)
+
+        def stream(turn: Any) -> None:
+            for text, status in Progress().views(turn.generation.batches(self.update_interval, heartbeat=True)):
+                code = partial_code(text)
+                handle.update(Reply(f"```python\n{code}\n```" if code else "", status=status))
+
+        try:
+            outcome, proposal, note = proposals.run(self.context, task, session.id, self.shell.user_ns,
+                                                    params={"max_tokens": args.max_tokens}, on_text=stream)
+        except OffgridError as exc:
+            handle.update(Reply(status=f"not kept: {exc}", done=True))
+            raise
+        if outcome.result.finish_reason == "cancelled":
+            handle.update(Reply(status="stopped: nothing was proposed", done=True))
+            raise Interrupted("stopped; a proposal is kept only whole, so nothing was stored.")
+        changed = proposal.code is not None and proposal.code.strip() != task.source.strip()
+        if changed and not proposal.compile_error:
+            self.shell.set_next_input(proposal.code, replace=False)
+        after = ("no change proposed" if not changed else "not put in a cell: it does not compile"
+                 if proposal.compile_error else "the new code is in a new cell below: run it, or delete it")
+        handle.update(ProposalView(task, proposal, note=" · ".join(filter(None, [note, after]))),
+                      metadata={"offgrid": outcome.provenance()})
+        return None
 
     def _cmd_learn(self, args):
         import pandas as pd

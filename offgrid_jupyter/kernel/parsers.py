@@ -105,6 +105,9 @@ SUBCOMMANDS = {
     "profiles": "the profiles sessions can be made with, as a DataFrame",
     "profile": "add NAME [--system TEXT] [-t T] [-n N] [--model M] [--tools a,b] [--max-rounds N] [--context N|all] "
                "| delete NAME",
+    "fix": "propose a fix for the last cell that failed (or In[N]) as a diff; the fix goes into a new cell below "
+           "[N] [-n MAX_TOKENS]",
+    "edit": "propose an edit of In[N] as a diff: N INSTRUCTION... [-n MAX_TOKENS]",
     "learn": "learn files, folders or globs for --rag: PATH [PATH...] [--collection NAME] | --list | --delete NAME",
     "search": "the learned chunks that best match QUERY, as a DataFrame [-k N] [--collection NAME]",
     "engine": "generate on an OpenAI-compatible server URL [--model NAME] [--api-key KEY] [--max-concurrent N], "
@@ -164,6 +167,11 @@ def line_parser() -> Parser:
     parsers["learn"].add_argument("--embedding-model", metavar="GGUF",
                                   help="also embed the chunks with this GGUF and fuse its matches with BM25's in "
                                        "searches (the collection keeps it)")
+    parsers["fix"].add_argument("n", nargs="?", type=int, metavar="N")
+    parsers["fix"].add_argument("-n", "--max-tokens", type=int, dest="max_tokens")
+    parsers["edit"].add_argument("n", type=int, metavar="N")
+    parsers["edit"].add_argument("instruction", nargs="+")
+    parsers["edit"].add_argument("-n", "--max-tokens", type=int, dest="max_tokens")
     parsers["search"].add_argument("query", nargs="+")
     parsers["search"].add_argument("-k", type=int, default=5)
     parsers["search"].add_argument("--collection", "-c", metavar="NAME")

@@ -32,6 +32,8 @@ from .context import Context, loaded
 from ..errors import OffgridError, TurnCancelledError
 from ..retrieval.rag import sources_markdown
 from .describe import attachment, mentions, resolve
+from .proposals import ProposalView
+from ..chat.edits import Task, parse
 from .render import Progress, chips_html, context_gauge, tool_line, tool_lines
 from ..chat.attachments import stored_context
 from ..chat.store import Session
@@ -213,10 +215,14 @@ class ChatPanel(widgets.VBox):
     def _render(self, session: Session) -> None:
         self._render_title(session)
         bubbles = []
+        task = None  # the question before a reply, when it asked for a fix or an edit
         for m in session.messages or []:
             if m.role == "user":
                 bubbles.append(_user_bubble(m.content + ("\n(no reply: interrupted)" if m.interrupted else ""),
                                             stored_context(m.metadata)))
+                task = m.metadata if m.metadata.get("task") in ("fix", "edit") else None
+            elif m.role == "assistant" and task is not None and (shown := self._proposal(task, m.content)):
+                bubbles.append(shown)
             elif m.role == "assistant":
                 body = "\n\n".join(filter(None, [m.content, sources_markdown(m.metadata.get("sources") or [])]))
                 bubbles.append(_assistant_bubble(body, "interrupted" if m.finish_reason == "cancelled" else None))
@@ -224,6 +230,29 @@ class ChatPanel(widgets.VBox):
                 call = m.metadata.get("tool_call") or {}
                 bubbles.append(_assistant_bubble(tool_line(call.get("name", "tool"), call.get("arguments"), m.content)))
         self.messages.children = tuple(bubbles)
+
+    def _proposal(self, question: dict, text: str) -> widgets.Widget | None:
+        """A fix or an edit as the cell showed it (explanation and diff), with Apply: the code goes
+        in through IPython's set_next_input, the one way a kernel can add a cell; it reaches the
+        notebook with the next cell that runs (JupyterLab's own commands replace the cell itself)."""
+        task = Task(question["task"], question.get("target_source") or "", question.get("cell") or "the cell",
+                    error="e", instruction="i")
+        try:
+            proposal = parse(text, task)
+        except (ValueError, KeyError, TypeError, OffgridError):  # not a proposal (an old or hand-made message)
+            return None
+        shown = widgets.HTML(ProposalView(task, proposal)._repr_html_())
+        apply = widgets.Button(description="Apply below", icon="plus", tooltip=(
+            "Put the proposed code in a new cell below the next cell you run (in JupyterLab, the cell "
+            "commands replace the cell itself)"), disabled=not proposal.code or bool(proposal.compile_error)
+            or getattr(self.context.shell, "set_next_input", None) is None)
+
+        def applied(_: Any) -> None:
+            self.context.shell.set_next_input(proposal.code, replace=False)
+            apply.description, apply.disabled = "Applied: in a new cell below the next one you run", True
+
+        apply.on_click(applied)
+        return widgets.VBox([shown, apply], layout=widgets.Layout(margin="4px 20% 4px 0"))
 
     def _render_title(self, session: Session) -> None:
         title = html.escape(session.title or "(no messages yet)")

@@ -30,6 +30,7 @@ from jupyter_server.auth.decorator import authorized
 from ..errors import GenerationNotFoundError, IdempotencyConflictError, InvalidRequestError, OffgridError
 from ..inference.toolcalls import openai_call
 from ..chat import turns
+from ..chat.edits import Task, parse
 from ..chat.turns import ChatTurn, TurnResult
 from .base import OffgridHandler
 from .state import ServerState
@@ -65,9 +66,11 @@ def _retrieved(fut: asyncio.Future) -> None:
 class SharedTurn:
     """One server-side turn, shared by every request that wants it (see the module docstring)."""
 
-    def __init__(self, turn: ChatTurn, state: ServerState, fingerprint: str, scope: tuple | None):
+    def __init__(self, turn: ChatTurn, state: ServerState, fingerprint: str, scope: tuple | None,
+                 shape: Any = None):
         loop = asyncio.get_running_loop()
         self.turn, self.state, self.fingerprint, self.scope = turn, state, fingerprint, scope
+        self.shape = shape  # what the complete payload gains (a proposal), made on the store's threads
         self.log: list[tuple[str, Any]] = []  # the events so far; compacted once the turn is over
         self.started: asyncio.Future = loop.create_future()  # {request_id, session_id}, or the error
         self.result: asyncio.Future = loop.create_future()  # the turn payload, or the error
@@ -127,6 +130,8 @@ class SharedTurn:
                     self._append(kind, {"position": payload, **ident} if kind == "queued" else
                                  {"delta": payload} if kind == "token" else {**(payload or {}), **ident})
             payload = turn_payload(await turn.finish_async(run))
+            if self.shape is not None:
+                payload = await run(self.shape, payload)
         except BaseException as exc:  # noqa: BLE001 - every request waiting on this turn gets the error
             if turn.generation is not None:
                 await run(turn.abort)
@@ -164,25 +169,19 @@ class ChatHandler(OffgridHandler):
         key = self._idempotency_key()
         session = await self.run(lambda: self.state.store.get(ref, messages=False))  # 404 before anything else
         fingerprint = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-        scope = ("chat", session.id, key)
+        scope = (self.kind, session.id, key)
         shared = self.state.keyed.get(scope) if key else None
         if shared is not None and shared.fingerprint != fingerprint:
             raise IdempotencyConflictError(f"Idempotency-Key {key!r} was already used for a different request on "
                                            "this session. Use a new key for a new request.")
         if shared is None:
-            turn = await self.slow(lambda: ChatTurn(  # (checks the parameters: a schema's grammar)
-                self.state.engine, self.state.store, session.id, data["message"], source="server",
-                params={k: data[k] for k in PARAMS if k in data}, metadata=data.get("metadata"),
-                replace=data.get("replace_message_id"), tool_choice=data.get("tool_choice"),
-                find_tools=self.state.find_tools, tool_executor=self.state.tool_pool,
-                rag={"collection": data.get("collection"), "k": data.get("rag_k", 5)}
-                if data.get("rag") or data.get("collection") else None, context=data.get("context")))
+            turn = await self.slow(lambda: self.new_turn(session.id, data))  # (checks a schema's grammar)
             shared = self.state.keyed.get(scope) if key else None  # (a retry may have begun it meanwhile)
             if shared is not None and shared.fingerprint != fingerprint:
                 raise IdempotencyConflictError(f"Idempotency-Key {key!r} was already used for a different request "
                                                "on this session. Use a new key for a new request.")
         if shared is None:
-            shared = SharedTurn(turn, self.state, fingerprint, scope if key else None)
+            shared = SharedTurn(turn, self.state, fingerprint, scope if key else None, self.shaper(data))
             if key:
                 self.state.remember(scope, shared)
             shared.begin(self.run, self.slow)
@@ -211,6 +210,22 @@ class ChatHandler(OffgridHandler):
                 self.send(200, await asyncio.shield(shared.result))
         finally:
             self.gone()
+
+    kind = "chat"  # (scopes Idempotency-Keys)
+
+    def new_turn(self, session_id: str, data: dict[str, Any]) -> ChatTurn:
+        """The turn the body asks for (in the slow pool: the checks may build a grammar)."""
+        return ChatTurn(
+            self.state.engine, self.state.store, session_id, data["message"], source="server",
+            params={k: data[k] for k in PARAMS if k in data}, metadata=data.get("metadata"),
+            replace=data.get("replace_message_id"), tool_choice=data.get("tool_choice"),
+            find_tools=self.state.find_tools, tool_executor=self.state.tool_pool,
+            rag={"collection": data.get("collection"), "k": data.get("rag_k", 5)}
+            if data.get("rag") or data.get("collection") else None, context=data.get("context"))
+
+    def shaper(self, data: dict[str, Any]) -> Any:
+        """What the complete payload gains (None: nothing)."""
+        return None
 
     async def _while_waiting(self, shared: "SharedTurn", session_id: str) -> None:
         """A streamed turn that has not begun within WAITING_AFTER s is waiting for its session's
@@ -243,6 +258,39 @@ class ChatHandler(OffgridHandler):
         shared, self._shared = getattr(self, "_shared", None), None
         if shared is not None:
             shared.unwant()
+
+
+class ProposalHandler(ChatHandler):
+    """A fix, an edit or new cells for a notebook (chat/edits.py): a turn of the session whose
+    reply is constrained to a proposal, which the complete event carries parsed and checked."""
+
+    spec_path = "/sessions/{ref}/proposals"
+    kind = "proposal"
+
+    def new_turn(self, session_id: str, data: dict[str, Any]) -> ChatTurn:
+        task = self._task(data)
+        n_ctx = self.state.engine.describe().get("n_ctx") or 4096
+        task.check_fits(n_ctx)
+        params = {"max_tokens": task.max_tokens(n_ctx), "temperature": 0.0,
+                  **{k: data[k] for k in PARAMS if data.get(k) is not None}, "response_format": task.response_format()}
+        return ChatTurn(self.state.engine, self.state.store, session_id, task.message(), source=task.kind,
+                        params=params, metadata=task.metadata(), context=task.attachments() + (data.get("context") or []))
+
+    @staticmethod
+    def _task(data: dict[str, Any]) -> Task:
+        return Task(data["task"], data.get("source") or "", data.get("cell_label") or "the cell",
+                    error=data.get("error"), instruction=data.get("instruction"),
+                    language=data.get("language") or "python", cell_id=data.get("cell_id")).check()
+
+    def shaper(self, data: dict[str, Any]) -> Any:
+        task = self._task(data)
+
+        def shape(payload: dict[str, Any]) -> dict[str, Any]:
+            if payload["finish_reason"] == "cancelled" or not payload.get("response"):
+                return {**payload, "proposal": None}
+            return {**payload, "proposal": parse(payload["text"], task).to_dict()}
+
+        return shape
 
 
 class TurnHandler(OffgridHandler):

@@ -23,7 +23,7 @@ from ..validation import check_text
 from . import spec
 from .base import OffgridHandler
 from .collections import CollectionHandler, CollectionsHandler, SearchHandler
-from .chat import CancelHandler, ChatHandler, OpenAIChatHandler, TurnHandler
+from .chat import CancelHandler, ChatHandler, OpenAIChatHandler, ProposalHandler, TurnHandler
 
 
 class SessionsHandler(OffgridHandler):
@@ -280,8 +280,8 @@ class MetricsHandler(OffgridHandler):
 
 
 ROUTES = [SessionsHandler, SessionHandler, MessagesHandler, ForkHandler, ExportHandler, ImportHandler,
-          NotebookSessionHandler, ChatHandler, TurnHandler, StatusHandler, CancelHandler, StatsHandler, RequestsHandler,
-          ProfilesHandler, ToolsHandler, CollectionsHandler, CollectionHandler, SearchHandler, ModelsHandler,
+          NotebookSessionHandler, ChatHandler, ProposalHandler, TurnHandler, StatusHandler, CancelHandler,
+          StatsHandler, RequestsHandler, ProfilesHandler, ToolsHandler, CollectionsHandler, CollectionHandler, SearchHandler, ModelsHandler,
           HealthHandler, OpenAIChatHandler, OpenAPIHandler]
 
 
