@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 from offgrid_jupyter.chat.edits import Task, compile_error, diff_lines, parse, shorten_traceback
 from offgrid_jupyter.errors import ContextOverflowError, InvalidRequestError
-from offgrid_jupyter.kernel.proposals import partial_code, reads
+from offgrid_jupyter.kernel.proposals import ProposalView, partial_code, reads
 
 from .conftest import one_line_error
 
@@ -57,6 +57,10 @@ def test_a_proposal_is_parsed_unfenced_compiled_and_diffed():
     cells = parse(json.dumps({"cells": [{"cell_type": "markdown", "source": "# T"},
                                         {"cell_type": "code", "source": "x = ("}]}), Task("generate", instruction="i"))
     assert [c["cell_type"] for c in cells.cells] == ["markdown", "code"] and cells.compile_error.startswith("Syntax")
+    empty = parse(json.dumps({"code": "```python\n\n```", "explanation": "x"}), task)
+    assert empty.empty and empty.compile_error is None and empty.problem == "no code was proposed"
+    assert parse(json.dumps({"cells": [{"cell_type": "code", "source": " "}]}), Task("generate", instruction="i")).empty
+    assert "no code was proposed" in repr(ProposalView(task, empty))
 
 
 def test_the_variables_a_cell_reads_and_a_streaming_proposals_code():
@@ -92,8 +96,9 @@ def test_fix_proposes_a_diff_offers_the_code_below_and_stores_the_task(sh):
     assert "NameError" in question.metadata["context"][0]["text"]
     proposal = parse(session.messages[-1].content, Task("fix", "x", error="e"))
     offered = next_input(sh)
-    if proposal.compile_error:  # shown with its warning, and not put in a cell
-        assert offered == [] and "does not compile" in final.data["text/plain"]
+    if proposal.problem:  # shown with its warning (asked twice), and not put in a cell
+        assert offered == [] and "asked twice" in final.data["text/plain"]
+        assert proposal.problem.split(":")[0] in final.data["text/plain"]
     else:
         assert offered == [proposal.code]
     rows = sh.store.connection().execute("SELECT source FROM requests").fetchall()
@@ -111,7 +116,7 @@ def test_edit_takes_an_instruction_and_bad_input_is_one_line(sh):
     assert question.metadata["task"] == "edit" and "print the name in capitals" in question.content
     proposal = parse(session.messages[-1].content, Task("edit", "x", instruction="i"))
     changed = proposal.code.strip() != "name = 'ada'\nprint(name)"
-    assert next_input(sh) == ([proposal.code] if changed and not proposal.compile_error else [])
+    assert next_input(sh) == ([proposal.code] if changed and not proposal.problem else [])
     for line, needle in ((f"%offgrid fix {n}", f"In[{n}] did not fail"), ("%offgrid fix 999", "No cell In[999]"),
                          ("%offgrid edit 999 go", "No cell In[999]")):
         r, c = sh.run(line)

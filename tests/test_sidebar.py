@@ -190,7 +190,7 @@ def test_the_sidebar_shows_streams_stops_follows_and_survives_a_reload(lab, lab_
 
     # a turn made elsewhere appears without a reload
     rest_chat(lab, "from-rest", "A question sent over REST.", max_tokens=8)
-    ui.root.locator(".offgrid-bubble", has_text="A question sent over REST.").wait_for(timeout=30_000)
+    ui.root.locator(".offgrid-bubble.offgrid-user", has_text="A question sent over REST.").wait_for(timeout=30_000)
     assert ui.bubbles.count() == 8
 
     # a reload keeps the sidebar, the open session and its conversation

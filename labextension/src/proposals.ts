@@ -249,8 +249,13 @@ export class ProposalView {
         ? ''
         : 'not checked: only Python is compiled';
     const unchanged = this.task !== 'generate' && this.shownCode.trim() === this.original.trim();
+    const empty = this.task === 'generate'
+      ? !(proposal.cells ?? []).some(c => c.source.trim())
+      : !this.shownCode.trim();
     if (unchanged) {
       this.warning.textContent = 'No change proposed.';
+    } else if (empty) {
+      this.warning.textContent = '⚠ No code was proposed: the cell stays as it is.';
     }
     this.actions.replaceChildren(
       button('Accept', this.task === 'generate' ? 'Insert the cells below' : 'Replace the cell with the proposal',
@@ -258,7 +263,7 @@ export class ProposalView {
       button('Accept and Run', 'Accept, then run', () => void this.accept(true), 'offgrid-diff-accept-run'),
       button('Reject', 'Leave the cell as it is (Escape)', () => this.reject(), 'offgrid-diff-reject')
     );
-    if (unchanged) {
+    if (unchanged || empty) {
       this.actions.querySelectorAll<HTMLButtonElement>('.offgrid-diff-accept, .offgrid-diff-accept-run')
         .forEach(b => (b.disabled = true));
     }

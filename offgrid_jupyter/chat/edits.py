@@ -151,6 +151,19 @@ class Proposal:
     compile_error: str | None = None  # why the code does not compile (Python only)
     checked: bool = False  # whether it was compiled at all
 
+    @property
+    def empty(self) -> bool:
+        """No code at all: a small model sometimes answers a fix with an empty cell (seen on CI's
+        CPU for a NameError), which would delete the cell rather than fix it."""
+        if self.code is not None:
+            return not self.code.strip()
+        return not any(c["source"].strip() for c in self.cells)
+
+    @property
+    def problem(self) -> str | None:
+        """Why this proposal should not be offered as it is (asked once more when there is one)."""
+        return self.compile_error or ("no code was proposed" if self.empty else None)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"explanation": self.explanation, "checked": self.checked,
                                "compile_error": self.compile_error}

@@ -556,10 +556,10 @@ class OffgridMagics(Magics):
             handle.update(Reply(status="stopped: nothing was proposed", done=True))
             raise Interrupted("stopped; a proposal is kept only whole, so nothing was stored.")
         changed = proposal.code is not None and proposal.code.strip() != task.source.strip()
-        if changed and not proposal.compile_error:
+        if changed and not proposal.problem:
             self.shell.set_next_input(proposal.code, replace=False)
-        after = ("no change proposed" if not changed else "not put in a cell: it does not compile"
-                 if proposal.compile_error else "the new code is in a new cell below: run it, or delete it")
+        after = ("no change proposed" if not changed else f"not put in a cell: {proposal.problem}"
+                 if proposal.problem else "the new code is in a new cell below: run it, or delete it")
         handle.update(ProposalView(task, proposal, note=" · ".join(filter(None, [note, after]))),
                       metadata={"offgrid": outcome.provenance()})
         return None

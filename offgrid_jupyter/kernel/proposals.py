@@ -71,6 +71,8 @@ class ProposalView:
         lines = []
         if self.proposal.compile_error:
             lines.append(f"⚠ does not compile: {self.proposal.compile_error}")
+        elif self.proposal.empty:
+            lines.append("⚠ no code was proposed: the cell is left as it is")
         elif not self.proposal.checked:
             lines.append(f"not checked: {self.task.language} code is compiled only for Python kernels")
         if self.note:
@@ -142,9 +144,10 @@ def run(context: Any, task: Task, session_id: str | None, namespace: dict[str, A
         if outcome.result.finish_reason == "cancelled":
             return outcome, Proposal(), None
         proposal = parse(outcome.result.text, task)
-        if not proposal.compile_error or attempt == 2:
+        if not proposal.problem or attempt == 2:
             return outcome, proposal, note
-        note = f"asked twice: the first proposal did not compile ({proposal.compile_error})"
+        note = (f"asked twice: the first proposal did not compile ({proposal.compile_error})"
+                if proposal.compile_error else f"asked twice: {proposal.problem} the first time")
         replace = outcome.user_message.id if outcome.user_message is not None else None
         params = {**params, "temperature": RETRY_TEMPERATURE, "seed": (params.get("seed") or 0) + 1}
     raise AssertionError("unreachable")
