@@ -183,6 +183,15 @@ class Client:
         finally:
             cm.__exit__(None, None, None)
 
+    def complete_inline(self, prefix: str, suffix: str = "", *, language: str = "python", path: str | None = None,
+                        context: list[str] | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+        """The code that may follow the cursor (what JupyterLab shows as ghost text):
+        ``{"items": [{"insertText"}], "model", "finish_reason", "latency_ms", "usage"}``. *context*:
+        the sources of the cells above; *path* shares the KV cache between calls for one file."""
+        body = {"prefix": prefix, "suffix": suffix, "language": language, "path": path, "context": context,
+                "max_tokens": max_tokens}
+        return self.request("POST", "completions/inline", body={k: v for k, v in body.items() if v is not None})
+
     def stats(self) -> dict[str, Any]:
         return self.request("GET", "stats")
 

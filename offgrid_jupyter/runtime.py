@@ -17,7 +17,7 @@ from typing import Any
 from .chat.store import Store, get_store
 from .errors import InvalidRequestError
 from .inference.backend import QueueBackend
-from .inference.engine import MB, Engine
+from .inference.engine import COMPLETION_CTX, MB, Engine
 from .inference.openai_engine import OpenAIEngine
 from .stats import attach, stats_document
 
@@ -27,10 +27,12 @@ LOCAL = {"model_path": (None, str),  # (OFFGRID_MODEL is read where the model is
          "n_threads": ("OFFGRID_THREADS", int), "n_parallel": ("OFFGRID_N_PARALLEL", int),
          "chat_format": ("OFFGRID_CHAT_FORMAT", str),
          "kv_cache_bytes": ("OFFGRID_KV_CACHE_MB", lambda v: int(float(v) * MB)),
-         "tune_threads": ("OFFGRID_TUNE_THREADS", lambda v: _flag(v))}
+         "tune_threads": ("OFFGRID_TUNE_THREADS", lambda v: _flag(v)),
+         "completion_ctx": ("OFFGRID_COMPLETION_CTX", int)}
 REMOTE = {"model": ("OFFGRID_ENGINE_MODEL", str), "api_key": ("OFFGRID_ENGINE_API_KEY", str),
           "max_concurrent": ("OFFGRID_ENGINE_MAX_CONCURRENT", int),
-          "read_timeout": ("OFFGRID_ENGINE_READ_TIMEOUT", float)}
+          "read_timeout": ("OFFGRID_ENGINE_READ_TIMEOUT", float),
+          "completion_model": ("OFFGRID_COMPLETION_MODEL", str)}
 QUEUE = {"queue_timeout": ("OFFGRID_QUEUE_TIMEOUT", float), "max_queue": ("OFFGRID_MAX_QUEUE", int)}
 URL_ENV = "OFFGRID_ENGINE_URL"
 
@@ -63,8 +65,8 @@ def make_backend(engine_url: str | None = None, *, from_env: bool = False, **set
 
     *settings* may hold both kinds' keywords (the server passes all its settings); each kind
     takes its own: ``model``, ``api_key``, ``max_concurrent``, ``read_timeout``, ``send_session``
-    for an engine; ``model_path``, ``n_ctx``, ``n_threads``, ``n_parallel``, ``chat_format``,
-    ``kv_cache_bytes``, ``tune_threads`` for a local model; ``queue_timeout`` and ``max_queue``
+    and ``completion_model`` for an engine; ``model_path``, ``n_ctx``, ``n_threads``, ``n_parallel``,
+    ``chat_format``, ``kv_cache_bytes``, ``tune_threads``, ``completion_ctx`` for a local model; ``queue_timeout`` and ``max_queue``
     for both. None means the default. *from_env* fills what is not given (the URL included) from
     ``OFFGRID_*`` variables."""
     if from_env:
@@ -76,6 +78,17 @@ def make_backend(engine_url: str | None = None, *, from_env: bool = False, **set
         return OpenAIEngine(engine_url, **{k: v for k, v in given.items() if k in REMOTE or k in QUEUE
                                            or k == "send_session"})
     return Engine(given.pop("model_path", None), **{k: v for k, v in given.items() if k in LOCAL or k in QUEUE})
+
+
+def make_completer(backend: QueueBackend, completion_model: str | None, *, completion_ctx: int | None = None,
+                   n_threads: int | None = None) -> QueueBackend:
+    """Where inline completions run: *backend* itself (its reserved sequence, or the engine's
+    ``/completions``), or, for a local server given a completion GGUF, a small engine of its
+    own for that model (one unused chat sequence of 64 cells beside the completions' own)."""
+    if not completion_model or isinstance(backend, OpenAIEngine):
+        return backend
+    return Engine(completion_model, n_ctx=64, n_parallel=1, n_threads=n_threads,
+                  completion_ctx=completion_ctx or COMPLETION_CTX, tune_threads=False)
 
 
 _engine: QueueBackend | None = None

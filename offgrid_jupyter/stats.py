@@ -197,19 +197,38 @@ def _human(seconds: float) -> str:
     return " ".join(parts + [f"{s}s"])
 
 
-PERCENTILE_SQL = ("SELECT total_ms FROM requests INDEXED BY requests_completed_total WHERE model = ? "
-                  f"AND {COMPLETED} ORDER BY total_ms {{order}} LIMIT 1 OFFSET ?")
+PERCENTILE_SQL = {  # chats, and inline completions (counted apart: see chat/db.py m009)
+    False: ("SELECT total_ms FROM requests INDEXED BY requests_completed_total WHERE model = ? "
+            f"AND {COMPLETED} AND source != 'completion' ORDER BY total_ms {{order}} LIMIT 1 OFFSET ?"),
+    True: ("SELECT total_ms FROM requests INDEXED BY requests_completion_total WHERE model = ? "
+           f"AND {COMPLETED} AND source = 'completion' ORDER BY total_ms {{order}} LIMIT 1 OFFSET ?")}
 
 
-def _percentile(conn, model: str, n: int, p: float) -> float | None:
+def _percentile(conn, model: str, n: int, p: float, completions: bool = False) -> float | None:
     """Nearest-rank percentile of completed requests' total_ms, read from the index
     (it steps over at most the rank's entries, from whichever end is closer)."""
     if n == 0:
         return None
     rank = max(1, math.ceil(p * n)) - 1
     order, offset = ("ASC", rank) if rank < n / 2 else ("DESC", n - 1 - rank)
-    row = conn.execute(PERCENTILE_SQL.format(order=order), (model, offset)).fetchone()
+    row = conn.execute(PERCENTILE_SQL[completions].format(order=order), (model, offset)).fetchone()
     return round(row[0], 3) if row else None
+
+
+def completions_section(store: Store) -> dict[str, Any]:
+    """Inline completions per model, apart from the chats (short, many, mostly cancelled by the
+    next keystroke): how many, how fast the suggestion came, how much of the prompt the cache had."""
+    conn = store.connection()
+    models = {}
+    for r in conn.execute("SELECT * FROM completion_totals ORDER BY model"):
+        n = r["completed"]
+        models[r["model"]] = {
+            "requests": r["total_requests"], "completed": n, "cancelled": r["cancelled"], "errors": r["errors"],
+            "p50_ms": _percentile(conn, r["model"], n, 0.50, True), "p95_ms": _percentile(conn, r["model"], n, 0.95, True),
+            "avg_first_token_ms": round(r["ttft_ms"] / r["ttft_count"], 3) if r["ttft_count"] else None,
+            "prompt_tokens": r["prompt_tokens"], "cached_tokens": r["cached_tokens"],
+            "completion_tokens": r["completion_tokens"], "last_used": _iso(r["last_used"])}
+    return {"models": models}
 
 
 def inference_section(store: Store) -> dict[str, Any]:
@@ -276,6 +295,7 @@ def stats_document(engine: Backend, store: Store) -> dict[str, Any]:
                   "max_queue_wait_ms": q["max_queue_wait_ms"]},
         "sessions": store.session_stats(),
         "rag": Library(store).stats(),
+        "completions": completions_section(store),
     }
 
 

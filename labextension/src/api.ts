@@ -440,6 +440,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/completions/inline": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Inline completion: the code that may follow the cursor (ghost text as you type)
+         * @description A raw completion, not a chat turn: no session, nothing stored but the request's statistics (source `completion`). The prompt is the cells above (`context`, nearest kept) and `prefix`; with a model that has fill-in-the-middle tokens, `suffix` too. It never waits behind chats (it joins the running batch in a sequence of its own) and the text near the cursor stays in the KV cache, so the next keystroke reads only what was typed. Closing the connection (an aborted fetch) cancels it within one decode step. The suggestion ends at the end of the line when the cursor is inside one, else at a blank line or where the code leaves the block it began in, and never repeats `suffix`; `items` is empty when there is nothing to suggest.
+         */
+        post: operations["completeInline"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -697,6 +717,8 @@ export interface components {
             queue: Record<string, never>;
             sessions: Record<string, never>;
             rag: Record<string, never>;
+            /** @description inline completions, counted apart from the chats in `inference`: per model their requests, completed, cancelled, errors, p50_ms, p95_ms, avg_first_token_ms, prompt_tokens, cached_tokens, completion_tokens */
+            completions: Record<string, never>;
         };
         /** @description what to change; absent (or null) fields stay as they are */
         SessionUpdate: {
@@ -941,6 +963,36 @@ export interface components {
             checked: boolean;
             /** @description why the code does not compile */
             compile_error: string | null;
+        };
+        /** @description The text around the cursor */
+        InlineCompletionRequest: {
+            /** @description the cell's (or file's) text before the cursor */
+            prefix: string;
+            /** @description the text after the cursor */
+            suffix?: string | null;
+            /** @description the cell's language (default python) */
+            language?: string | null;
+            /** @description the notebook or file: completions in one file share their KV cache */
+            path?: string | null;
+            /** @description the sources of the cells above the cursor's, in order (the nearest 6,000 characters are kept) */
+            context?: string[] | null;
+            /** @description longest suggestion in tokens (default 48) */
+            max_tokens?: number | null;
+        };
+        InlineCompletionResponse: {
+            items: {
+                /** @description the text to insert at the cursor */
+                insertText: string;
+            }[];
+            model: string;
+            /** @enum {unknown} */
+            finish_reason: "stop" | "length" | "cancelled" | "error";
+            /** @description from the request's arrival to the answer */
+            latency_ms: number;
+            /** @description prompt_tokens (cached_tokens of them read from the KV cache), completion_tokens */
+            usage: {
+                [key: string]: number;
+            };
         };
     };
     responses: {
@@ -1850,6 +1902,34 @@ export interface operations {
             };
             403: components["responses"]["403"];
             404: components["responses"]["404"];
+        };
+    };
+    completeInline: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["InlineCompletionRequest"];
+            };
+        };
+        responses: {
+            /** @description The suggestion */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InlineCompletionResponse"];
+                };
+            };
+            400: components["responses"]["400"];
+            403: components["responses"]["403"];
+            413: components["responses"]["413"];
+            503: components["responses"]["503"];
         };
     };
 }

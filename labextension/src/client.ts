@@ -22,6 +22,8 @@ export type Stats = Schemas['Stats'];
 export type SessionExport = Schemas['SessionExport'];
 export type ProposalRequest = Omit<Schemas['ProposalRequest'], 'stream'>;
 export type Proposal = Schemas['Proposal'];
+export type InlineCompletionRequest = Schemas['InlineCompletionRequest'];
+export type InlineCompletionResponse = Schemas['InlineCompletionResponse'];
 
 /** Sends one request to a path under `/offgrid/v1/`. */
 export type Fetch = (path: string, init: RequestInit) => Promise<Response>;
@@ -56,7 +58,8 @@ export const ROUTES = {
   models: ['GET', '/models'],
   health: ['GET', '/health'],
   chatCompletions: ['POST', '/chat/completions'],
-  openapi: ['GET', '/openapi.json']
+  openapi: ['GET', '/openapi.json'],
+  completeInline: ['POST', '/completions/inline']
 } as const;
 
 export type Operation = keyof typeof ROUTES;
@@ -176,6 +179,11 @@ export class OffgridClient {
   forkSession(ref: string, body: Schemas['ForkRequest'] = {}): Promise<Session> {
     return this.call('forkSession', { ref, body });
   }
+  /** Ghost text for the cursor; *signal* aborts it (the server then stops generating). */
+  completeInline(request: InlineCompletionRequest, signal?: AbortSignal): Promise<InlineCompletionResponse> {
+    return this.call('completeInline', { body: request, signal });
+  }
+
   exportSession(ref: string): Promise<SessionExport> {
     return this.call('exportSession', { ref });
   }

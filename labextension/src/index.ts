@@ -6,6 +6,7 @@
 
 import { ILabShell, ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
+import { ICompletionProviderManager } from '@jupyterlab/completer';
 import { URLExt } from '@jupyterlab/coreutils';
 import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
 import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
@@ -17,6 +18,7 @@ import { LabIcon } from '@jupyterlab/ui-components';
 import type { Cell, ICodeCellModel } from '@jupyterlab/cells';
 
 import { OffgridClient } from './client';
+import { OffgridInlineProvider } from './completion';
 import { button, h } from './dom';
 import { Attachment } from './kernelvars';
 import { ProposalHost, ProposalView, Task, cellError } from './proposals';
@@ -59,7 +61,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'offgrid-jupyter: a sessions sidebar with streaming chat, queue status and usage statistics',
   autoStart: true,
   requires: [IRenderMimeRegistry],
-  optional: [ILabShell, ILayoutRestorer, INotebookTracker, ISettingRegistry, IStatusBar, ICommandPalette],
+  optional: [ILabShell, ILayoutRestorer, INotebookTracker, ISettingRegistry, IStatusBar, ICommandPalette,
+    ICompletionProviderManager],
   activate: async (
     app: JupyterFrontEnd,
     rendermime: IRenderMimeRegistry,
@@ -68,9 +71,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
     notebooks: INotebookTracker | null,
     settingRegistry: ISettingRegistry | null,
     statusBar: IStatusBar | null,
-    palette: ICommandPalette | null
+    palette: ICommandPalette | null,
+    completion: ICompletionProviderManager | null
   ) => {
     const client = serverClient();
+    // ghost text as you type (JupyterLab >= 4.1; Notebook 7 too): Settings > Inline Completer > offgrid
+    if (completion && typeof completion.registerInlineProvider === 'function') {
+      completion.registerInlineProvider(new OffgridInlineProvider(client));
+    }
     // a saved chat panel: live when its kernel still holds it, else its snapshot (see panel.ts)
     rendermime.addFactory(panelRendererFactory(notebooks), 0);
     const settings: SidebarSettings = { maxTokens: 512, temperature: 0.2, insertCodeAsCode: true };

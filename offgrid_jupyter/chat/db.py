@@ -348,7 +348,73 @@ def m008_vectors(conn: sqlite3.Connection) -> None:
 
 
 
+def m009_completions(conn: sqlite3.Connection) -> None:
+    """Inline completions are counted apart: many short requests that would drown the chats'
+    time to first token and tokens/s. The chats' totals and percentile index leave them out;
+    they get totals and an index of their own."""
+    _statements(conn,
+        """
+        DROP TRIGGER requests_totals;
+        DROP INDEX requests_completed_total;
+        CREATE INDEX requests_completed_total ON requests(model, total_ms, finish_reason, source)
+            WHERE finish_reason IN ('stop', 'length') AND source != 'completion';
+        CREATE INDEX requests_completion_total ON requests(model, total_ms, finish_reason, source)
+            WHERE finish_reason IN ('stop', 'length') AND source = 'completion';
+        CREATE TABLE completion_totals (
+            model TEXT PRIMARY KEY,
+            total_requests INTEGER NOT NULL DEFAULT 0,
+            completed INTEGER NOT NULL DEFAULT 0,
+            cancelled INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            completed_total_ms REAL NOT NULL DEFAULT 0,
+            ttft_count INTEGER NOT NULL DEFAULT 0,
+            ttft_ms REAL NOT NULL DEFAULT 0,
+            last_used REAL
+        );
+        CREATE TRIGGER requests_totals AFTER INSERT ON requests WHEN NEW.source != 'completion' BEGIN
+            INSERT OR IGNORE INTO request_totals (model) VALUES (NEW.model);
+            UPDATE request_totals SET
+                total_requests = total_requests + 1,
+                completed = completed + (NEW.finish_reason IN ('stop', 'length')),
+                cancelled = cancelled + (NEW.finish_reason = 'cancelled'),
+                errors = errors + (NEW.finish_reason = 'error'),
+                prompt_tokens = prompt_tokens + NEW.prompt_tokens,
+                cached_tokens = cached_tokens + NEW.cached_tokens,
+                completion_tokens = completion_tokens + NEW.completion_tokens,
+                completed_total_ms = completed_total_ms
+                    + CASE WHEN NEW.finish_reason IN ('stop', 'length') THEN NEW.total_ms ELSE 0 END,
+                ttft_count = ttft_count + (NEW.ttft_ms IS NOT NULL),
+                ttft_ms = ttft_ms + coalesce(NEW.ttft_ms, 0),
+                decode_tokens = decode_tokens + max(NEW.completion_tokens - 1, 0) * (NEW.decode_ms > 0),
+                decode_ms = decode_ms + NEW.decode_ms,
+                last_used = max(coalesce(last_used, 0), NEW.started_at)
+            WHERE model = NEW.model;
+        END;
+        CREATE TRIGGER completion_totals_insert AFTER INSERT ON requests WHEN NEW.source = 'completion' BEGIN
+            INSERT OR IGNORE INTO completion_totals (model) VALUES (NEW.model);
+            UPDATE completion_totals SET
+                total_requests = total_requests + 1,
+                completed = completed + (NEW.finish_reason IN ('stop', 'length')),
+                cancelled = cancelled + (NEW.finish_reason = 'cancelled'),
+                errors = errors + (NEW.finish_reason = 'error'),
+                prompt_tokens = prompt_tokens + NEW.prompt_tokens,
+                cached_tokens = cached_tokens + NEW.cached_tokens,
+                completion_tokens = completion_tokens + NEW.completion_tokens,
+                completed_total_ms = completed_total_ms
+                    + CASE WHEN NEW.finish_reason IN ('stop', 'length') THEN NEW.total_ms ELSE 0 END,
+                ttft_count = ttft_count + (NEW.ttft_ms IS NOT NULL),
+                ttft_ms = ttft_ms + coalesce(NEW.ttft_ms, 0),
+                last_used = max(coalesce(last_used, 0), NEW.started_at)
+            WHERE model = NEW.model;
+        END;
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests, m005_turn_marks, m006_profiles,
-    m007_library, m008_vectors,
+    m007_library, m008_vectors, m009_completions,
 ]

@@ -154,7 +154,7 @@ class QueueBackend:
 
     def status(self) -> dict[str, Any]:
         with self._cv:
-            running = list(self._running)
+            running = [g for g in self._running if g.completion is None]  # inline completions are not turns
             return {
                 "generating_session_id": running[0].session_id if running else None,
                 "generating_request_id": running[0].request_id if running else None,

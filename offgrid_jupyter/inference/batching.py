@@ -35,6 +35,11 @@ How (engine thread only):
   took 564 MB instead of 208.)
 - A failure in one slot (its sampler, its grammar) ends that request only; a failed decode
   step ends the requests in it and leaves the others untouched.
+- Inline completions (``completion.py``) never wait behind chats: one more sequence is kept for
+  them (``reserved``), with cells of their own beyond the chats' ``n_ctx``, so a completion joins
+  the next step whatever runs; its prompt is read before any chat's. Its cells are kept under
+  the file's key (``Generation.cache_key``) like a session's, so the next keystroke reads only
+  the new characters, and go to the snapshot LRU like any idle conversation when others run.
 """
 
 from __future__ import annotations
@@ -142,8 +147,11 @@ class Sequence:
 class Slot:
     """One request being served in a sequence."""
 
-    def __init__(self, gen: Any, kwargs: dict, limit: int, sampler: Any, order: int, calls: list[dict]):
+    def __init__(self, gen: Any, kwargs: dict, limit: int, sampler: Any, order: int, calls: list[dict],
+                 urgent: bool = False):
         self.gen, self.kwargs, self.limit, self.sampler, self.order = gen, kwargs, limit, sampler, order
+        self.urgent = urgent  # an inline completion, in the reserved sequence
+        self.owner: str | None = getattr(gen, "cache_key", None) or gen.session_id  # whose cells these are
         self.prompt: list[int] = list(kwargs["prompt"])
         self.seq: Sequence | None = None
         self.phase = WAITING
@@ -172,13 +180,15 @@ class Batcher:
     """The slots of one loaded model (see the module docstring)."""
 
     def __init__(self, llm: Any, kv: Any, tuner: Any, *, n_threads: int, stall: float,
-                 done: Callable[[Slot], None]):
+                 done: Callable[[Slot], None], n_ctx: int | None = None, reserved: bool = False):
         self.llm, self.kv, self.tuner = llm, kv, tuner
-        self.n_ctx, self.n_batch = llm.n_ctx, llm.n_batch
+        self.n_ctx, self.n_batch = n_ctx or llm.n_ctx, llm.n_batch  # the chats' cells (completions have more)
         self.n_threads, self.stall, self.done = n_threads, stall, done
         self.token_cost = 0.004  # seconds per prompt token read in a step (measured; a first guess)
         self.decode_cost = 0.0  # seconds of a decode-only step (measured)
         self.seqs = [Sequence(i) for i in range(llm.n_parallel)]
+        self.reserved = self.seqs[-1] if reserved else None  # the inline completions' own sequence
+        self.chat_seqs = self.seqs[:-1] if reserved else self.seqs
         self.active: list[Slot] = []
         self._order = 0
         self._tuning = False  # the tuner is measuring a run of decode-only steps
@@ -190,11 +200,18 @@ class Batcher:
     @property
     def free(self) -> bool:
         """A request may join now: a sequence is free and nobody waits for cells before it."""
-        return len(self.active) < len(self.seqs) and not any(s.phase == WAITING for s in self.active)
+        chats = [s for s in self.active if not s.urgent]
+        return len(chats) < len(self.chat_seqs) and not any(s.phase == WAITING for s in chats)
 
-    def admit(self, gen: Any, kwargs: dict, limit: int, calls: list[dict] | None = None) -> Slot:
+    @property
+    def reserved_free(self) -> bool:
+        """An inline completion may join now (its sequence is not serving another)."""
+        return self.reserved is not None and self.reserved.slot is None
+
+    def admit(self, gen: Any, kwargs: dict, limit: int, calls: list[dict] | None = None, *,
+              urgent: bool = False) -> Slot:
         self._order += 1
-        slot = Slot(gen, kwargs, limit, self.llm.sampler(kwargs), self._order, calls or [])
+        slot = Slot(gen, kwargs, limit, self.llm.sampler(kwargs), self._order, calls or [], urgent)
         self.active.append(slot)
         self._place(slot)
         return slot
@@ -207,25 +224,28 @@ class Batcher:
         for other in self.seqs:  # idle conversations in the cache cost every token attention: out they go
             if other is not seq and other.slot is None and other.tokens:
                 self._evict(other)
-        if sum(s.slot.reserve for s in self.seqs if s.slot is not None) + slot.reserve > self.n_ctx:
-            return False  # the running slots hold the cells: wait for one to end
+        if not slot.urgent and sum(s.slot.reserve for s in self.chat_seqs if s.slot is not None) \
+                + slot.reserve > self.n_ctx:
+            return False  # the running slots hold the cells: wait for one to end (a completion has its own)
         self._bind(slot, seq)
         return True
 
     def _choose(self, slot: Slot) -> Sequence | None:
         """The free sequence that serves this prompt best: its session's own (still in the cache),
         else the one sharing the longest prefix with it, else an empty one."""
-        free = [s for s in self.seqs if s.slot is None]
+        if slot.urgent:
+            return self.reserved if self.reserved_free else None
+        free = [s for s in self.chat_seqs if s.slot is None]
         if not free:
             return None
-        session = slot.gen.session_id
+        session = slot.owner
         own = [s for s in free if session is not None and s.owner == session]
         if own:
             return own[0]
         return max(free, key=lambda s: (_common_prefix(s.tokens, slot.prompt), not s.tokens))
 
     def _bind(self, slot: Slot, seq: Sequence) -> None:
-        llm, session = self.llm, slot.gen.session_id
+        llm, session = self.llm, slot.owner
         if seq.owner is not None and seq.owner != session:
             self._save(seq)  # the cells change hands: their session's conversation goes to the LRU first
         if seq.owner != session:
@@ -282,7 +302,7 @@ class Batcher:
         llm = self.llm
         llm.clear()
         decoding = [s for s in self.active if s.phase == DECODING]
-        reading = sorted((s for s in self.active if s.phase == PROMPT), key=lambda s: s.order)
+        reading = sorted((s for s in self.active if s.phase == PROMPT), key=lambda s: (not s.urgent, s.order))
         for s in decoding:
             s.row = llm.add([s.sampled[-1]], s.n_past, s.seq.id, True)
         budget = (self.chunk if decoding else self.n_batch) - len(decoding)  # alone: the whole batch

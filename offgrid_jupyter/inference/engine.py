@@ -19,14 +19,16 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from . import toolcalls
 from .backend import QueueBackend
 from .generation import Generation, GenerationParams
 from .batching import Batcher, KVCache, Slot
-from ..errors import ContextOverflowError, InvalidRequestError, ModelError, OffgridError, UnusableModelError
+from .completion import CompletionRequest, cache_key, prompt_tokens
+from ..errors import (ContextOverflowError, EngineBusyError, InvalidRequestError, ModelError, OffgridError,
+                      UnusableModelError)
 from .llamacpp import LlamaModel, grammar, grammar_for, tool_grammar
 from .models import ModelInfo, resolve_model
 from .threads import ThreadTuner, available_cores
@@ -37,6 +39,8 @@ MB = 1 << 20
 TOKEN_COUNT_CACHE = 8192  # per-message token counts kept for fitting long histories
 DEFAULT_PARALLEL = 4  # see README "How the engine works": measured on 2 cores (bench/concurrency.py)
 PREFILL_STALL = 0.5  # seconds of prompt a step may read while others decode: bounds their longest stall
+COMPLETION_CTX = 1024  # KV cells of the inline completions' own sequence (prompt + suggestion)
+MAX_URGENT = 8  # inline completions waiting at once (each keystroke replaces its file's previous one)
 
 
 class Engine(QueueBackend):
@@ -57,14 +61,17 @@ class Engine(QueueBackend):
         kv_cache_bytes: int = 512 * MB,
         defaults: GenerationParams | None = None,
         tune_threads: bool = True,
+        completion_ctx: int = COMPLETION_CTX,
     ):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
         for name, value, low, high in (("n_ctx", n_ctx, 64, 1 << 22), ("n_parallel", n_parallel, 1, 64),
-                                       ("n_batch", n_batch, 8, 1 << 16)):
+                                       ("n_batch", n_batch, 8, 1 << 16), ("completion_ctx", completion_ctx, 0, 1 << 16)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InvalidRequestError(f"{name} must be an integer from {low} to {high}, got {value!r}.")
         self.model_path = model_path
         self.n_ctx = n_ctx
+        self.completion_ctx = completion_ctx  # 0: no inline completions (no reserved sequence)
+        self._urgent: deque[Generation] = deque()  # inline completions: never behind the chats' FIFO
         self.n_threads = n_threads or available_cores()
         self.n_parallel = self.slots = n_parallel
         self.prefill_stall = float(prefill_stall)
@@ -118,7 +125,7 @@ class Engine(QueueBackend):
         return {
             "kind": "llama.cpp", "name": m.name, "path": str(m.path), "source": m.source,
             "size_bytes": m.size_bytes, "loaded": self.loaded, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
-            "n_parallel": self.n_parallel, "decode_threads": self.tuner.current,
+            "n_parallel": self.n_parallel, "completion_ctx": self.completion_ctx, "decode_threads": self.tuner.current,
             "chat_format": getattr(self._llm, "chat_format", self.chat_format),
         }
 
@@ -161,17 +168,14 @@ class Engine(QueueBackend):
         return llm
 
     def _open(self, info: ModelInfo) -> LlamaModel:
-        return LlamaModel(str(info.path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
-                          n_parallel=self.n_parallel, chat_format=self.chat_format,
+        extra = 1 if self.completion_ctx else 0  # the inline completions' sequence and cells
+        return LlamaModel(str(info.path), n_ctx=self.n_ctx + self.completion_ctx, n_batch=self.n_batch,
+                          n_threads=self.n_threads, n_parallel=self.n_parallel + extra, chat_format=self.chat_format,
                           should_abort=lambda: self._batcher is not None and self._batcher.aborting)
 
     def _new_batcher(self, llm: LlamaModel) -> Batcher:
         return Batcher(llm, self.kv, self.tuner, n_threads=self.n_threads, stall=self.prefill_stall,
-                       done=self._slot_done)
-
-        self._batcher = Batcher(llm, self.kv, self.tuner, n_threads=self.n_threads, stall=self.prefill_stall,
-                                done=self._slot_done)
-        return llm
+                       done=self._slot_done, n_ctx=self.n_ctx, reserved=bool(self.completion_ctx))
 
     def _unload(self) -> None:
         if self._llm is not None:
@@ -254,6 +258,55 @@ class Engine(QueueBackend):
             f"The prompt is {tokens} tokens, more than the {self.n_ctx}-token context allows with room for a "
             "reply. Shorten the message or raise n_ctx.")
 
+    # -- inline completions -----------------------------------------------------------------
+    def complete_inline(self, request: CompletionRequest) -> Generation:
+        """Start an inline completion (a raw prompt, greedy, nothing stored but its statistics,
+        source "completion"): it never waits in the chats' queue; it joins the next decode step in
+        its own sequence. A newer request for the same file replaces one still waiting."""
+        request.check()
+        if not self.completion_ctx:
+            raise InvalidRequestError("Inline completions are off for this engine (completion_ctx is 0).")
+        params = self.params(max_tokens=request.max_tokens, temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0)
+        gen = Generation(self, [], None, params, "completion", self.model)
+        gen.completion, gen.cache_key = request, cache_key(request.path)
+        with self._cv:
+            if self._closed:
+                raise OffgridError("The engine has been closed.")
+            for old in [g for g in self._urgent if g.cache_key == gen.cache_key]:
+                self._urgent.remove(old)
+                self._finish_unstarted(old, "cancelled")  # superseded by the newer keystroke
+            if len(self._urgent) >= MAX_URGENT:
+                raise EngineBusyError(f"{MAX_URGENT} inline completions are waiting already; try again shortly.")
+            self._urgent.append(gen)
+            self._ensure_threads()
+            self._cv.notify()
+        return gen
+
+    def _withdraw(self, gen: Generation, reason: str) -> bool:
+        with self._cv:
+            if gen in self._urgent:
+                self._urgent.remove(gen)
+                self._finish_unstarted(gen, reason)
+                return True
+        return super()._withdraw(gen, reason)
+
+    def close(self) -> None:
+        with self._cv:
+            for gen in list(self._urgent):
+                self._finish_unstarted(gen, "cancelled")
+            self._urgent.clear()
+        super().close()
+
+    def _completion_start(self, llm: LlamaModel, gen: Generation) -> None:
+        """Admit an inline completion into the reserved sequence: its prompt fits its own cells."""
+        request: CompletionRequest = gen.completion
+        budget = self.completion_ctx - min(request.max_tokens, self.completion_ctx // 2)
+        prompt = prompt_tokens(llm, request, budget)
+        kwargs = {"prompt": prompt, "stop": request.stops(), "temperature": 0.0, "top_k": 1, "top_p": 1.0,
+                  "repeat_penalty": 1.0, "seed": 0}
+        limit = max(1, min(request.max_tokens, self.completion_ctx - len(prompt)))
+        self._batcher.admit(gen, kwargs, limit, urgent=True)
+
     def _check(self, params: GenerationParams) -> None:
         schema = (params.response_format or {}).get("schema")
         if schema is not None:
@@ -275,7 +328,7 @@ class Engine(QueueBackend):
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._pending and not self._busy():
+                while not self._closed and not self._pending and not self._urgent and not self._busy():
                     self._cv.wait()
                 if self._closed:
                     break
@@ -293,15 +346,20 @@ class Engine(QueueBackend):
         return self._batcher is not None and bool(self._batcher.active)
 
     def _admissible(self) -> Generation | None:
-        """The queue's first request, taken out of it, if it can start now (under the lock)."""
-        if not self._pending:
+        """The first inline completion, else the queue's first request, taken out of its queue, if
+        it can start now (under the lock)."""
+        for queue, free in ((self._urgent, "reserved_free"), (self._pending, "free")):
+            if not queue:
+                continue
+            gen = queue[0]
+            if self._busy():
+                same_model = self._llm is not None and self._loaded == gen.model
+                if not same_model or not getattr(self._batcher, free):
+                    continue  # another model waits for the running requests to end; FIFO behind it
+            queue.popleft()
+            break
+        else:
             return None
-        gen = self._pending[0]
-        if self._busy():
-            same_model = self._llm is not None and self._loaded == gen.model
-            if not same_model or not self._batcher.free:
-                return None  # another model waits for the running requests to end; FIFO behind it
-        self._pending.popleft()
         gen.started_mono = time.monotonic()
         gen.state = "running"
         self._running.append(gen)
@@ -313,6 +371,9 @@ class Engine(QueueBackend):
             if self._llm is None or self._loaded != gen.model:
                 gen._emit("loading", {"model": gen.model.name, "size_bytes": gen.model.size_bytes})
             llm = self._load(gen.model)
+            if gen.completion is not None:
+                self._completion_start(llm, gen)
+                return
             kwargs = self._fit(llm, gen.messages, gen.params)
             # a reply stops where the context ends ("length"), never with llama.cpp out of KV cells
             limit = max(1, min(gen.params.max_tokens, self.n_ctx - len(kwargs["prompt"])))

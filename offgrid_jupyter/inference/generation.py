@@ -346,6 +346,8 @@ class Generation(Handle):
         self._finished: Future = Future()  # resolved with the result (or the error) when done
         self._said_position: int | None = None
         self._quiet = False  # the last pull found nothing (repeat_queued says the position again)
+        self.completion: Any = None  # an inline completion's request (completion.py): a raw prompt, no chat
+        self.cache_key: str | None = None  # whose KV cells it reuses and leaves (default: its session's)
 
     @property
     def state(self) -> str:

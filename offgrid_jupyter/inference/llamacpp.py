@@ -369,6 +369,22 @@ class LlamaModel:
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
+    def fim_tokens(self) -> tuple[int, int, int] | None:
+        """The model's fill-in-the-middle tokens (prefix, suffix, middle) when its GGUF names them
+        (code models do; the default SmolLM2 does not), else None."""
+        import llama_cpp
+
+        ids = (llama_cpp.llama_vocab_fim_pre(self._vocab), llama_cpp.llama_vocab_fim_suf(self._vocab),
+               llama_cpp.llama_vocab_fim_mid(self._vocab))
+        return ids if all(i >= 0 for i in ids) else None
+
+    def start_tokens(self) -> list[int]:
+        """What a raw prompt begins with: BOS when the model's tokenizer adds one."""
+        import llama_cpp
+
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        return [bos] if llama_cpp.llama_vocab_get_add_bos(self._vocab) and bos >= 0 else []
+
     def piece(self, token: int) -> bytes:
         """A generated token's bytes (a multi-byte character may span several tokens)."""
         return self.llm._model.detokenize([token], special=False)

@@ -48,6 +48,7 @@ from httpx_sse import EventSource
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .backend import QueueBackend
+from .completion import CompletionRequest, cache_key
 from .generation import Generation, GenerationParams
 from ..errors import (
     ContextOverflowError,
@@ -68,6 +69,7 @@ DESCRIBE_WAIT = 0.5  # seconds describe() gives an unknown engine to answer (a r
 ABANDON_AFTER = 0.5  # a cancelled request whose read cannot be interrupted is let go after this (seconds)
 MAX_RETRY_AFTER_S = 30.0  # a longer Retry-After is answered with an error, not a wait
 BUSY_RETRIES = 3
+MAX_COMPLETIONS = 8  # inline completions running at once (one per file: a keystroke replaces its file's)
 FINISH_REASONS = {"stop", "length"}  # ("tool_calls": a stop whose reply is a call)
 
 
@@ -159,7 +161,7 @@ class OpenAIEngine(QueueBackend):
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
                  max_concurrent: int = DEFAULT_MAX_CONCURRENT, read_timeout: float = DEFAULT_READ_TIMEOUT,
                  queue_timeout: float = 1800.0, max_queue: int = 64, defaults: GenerationParams | None = None,
-                 send_session: bool = False):
+                 send_session: bool = False, completion_model: str | None = None):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
         if not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= 256:
             raise InvalidRequestError(f"max_concurrent must be an integer from 1 to 256, got {max_concurrent!r}.")
@@ -176,6 +178,9 @@ class OpenAIEngine(QueueBackend):
         self.slots = max_concurrent
         self.model_name = model or None
         self.send_session = send_session  # offgrid's own route takes "session_id" (its KV cache and statistics)
+        self.completion_model = completion_model or None  # inline completions' model (default: the chat model's)
+        self._suffix = True  # send inline completions' "suffix" (dropped once if the engine refuses it)
+        self._completing: dict[str, Generation] = {}  # cache key -> the inline completion running for that file
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=self.url + "/", headers=headers,
@@ -274,6 +279,66 @@ class OpenAIEngine(QueueBackend):
         super().close()
         self._http.close()
 
+    # -- inline completions ------------------------------------------------------------------
+    def complete_inline(self, request: CompletionRequest) -> Generation:
+        """An inline completion on the engine's ``/completions`` (with ``suffix``, which code models
+        behind vLLM or llama.cpp use for fill-in-the-middle), started at once on a thread of its
+        own: it never waits in the chats' queue (the engine batches it with them). A newer request
+        for the same file cancels the previous one."""
+        request.check()
+        name = self.completion_model or self.model.name
+        params = self.params(max_tokens=request.max_tokens, temperature=0.0, seed=0)
+        gen = Generation(self, [], None, params, "completion", EngineModel(name, self.public_url))
+        gen.completion, gen.cache_key = request, cache_key(request.path)
+        with self._cv:
+            if self._closed:
+                raise OffgridError("The engine has been closed.")
+            previous = self._completing.get(gen.cache_key)
+            if len(self._completing) >= MAX_COMPLETIONS and previous is None:
+                raise EngineBusyError(f"{MAX_COMPLETIONS} inline completions are running already; try again shortly.")
+            self._completing[gen.cache_key] = gen
+            gen.started_mono, gen.state = time.monotonic(), "running"
+            self._running.append(gen)
+        if previous is not None:
+            previous.cancel()
+        threading.Thread(target=self._complete_now, args=(gen,), name="offgrid-completion", daemon=True).start()
+        return gen
+
+    def _complete_now(self, gen: Generation) -> None:
+        try:
+            self._execute(gen)
+        except BaseException:  # never let it die silently
+            log.exception("offgrid engine: an inline completion failed unexpectedly")
+        finally:
+            with self._cv:
+                if gen in self._running:
+                    self._running.remove(gen)
+                if self._completing.get(gen.cache_key) is gen:
+                    del self._completing[gen.cache_key]
+
+    def _body(self, gen: Generation) -> tuple[str, dict[str, Any]]:
+        """The route and body a request is sent with: a chat, or an inline completion."""
+        p = gen.params
+        if gen.completion is not None:
+            request = gen.completion
+            body = {"model": gen.model.name, "prompt": request.text_before(), "stream": True,
+                    "stream_options": {"include_usage": True}, "max_tokens": p.max_tokens, "temperature": 0.0, "stop": request.stops()}
+            if self._suffix and request.suffix.strip():
+                body["suffix"] = request.suffix
+            return "completions", body
+        body = {"model": gen.model.name, "messages": gen.messages, "stream": True,
+                "stream_options": {"include_usage": True}, "max_tokens": p.max_tokens,
+                "temperature": p.temperature, "top_p": p.top_p}
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if self.send_session and gen.session_id:
+            body["session_id"] = gen.session_id
+        if p.response_format is not None:
+            body["response_format"] = openai_form(p.response_format, self.schema_style)
+        if p.tools:  # the engine's own tool calling (its chat template and its constraint)
+            body["tools"], body["tool_choice"] = p.tools, p.tool_choice
+        return "chat/completions", body
+
     # -- one request -----------------------------------------------------------------
     def _interrupt(self, gen: Generation) -> None:
         """A cancel: shut the stream's socket, so the worker's read returns now and the engine sees
@@ -326,18 +391,7 @@ class OpenAIEngine(QueueBackend):
         start = gen.started_mono
         wait_ms = (start - gen.submitted_mono) * 1000
         gen._emit("start")
-        p = gen.params
-        body = {"model": gen.model.name, "messages": gen.messages, "stream": True,
-                "stream_options": {"include_usage": True}, "max_tokens": p.max_tokens,
-                "temperature": p.temperature, "top_p": p.top_p}
-        if p.seed is not None:
-            body["seed"] = p.seed
-        if self.send_session and gen.session_id:
-            body["session_id"] = gen.session_id
-        if p.response_format is not None:
-            body["response_format"] = openai_form(p.response_format, self.schema_style)
-        if p.tools:  # the engine's own tool calling (its chat template and its constraint)
-            body["tools"], body["tool_choice"] = p.tools, p.tool_choice
+        route, body = self._body(gen)
         calls: dict[int, dict[str, Any]] = {}  # a streamed tool call arrives in pieces, by index
         parts: list[str] = []
         usage: dict[str, Any] = {}
@@ -346,7 +400,7 @@ class OpenAIEngine(QueueBackend):
         error: BaseException | None = None
         opened: _Open | None = None
         try:
-            with closing(self._open(gen, body)) as response:
+            with closing(self._open(gen, body, route)) as response:
                 with self._streams_lock:
                     opened = self._streams.get(gen.request_id)
                 for event in EventSource(response).iter_sse():
@@ -359,7 +413,8 @@ class OpenAIEngine(QueueBackend):
                     chunk = self._parse(event.data)
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or ():
-                        delta = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+                        delta = (((choice.get("delta") or {}).get("content") if gen.completion is None
+                                  else choice.get("text")) if isinstance(choice, dict) else None)
                         pieces = (choice.get("delta") or {}).get("tool_calls") if isinstance(choice, dict) else None
                         if pieces:
                             if ttft is None:
@@ -448,13 +503,13 @@ class OpenAIEngine(QueueBackend):
             out.append({"id": call["id"] or new_call_id(), "name": call["name"], "arguments": arguments})
         return out
 
-    def _open(self, gen: Generation, body: dict[str, Any]):
+    def _open(self, gen: Generation, body: dict[str, Any], route: str = "chat/completions"):
         """The open response of a streamed chat: a connection never made is retried, a
         429/503 is retried after its Retry-After (the engine did nothing), anything
         else that is not a 200 is an error."""
         def send() -> httpx.Response:
             nonlocal body
-            request = self._http.build_request("POST", "chat/completions", json=body)
+            request = self._http.build_request("POST", route, json=body)
             response = self._http.send(request, stream=True)
             if response.status_code == 200:
                 return response
@@ -464,6 +519,11 @@ class OpenAIEngine(QueueBackend):
                 response.close()
             if self._other_schema_style(body, response):  # refused, not run: safe to send again
                 body = {**body, "response_format": openai_form(gen.params.response_format, self.schema_style)}
+                return send()
+            if "suffix" in body and response.status_code in (400, 422) \
+                    and "suffix" in _engine_message(response).lower():  # an engine without fill-in-the-middle
+                self._suffix = False
+                body = {k: v for k, v in body.items() if k != "suffix"}
                 return send()
             self._raise_for(response)
             raise AssertionError("unreachable")  # pragma: no cover

@@ -21,7 +21,8 @@ from ..retrieval.chunking import Limits
 from ..inference.backend import QueueBackend
 from ..chat.tools import load as load_tools
 from ..inference.engine import DEFAULT_PARALLEL, MB, Engine
-from ..runtime import make_backend
+from ..inference.engine import COMPLETION_CTX
+from ..runtime import make_backend, make_completer
 from ..stats import attach
 from ..chat.store import DB_FILENAME, ROOT_ENV, Store, data_dir
 from .handlers import handlers
@@ -99,6 +100,12 @@ class OffgridApp(ExtensionApp):
                         "(10,000), and per learn max_files (10,000), max_entries (200,000); each file is read in a "
                         "process of its own with seconds_per_file (60) and memory_mb (1024). A file past a limit is "
                         "listed in the learn's failed, with the limit.").tag(config=True)
+    completion_model = Unicode(None, allow_none=True, help="Inline completions' model (default: "
+                               "OFFGRID_COMPLETION_MODEL, else the chat model): a small code GGUF, ideally one with "
+                               "fill-in-the-middle tokens (Qwen2.5-Coder-0.5B, StarCoder2), loaded beside the chat "
+                               "model; with engine_url, the engine's model name for its /completions.").tag(config=True)
+    completion_ctx = Int(COMPLETION_CTX, help="KV cells kept for inline completions beside the chats' n_ctx (the "
+                         "prompt near the cursor and the suggestion); 0 turns inline completion off.").tag(config=True)
     engine_max_concurrent = Int(4, help="Requests sent to the engine at once (it batches them); the rest wait "
                                 "in the queue.").tag(config=True)
     engine_read_timeout = Float(300.0, help="Seconds the engine's stream may send nothing (keep-alive comments "
@@ -126,6 +133,10 @@ class OffgridApp(ExtensionApp):
     def _default_engine_api_key(self):
         return os.environ.get("OFFGRID_ENGINE_API_KEY") or None
 
+    @default("completion_model")
+    def _default_completion_model(self):
+        return os.environ.get("OFFGRID_COMPLETION_MODEL") or None
+
     @default("api_key")
     def _default_api_key(self):
         return os.environ.get("OFFGRID_API_KEY") or None
@@ -143,6 +154,10 @@ class OffgridApp(ExtensionApp):
         self.state = ServerState(engine=engine, store=store, request_log=attach(engine, store),
                                  api_key=self.api_key, kernel_key=kernel_key, max_body_bytes=self.max_body_bytes,
                                  log=self.log)
+        self.state.completer = make_completer(engine, self.completion_model, completion_ctx=self.completion_ctx,
+                                              n_threads=self.n_threads)
+        if self.state.completer is not engine:
+            self.state.completer.recorders.append(self.state.request_log)  # counted as "completion" requests
         self.settings["offgrid_state"] = self.state
         if self.embedding_model:  # a missing or non-GGUF file stops the start, naming it
             self.state.embedding_model = embeddings.model_path(self.embedding_model)
@@ -171,7 +186,8 @@ class OffgridApp(ExtensionApp):
                             max_concurrent=self.engine_max_concurrent, read_timeout=self.engine_read_timeout,
                             model_path=self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
                             kv_cache_bytes=int(self.kv_cache_mb * MB), n_parallel=self.n_parallel,
-                            tune_threads=self.tune_threads, queue_timeout=self.queue_timeout, max_queue=self.max_queue)
+                            tune_threads=self.tune_threads, queue_timeout=self.queue_timeout, max_queue=self.max_queue,
+                            completion_ctx=self.completion_ctx, completion_model=self.completion_model)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())

@@ -24,6 +24,7 @@ from . import spec
 from .base import OffgridHandler
 from .collections import CollectionHandler, CollectionsHandler, SearchHandler
 from .chat import CancelHandler, ChatHandler, OpenAIChatHandler, ProposalHandler, TurnHandler
+from .completions import InlineCompletionHandler
 
 
 class SessionsHandler(OffgridHandler):
@@ -282,7 +283,7 @@ class MetricsHandler(OffgridHandler):
 ROUTES = [SessionsHandler, SessionHandler, MessagesHandler, ForkHandler, ExportHandler, ImportHandler,
           NotebookSessionHandler, ChatHandler, ProposalHandler, TurnHandler, StatusHandler, CancelHandler,
           StatsHandler, RequestsHandler, ProfilesHandler, ToolsHandler, CollectionsHandler, CollectionHandler, SearchHandler, ModelsHandler,
-          HealthHandler, OpenAIChatHandler, OpenAPIHandler]
+          HealthHandler, OpenAIChatHandler, OpenAPIHandler, InlineCompletionHandler]
 
 
 def handlers() -> list[tuple[str, type]]:

@@ -34,6 +34,7 @@ class ServerState:
     kernel_key: str
     max_body_bytes: int
     log: logging.Logger | Any = None
+    completer: Backend | None = None  # inline completions' own engine (c.OffgridApp.completion_model), else None
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="offgrid-store"))
     keyed: OrderedDict[tuple, "SharedTurn"] = field(default_factory=OrderedDict)  # (route, session, key) -> turn
@@ -78,6 +79,8 @@ class ServerState:
     def close(self) -> None:
         self.request_log.close()
         self.engine.close()
+        if self.completer is not None and self.completer is not self.engine:
+            self.completer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.tool_pool.shutdown(wait=False, cancel_futures=True)
         self.prepare_pool.shutdown(wait=False, cancel_futures=True)
