@@ -18,14 +18,14 @@ from .inference.generation import Generation, GenerationParams, GenerationResult
 from .inference.models import resolve_model
 from .inference.openai_engine import OpenAIEngine
 from .kernel.describe import describe
-from .runtime import get_engine, stats
+from .runtime import complete_inline, get_engine, stats
 from .stats import stats_frame
 from .version import __version__
 
 __all__ = [
     "Backend", "ChatPanel", "Client", "Engine", "Generation", "GenerationParams", "GenerationResult", "OffgridError",
     "OpenAIEngine", "Store", "Tool",
-    "describe", "get_engine", "get_store", "load_ipython_extension", "resolve_model", "stats", "stats_frame",
+    "complete_inline", "describe", "get_engine", "get_store", "load_ipython_extension", "resolve_model", "stats", "stats_frame",
     "tool", "unload_ipython_extension",
     "__version__",
 ]

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from .chat.store import Store, get_store
 from .errors import InvalidRequestError
 from .inference.backend import QueueBackend
+from .inference.completion import DEFAULT_TOKENS, CompletionRequest, answer
 from .inference.engine import COMPLETION_CTX, MB, Engine
 from .inference.openai_engine import OpenAIEngine
 from .stats import attach, stats_document
@@ -114,3 +116,22 @@ def get_engine(**kwargs: Any) -> QueueBackend:
 def stats(engine: QueueBackend | None = None, store: Store | None = None) -> dict[str, Any]:
     """``offgrid_jupyter.stats()``: the stats document of this process's engine."""
     return stats_document(engine or get_engine(), store or get_store())
+
+
+def complete_inline(prefix: str, suffix: str = "", *, context: list[str] | None = None, path: str | None = None,
+                    language: str = "python", max_tokens: int | None = None,
+                    engine: QueueBackend | None = None) -> dict[str, Any]:
+    """``offgrid_jupyter.complete_inline``: what JupyterLab's ghost text would suggest after
+    *prefix* (and before *suffix*), with *context* the cells above. In a kernel of a Jupyter
+    server with the extension it asks the server's shared model (``OFFGRID_URL``), else this
+    process's engine. Answers as the route does: ``{"items": [{"insertText"}], "model",
+    "finish_reason", "latency_ms", "usage"}``."""
+    if engine is None and os.environ.get("OFFGRID_URL"):
+        from .client import Client
+
+        with Client() as client:
+            return client.complete_inline(prefix, suffix, language=language, path=path, context=context,
+                                          max_tokens=max_tokens)
+    request = CompletionRequest(prefix, suffix, language, path, context, max_tokens or DEFAULT_TOKENS)
+    started = time.monotonic()
+    return answer(request, (engine or get_engine()).complete_inline(request).wait(), started)

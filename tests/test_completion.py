@@ -211,3 +211,19 @@ def test_ghost_text_appears_tab_inserts_it_and_a_different_key_dismisses_it(lab,
         page.screenshot(path=str(tmp_path / f"dismissed-{ui}.png"))
     context.close()
     assert set(nb.errors) <= set(baseline) and not console, (nb.errors, baseline, console)
+
+
+def test_the_inline_completion_notebook_runs_headless(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from .test_kernel import kernel_env
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    nb = nbformat.read(root / "notebooks" / "inline-completion.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(root / "notebooks")}}).execute(
+        env=kernel_env(tmp_path / "home"))
+    shown = nb.cells[1].outputs[0]["data"]["text/plain"]
+    assert "'items'" in shown and "'usage'" in shown
+    table = nb.cells[-1].outputs[0]["data"]["text/html"]
+    assert table.count("</tr>") == 4  # a header and the three completions, each counted as one

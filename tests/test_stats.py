@@ -98,7 +98,9 @@ def test_frame_filters(made, store):
 def test_the_document_agrees_with_the_requests(made, engine, store):
     results, session = made
     doc = stats_document(engine, store)
-    assert set(doc) == {"server", "inference", "system", "resources", "cache", "queue", "sessions", "rag"}
+    assert set(doc) == {"server", "inference", "system", "resources", "cache", "queue", "sessions", "rag",
+                        "completions"}
+    assert doc["completions"] == {"models": {}}  # no inline completion made here
     frame = stats_frame(store=store)
     model = engine.model.name
     m = doc["inference"]["models"][model]
@@ -166,3 +168,26 @@ def test_metrics_parse_and_count_the_requests(made, request_log):
     prompt = sum(s.value for s in families["offgrid_tokens"].samples
                  if s.name == "offgrid_tokens_total" and s.labels["kind"] == "prompt")
     assert prompt == sum(r.usage["prompt_tokens"] for r in results.values())
+
+
+def test_inline_completions_are_counted_apart_from_the_chats(engine, store, request_log):
+    from offgrid_jupyter.inference.completion import CompletionRequest
+
+    chat = engine.generate(user("Hi."), source="magic", max_tokens=4, **GREEDY).wait()
+    done = [engine.complete_inline(CompletionRequest(prefix=f"x = {i}\ny = ", path="c.py", max_tokens=4)).wait()
+            for i in range(3)]
+    slow = engine.complete_inline(CompletionRequest(prefix="for i in range(9):\n", path="c.py", max_tokens=200))
+    for kind, _ in slow.events():
+        if kind == "token":
+            slow.cancel()
+    assert slow.result.finish_reason == "cancelled"
+    doc = stats_document(engine, store)
+    chats = doc["inference"]["models"][engine.model.name]
+    assert chats["total_requests"] == 1 and chats["completion_tokens"] == chat.usage["completion_tokens"]
+    c = doc["completions"]["models"][engine.model.name]
+    assert (c["requests"], c["completed"], c["cancelled"]) == (4, 3, 1)
+    ranked = sorted(r.timings["total_ms"] for r in done)
+    assert c["p50_ms"] == pytest.approx(ranked[1], abs=1e-3) and c["p95_ms"] == pytest.approx(ranked[2], abs=1e-3)
+    assert c["cached_tokens"] == sum(r.usage["cached_tokens"] for r in done + [slow.result]) > 0
+    frame = stats_frame(store=store)
+    assert sorted(frame["source"]) == ["completion"] * 4 + ["magic"]  # one row each, told apart by source

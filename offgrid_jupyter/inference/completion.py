@@ -11,13 +11,19 @@ around the cursor, as the model was trained to continue it:
 
 The prefix is trimmed from its start and the suffix from its end to fit the engine's completion
 budget, so the part near the cursor is always read. A suggestion ends at a sensible boundary
-(``trim``): the end of the line when the cursor is inside one, else a blank line or where the code
-goes back out of the block it began in; it never repeats the text after the cursor.
+(``trim``): the end of the line when the cursor's line has code (inside brackets, where they
+close), else a blank line or where the code goes back out of the block it began in; it never
+repeats the text after the cursor.
+
+Measured with ``bench/completion.py`` (2 cores, the default model, 40 lines of notebook above):
+the first suggestion in a cell reads them all (about 3 s, as llama-cpp-python alone does); each
+later keystroke reads only its new characters (about 0.1 s, 20x faster than without the cache).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +66,17 @@ class CompletionRequest:
 
     @property
     def mid_line(self) -> bool:
-        """The cursor has code after it on its line: complete that line only."""
+        """The cursor has code after it on its line."""
         return bool(self.suffix.split("\n", 1)[0].strip())
+
+    @property
+    def one_line(self) -> bool:
+        """Complete the cursor's line only: it has code after the cursor, or code before it that
+        does not open a block. Several lines are offered on an empty line or after a ``:``. (A
+        completion's tokens cost a chat beside it nearly as much as its own: on two cores a
+        two-row decode step took 1.95x a one-row step, so a suggestion is kept to what is shown.)"""
+        line = self.prefix.rsplit("\n", 1)[-1].strip()
+        return self.mid_line or bool(line and not line.endswith(":"))
 
     @property
     def indent(self) -> str:
@@ -80,11 +95,11 @@ class CompletionRequest:
         return f"{above}\n\n{prefix}" if above else prefix
 
     def stops(self) -> list[str]:
-        return ["\n"] if self.mid_line else ["\n\n", "\n```"]
+        return ["\n"] if self.one_line else ["\n\n", "\n```"]
 
 
 def trim(text: str, request: CompletionRequest) -> str:
-    """Where a suggestion ends: the line's end when the cursor is inside a line (inside brackets,
+    """Where a suggestion ends: the line's end when the cursor's line has code (inside brackets,
     where they close); else a blank line, the first line that goes back out of the block the
     suggestion began in, a Markdown fence or a line repeated; never the text after the cursor
     again, nor trailing whitespace."""
@@ -96,7 +111,7 @@ def trim(text: str, request: CompletionRequest) -> str:
         # indented as the cursor is: the lines after it are as written; else (a small model often drops
         # or changes the indentation) only that first line can be placed with confidence
         text = "\n".join([first[len(lead):], *rest]) if lead == request.indent else first[len(lead):]
-    if request.mid_line:
+    if request.one_line:
         text = text.split("\n", 1)[0]
         following = request.suffix.split("\n", 1)[0].strip()
         if following and following[0] in _CLOSE:  # the cursor is inside brackets: stop where they close
@@ -177,3 +192,13 @@ def prompt_tokens(llm: Any, request: CompletionRequest, budget: int) -> list[int
         pre, suf, mid = fim
         return [*start, pre, *tokens, suf, *suffix, mid]
     return [*start, *tokens]
+
+
+def answer(request: CompletionRequest, result: Any, started: float) -> dict[str, Any]:
+    """A finished completion as the route answers it (and ``offgrid_jupyter.complete_inline``):
+    the trimmed suggestion in ``items`` (none when nothing is left to suggest), the model, how it
+    ended, the milliseconds since *started* (``time.monotonic()``), and the token counts."""
+    text = trim(result.text, request) if result.finish_reason in ("stop", "length") else ""
+    return {"items": [{"insertText": text}] if text.strip() else [], "model": result.model,
+            "finish_reason": result.finish_reason, "latency_ms": round((time.monotonic() - started) * 1000, 1),
+            "usage": result.usage}

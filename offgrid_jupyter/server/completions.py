@@ -12,7 +12,7 @@ import time
 from tornado import web
 from jupyter_server.auth.decorator import authorized
 
-from ..inference.completion import DEFAULT_TOKENS, CompletionRequest, trim
+from ..inference.completion import DEFAULT_TOKENS, CompletionRequest, answer
 from .base import OffgridHandler
 
 
@@ -33,11 +33,7 @@ class InlineCompletionHandler(OffgridHandler):
         if self._gone:
             self._gen.cancel()
             return
-        result = await self._gen.wait_async()
-        text = trim(result.text, request) if result.finish_reason in ("stop", "length") else ""
-        self.send(200, {"items": [{"insertText": text}] if text.strip() else [], "model": result.model,
-                        "finish_reason": result.finish_reason, "latency_ms": round((time.monotonic() - started) * 1000, 1),
-                        "usage": result.usage})
+        self.send(200, answer(request, await self._gen.wait_async(), started))
 
     def gone(self) -> None:
         if self._gen is not None:
