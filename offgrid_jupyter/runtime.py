@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from .chat.store import Store, get_store
+from .client import Client
 from .errors import InvalidRequestError
 from .inference.backend import QueueBackend
 from .inference.completion import DEFAULT_TOKENS, CompletionRequest, answer
@@ -127,8 +128,6 @@ def complete_inline(prefix: str, suffix: str = "", *, context: list[str] | None 
     process's engine. Answers as the route does: ``{"items": [{"insertText"}], "model",
     "finish_reason", "latency_ms", "usage"}``."""
     if engine is None and os.environ.get("OFFGRID_URL"):
-        from .client import Client
-
         with Client() as client:
             return client.complete_inline(prefix, suffix, language=language, path=path, context=context,
                                           max_tokens=max_tokens)

@@ -112,6 +112,24 @@ def test_a_completion_joins_a_running_chat_at_once_and_the_next_keystroke_reads_
     assert all(g.wait().finish_reason == "cancelled" or g.wait().finish_reason in ("stop", "length") for g in chats)
 
 
+def test_a_crowd_of_files_gets_busy_errors_past_the_bound_and_the_engine_serves_on(engine):
+    from offgrid_jupyter.errors import EngineBusyError
+    from offgrid_jupyter.inference.engine import MAX_URGENT
+
+    started, refused = [], 0
+    for i in range(MAX_URGENT + 6):  # more files than may wait at once (one runs, MAX_URGENT wait)
+        try:
+            started.append(engine.complete_inline(CompletionRequest(prefix=f"value_{i} = ", path=f"crowd-{i}.py",
+                                                                    max_tokens=8)))
+        except EngineBusyError as exc:
+            refused += 1
+            assert "try again" in str(exc)
+    assert refused >= 5 and len(started) >= MAX_URGENT
+    assert all(g.wait().finish_reason in ("stop", "length") for g in started)  # every one admitted is served
+    again = engine.complete_inline(CompletionRequest(prefix="x = ", path="after.py", max_tokens=4)).wait()
+    assert again.finish_reason in ("stop", "length") and engine._batcher.reserved_free
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     with jupyter_lab(tmp_path_factory.mktemp("completion")) as server:
@@ -127,6 +145,8 @@ def test_the_route_answers_refuses_hostile_input_and_an_abort_stops_the_model(la
         body = ok.json()
         assert set(body) >= {"items", "model", "latency_ms", "finish_reason", "usage"} and body["latency_ms"] > 0
         assert all(isinstance(i["insertText"], str) and i["insertText"].strip() for i in body["items"])
+        empty = c.post(url, json={"prefix": "", "max_tokens": 256})  # nothing to continue: an answer, at once
+        assert empty.status_code == 200 and empty.json()["items"] == [], empty.text
         for bad, status, field in (({}, 400, "prefix"), ({"prefix": 1}, 400, "prefix"),
                                    ({"prefix": "x", "max_tokens": 10**9}, 400, "max_tokens"),
                                    ({"prefix": "x", "context": "cells"}, 400, "context"),

@@ -564,6 +564,7 @@ async def test_a_proposal_is_a_stored_turn_whose_reply_is_parsed_and_compiled(ap
                                                                                   ("variable", "values")]
     assert "\x1b" not in question["metadata"]["context"][0]["text"]  # the traceback as plain text
     assert json.loads(out["text"])["code"] is not None  # the reply itself: JSON, whole
+    assert state.request_log.flush()  # the rows are written by a background thread
     stats = state.store.connection().execute("SELECT source FROM requests ORDER BY started_at DESC").fetchone()
     assert stats[0] == "fix"
     code, out, _ = await api("POST", "v1/sessions/nb-fixes/proposals",

@@ -210,6 +210,8 @@ class Batcher:
 
     def admit(self, gen: Any, kwargs: dict, limit: int, calls: list[dict] | None = None, *,
               urgent: bool = False) -> Slot:
+        if not kwargs["prompt"]:
+            raise ValueError("An empty prompt cannot be decoded.")  # its slot would wait for logits forever
         self._order += 1
         slot = Slot(gen, kwargs, limit, self.llm.sampler(kwargs), self._order, calls or [], urgent)
         self.active.append(slot)

@@ -302,6 +302,9 @@ class Engine(QueueBackend):
         request: CompletionRequest = gen.completion
         budget = self.completion_ctx - min(request.max_tokens, self.completion_ctx // 2)
         prompt = prompt_tokens(llm, request, budget)
+        if not prompt:  # nothing before the cursor and no BOS: nothing to continue (an empty batch never ends)
+            self._end(gen, error=None, prompt=0, finish="stop", now=time.monotonic())
+            return
         kwargs = {"prompt": prompt, "stop": request.stops(), "temperature": 0.0, "top_k": 1, "top_p": 1.0,
                   "repeat_penalty": 1.0, "seed": 0}
         limit = max(1, min(request.max_tokens, self.completion_ctx - len(prompt)))
