@@ -112,6 +112,31 @@ def test_a_completion_joins_a_running_chat_at_once_and_the_next_keystroke_reads_
     assert all(g.wait().finish_reason == "cancelled" or g.wait().finish_reason in ("stop", "length") for g in chats)
 
 
+def test_a_completions_cells_stay_while_someone_types_beside_a_chat_and_go_once_typing_stops(engine, monkeypatch):
+    from offgrid_jupyter.inference import batching
+
+    monkeypatch.setattr(batching, "COMPLETION_IDLE", 0.5)
+    chat = engine.generate([{"role": "user", "content": "Count from 1 to 300."}], max_tokens=400, temperature=0.0)
+    while chat.state != "running":
+        time.sleep(0.01)
+    prefix = "import math\n\ndef circle(r):\n    area = math.pi"
+    first = engine.complete_inline(CompletionRequest(prefix=prefix, path="idle.py", max_tokens=4)).wait()
+    reserved = engine._batcher.reserved
+    assert reserved.owner == "completion:idle.py" and reserved.tokens  # kept beside the running chat
+    typed = engine.complete_inline(CompletionRequest(prefix=prefix + " *", path="idle.py", max_tokens=4)).wait()
+    assert typed.usage["cached_tokens"] >= first.usage["prompt_tokens"] - 2
+    deadline = time.monotonic() + 30
+    while reserved.tokens and time.monotonic() < deadline:
+        if chat.done:  # (a reply may end early) something must keep running for the cells to be in the way
+            chat = engine.generate([{"role": "user", "content": "Name every month."}], max_tokens=400)
+        time.sleep(0.05)  # polling the engine's state, not waiting a fixed time
+    assert not reserved.tokens and engine.kv.get("completion:idle.py") is not None  # out, into the snapshot LRU
+    later = engine.complete_inline(CompletionRequest(prefix=prefix + " * r", path="idle.py", max_tokens=4)).wait()
+    assert later.usage["cached_tokens"] >= first.usage["prompt_tokens"] - 2  # restored, not read again
+    chat.cancel()
+    chat.wait()
+
+
 def test_a_crowd_of_files_gets_busy_errors_past_the_bound_and_the_engine_serves_on(engine):
     from offgrid_jupyter.errors import EngineBusyError
     from offgrid_jupyter.inference.engine import MAX_URGENT
