@@ -137,6 +137,20 @@ def test_a_completions_cells_stay_while_someone_types_beside_a_chat_and_go_once_
     chat.wait()
 
 
+def test_a_completion_model_of_its_own_is_an_engine_of_its_own(engine):
+    from offgrid_jupyter.runtime import make_completer
+
+    assert make_completer(engine, None) is engine  # by default, the chat model's reserved sequence
+    own = make_completer(engine, str(engine.model.path), completion_ctx=512)  # c.OffgridApp.completion_model
+    try:
+        assert own is not engine and own.completion_ctx == 512 and own.n_parallel == 1
+        result = own.complete_inline(CompletionRequest(prefix="total = ", max_tokens=4)).wait()
+        assert result.finish_reason in ("stop", "length") and result.source == "completion"
+        assert engine.status()["generating"] == [] and not engine._urgent  # the chat engine did nothing
+    finally:
+        own.close()
+
+
 def test_a_crowd_of_files_gets_busy_errors_past_the_bound_and_the_engine_serves_on(engine):
     from offgrid_jupyter.errors import EngineBusyError
     from offgrid_jupyter.inference.engine import MAX_URGENT

@@ -341,3 +341,28 @@ def test_tools_map_to_the_engines_own_tool_calling_and_rounds_run_on_it(remote, 
     rounds = Rounds(eng, question, [add], tool_choice="add", max_rounds=2, params={"max_tokens": 60, **GREEDY})
     final = rounds.wait()
     assert final.tool_calls and final.tool_calls[0]["name"] == "add" and final.rounds == 2
+
+
+def test_inline_completions_go_to_the_engines_completions_route_with_the_suffix(remote, store):
+    from offgrid_jupyter.inference.completion import CompletionRequest
+
+    eng = remote(completion_model="smollm2")
+    log = attach(eng, store)
+    request = CompletionRequest(prefix="import math\n\ndef area(r):\n    return ", suffix="\n\nprint(area(2))",
+                                context=["radius = 2.0"], path="remote.ipynb", max_tokens=16)
+    result = eng.complete_inline(request).wait()
+    assert result.source == "completion" and result.finish_reason in ("stop", "length") and result.text.strip()
+    assert result.model == "smollm2" and result.usage["completion_tokens"] >= 1  # (its usage, or the pieces)
+    # llama-cpp-python's server answers nothing when given a suffix for a model without FIM tokens:
+    # asked again without it, and from then on sent without it
+    assert eng._suffix is False
+    assert eng.status()["generating"] == []  # not a turn anyone waits on
+    # a newer keystroke on the same file cancels the one still running
+    slow = eng.complete_inline(CompletionRequest(prefix="for i in range(100):\n", path="remote.ipynb",
+                                                 max_tokens=200))
+    newer = eng.complete_inline(CompletionRequest(prefix="for i in range(100):\n    ", path="remote.ipynb",
+                                                  max_tokens=4))
+    assert slow.wait().finish_reason == "cancelled" and newer.wait().finish_reason in ("stop", "length")
+    log.flush()
+    frame = stats_frame(store=store)
+    assert set(frame["source"]) == {"completion"} and len(frame) == 3

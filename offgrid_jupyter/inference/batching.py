@@ -39,7 +39,8 @@ How (engine thread only):
   them (``reserved``), with cells of their own beyond the chats' ``n_ctx``, so a completion joins
   the next step whatever runs; its prompt is read before any chat's. Its cells are kept under
   the file's key (``Generation.cache_key``) like a session's, so the next keystroke reads only
-  the new characters, and go to the snapshot LRU like any idle conversation when others run.
+  the new characters; they stay while someone types, also beside chats, and go to the snapshot
+  LRU like any idle conversation after ``COMPLETION_IDLE`` seconds without a keystroke.
 """
 
 from __future__ import annotations

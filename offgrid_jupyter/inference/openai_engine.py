@@ -400,33 +400,44 @@ class OpenAIEngine(QueueBackend):
         error: BaseException | None = None
         opened: _Open | None = None
         try:
-            with closing(self._open(gen, body, route)) as response:
-                with self._streams_lock:
-                    opened = self._streams.get(gen.request_id)
-                for event in EventSource(response).iter_sse():
-                    if opened is not None:
-                        opened.last = time.monotonic()
-                    if gen.cancelled:
-                        break
-                    if event.data.strip() == "[DONE]":
-                        break
-                    chunk = self._parse(event.data)
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or ():
-                        delta = (((choice.get("delta") or {}).get("content") if gen.completion is None
-                                  else choice.get("text")) if isinstance(choice, dict) else None)
-                        pieces = (choice.get("delta") or {}).get("tool_calls") if isinstance(choice, dict) else None
-                        if pieces:
-                            if ttft is None:
-                                ttft = time.monotonic()
-                            self._take_calls(calls, pieces)
-                        if isinstance(delta, str) and delta:
-                            if ttft is None:
-                                ttft = time.monotonic()
-                            parts.append(delta)
-                            gen._emit("token", delta)
-                        if isinstance(choice, dict) and choice.get("finish_reason"):
-                            finish = str(choice["finish_reason"])
+            dropped = False  # an inline completion's suffix was dropped and it was asked again
+            while True:  # (once more for an inline completion, without its suffix: see below)
+                with closing(self._open(gen, body, route)) as response:
+                    with self._streams_lock:
+                        opened = self._streams.get(gen.request_id)
+                    for event in EventSource(response).iter_sse():
+                        if opened is not None:
+                            opened.last = time.monotonic()
+                        if gen.cancelled:
+                            break
+                        if event.data.strip() == "[DONE]":
+                            break
+                        chunk = self._parse(event.data)
+                        usage = chunk.get("usage") or usage
+                        for choice in chunk.get("choices") or ():
+                            delta = (((choice.get("delta") or {}).get("content") if gen.completion is None
+                                      else choice.get("text")) if isinstance(choice, dict) else None)
+                            pieces = (choice.get("delta") or {}).get("tool_calls") if isinstance(choice, dict) else None
+                            if pieces:
+                                if ttft is None:
+                                    ttft = time.monotonic()
+                                self._take_calls(calls, pieces)
+                            if isinstance(delta, str) and delta:
+                                if ttft is None:
+                                    ttft = time.monotonic()
+                                parts.append(delta)
+                                gen._emit("token", delta)
+                            if isinstance(choice, dict) and choice.get("finish_reason"):
+                                finish = str(choice["finish_reason"])
+                if (gen.completion is not None and "suffix" in body and not parts and finish == "stop"
+                        and not gen.cancelled):  # nothing at all with a suffix: was it the suffix?
+                    self._suffix = False  # (llama-cpp-python's server answers nothing for a model without FIM)
+                    body = {k: v for k, v in body.items() if k != "suffix"}
+                    finish, usage, dropped = None, {}, True
+                    continue
+                if dropped and not parts:
+                    self._suffix = True  # nothing without it either: the suffix was not the reason
+                break
             if gen.cancelled:
                 finish = "cancelled"
             elif opened is not None and opened.silent:
