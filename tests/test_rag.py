@@ -97,6 +97,9 @@ def test_the_right_file_answers_each_question(store, tmp_path):
     stats = store.library.stats()
     assert stats["enabled"] and stats["documents"] == len(PROJECTS) and stats["retrieval"]["searches"] >= 6
     assert stats["index_bytes"] > 0 and stats["retrieval"]["p50_ms"] is not None
+    every_page = store.connection().execute(  # what the section reads one b-tree at a time, from a whole scan
+        "SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name LIKE 'chunks%'").fetchone()[0]
+    assert stats["index_bytes"] == every_page
     with pytest.raises(CollectionNotFoundError, match="known: projects"):
         store.library.search("anything", "nope")
 
