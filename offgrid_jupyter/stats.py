@@ -199,19 +199,25 @@ def _human(seconds: float) -> str:
 
 PERCENTILE_SQL = {  # chats, and inline completions (counted apart: see chat/db.py m009)
     False: ("SELECT total_ms FROM requests INDEXED BY requests_completed_total WHERE model = ? "
-            f"AND {COMPLETED} AND source != 'completion' ORDER BY total_ms {{order}} LIMIT 1 OFFSET ?"),
+            f"AND {COMPLETED} AND source != 'completion' AND total_ms >= ? ORDER BY total_ms LIMIT 1 OFFSET ?"),
     True: ("SELECT total_ms FROM requests INDEXED BY requests_completion_total WHERE model = ? "
-           f"AND {COMPLETED} AND source = 'completion' ORDER BY total_ms {{order}} LIMIT 1 OFFSET ?")}
+           f"AND {COMPLETED} AND source = 'completion' AND total_ms >= ? ORDER BY total_ms LIMIT 1 OFFSET ?")}
+BUCKET_SQL = ("SELECT lo, cum - n FROM (SELECT lo, n, sum(n) OVER (ORDER BY lo) AS cum FROM request_latency "
+              "WHERE model = ? AND completion = ?) WHERE cum > ? ORDER BY lo LIMIT 1")
 
 
 def _percentile(conn, model: str, n: int, p: float, completions: bool = False) -> float | None:
-    """Nearest-rank percentile of completed requests' total_ms, read from the index
-    (it steps over at most the rank's entries, from whichever end is closer)."""
+    """Nearest-rank percentile of completed requests' total_ms: the latency histogram (chat/db.py
+    m010) names the bucket holding the rank, then the covering index is read from that bucket's
+    start, stepping over that bucket's entries only (not the rank's: the document's time then
+    does not grow with the number of requests)."""
     if n == 0:
         return None
     rank = max(1, math.ceil(p * n)) - 1
-    order, offset = ("ASC", rank) if rank < n / 2 else ("DESC", n - 1 - rank)
-    row = conn.execute(PERCENTILE_SQL[completions].format(order=order), (model, offset)).fetchone()
+    bucket = conn.execute(BUCKET_SQL, (model, int(completions), rank)).fetchone()
+    if bucket is None:
+        return None
+    row = conn.execute(PERCENTILE_SQL[completions], (model, bucket[0], rank - bucket[1])).fetchone()
     return round(row[0], 3) if row else None
 
 

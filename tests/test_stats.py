@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from offgrid_jupyter.errors import InvalidModelError
-from offgrid_jupyter.stats import PERCENTILE_SQL, attach, requests_frame, stats_document, stats_frame, summarize
+from offgrid_jupyter.stats import BUCKET_SQL, PERCENTILE_SQL, attach, requests_frame, stats_document, stats_frame, summarize
 from offgrid_jupyter.chat.store import Store
 from offgrid_jupyter.chat.turns import ChatTurn
 
@@ -136,10 +136,30 @@ def test_the_document_agrees_with_the_requests(made, engine, store):
 
 
 def test_percentiles_read_the_index_not_the_rows(store):
+    conn = store.connection()
     for completions, index in ((False, "requests_completed_total"), (True, "requests_completion_total")):
-        plan = " ".join(str(r[-1]) for r in store.connection().execute(
-            "EXPLAIN QUERY PLAN " + PERCENTILE_SQL[completions].format(order="ASC"), ("m", 0)))
+        plan = " ".join(str(r[-1]) for r in conn.execute(
+            "EXPLAIN QUERY PLAN " + PERCENTILE_SQL[completions], ("m", 0.0, 0)))
         assert f"COVERING INDEX {index}" in plan and "SCAN requests " not in plan + " "
+    plan = " ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + BUCKET_SQL, ("m", 0, 0)))
+    assert "requests" not in plan.replace("request_latency", "")  # the histogram alone finds the bucket
+
+
+def test_percentiles_are_exact_through_the_histogram(engine, store, request_log):
+    import random
+
+    rng = random.Random(3)
+    values = [round(rng.lognormvariate(6, 1.5), 3) for _ in range(2000)] + [0.0, 0.5, 1.0, 1e10]
+    for i, ms in enumerate(values):
+        request_log({"request_id": f"r{i}", "session_id": None, "model": "m", "source": "magic",
+                     "started_at": 1.0 + i, "queue_wait_ms": 0.0, "prompt_tokens": 1, "cached_tokens": 0,
+                     "completion_tokens": 1, "ttft_ms": None, "total_ms": ms, "tokens_per_second": 0.0,
+                     "finish_reason": "stop" if i % 10 else "length", "error_type": None})
+    assert request_log.flush()
+    ranked = sorted(values)
+    doc = stats_document(engine, store)["inference"]["models"]["m"]
+    for p, key in ((0.50, "p50_response_ms"), (0.95, "p95_response_ms")):
+        assert doc[key] == pytest.approx(ranked[math.ceil(p * len(ranked)) - 1], abs=1e-3)  # nearest rank
 
 
 def test_summaries_group_as_asked(made, store):

@@ -47,7 +47,8 @@ def cstore(tmp_path, clock):
 
 
 MIGRATED = ["m001_initial", "m002_busy_sessions", "m003_notebook_sessions", "m004_requests", "m005_turn_marks",
-            "m006_profiles", "m007_library", "m008_vectors", "m009_completions"]
+            "m006_profiles", "m007_library", "m008_vectors", "m009_completions",
+            "m010_latency_histogram"]
 
 
 def test_database_is_wal_with_recorded_migrations(store):

@@ -414,7 +414,45 @@ def m009_completions(conn: sqlite3.Connection) -> None:
     )
 
 
+LATENCY_STEP = 1.02  # the latency histogram's buckets: each 2% wider than the one below
+
+
+def m010_latency_histogram(conn: sqlite3.Connection) -> None:
+    """A histogram of completed requests' total_ms per model and kind (chat or inline completion),
+    kept by a trigger, so a percentile finds its bucket in a few hundred rows and steps over only
+    that bucket's entries of the index: reading the rank with ``OFFSET`` stepped over half the
+    index for a median (25.8 ms for the stats document at 1,000,000 requests, 2.6 at 100,000)."""
+    conn.execute("CREATE TABLE latency_buckets (lo REAL PRIMARY KEY) WITHOUT ROWID")
+    bounds, lo = [0.0], 1.0
+    while lo < 1e9:  # 1 ms to 11 days, then everything above
+        bounds.append(lo)
+        lo *= LATENCY_STEP
+    conn.executemany("INSERT INTO latency_buckets (lo) VALUES (?)", [(b,) for b in bounds])
+    _statements(conn,
+        """
+        CREATE TABLE request_latency (
+            model TEXT NOT NULL,
+            completion INTEGER NOT NULL,
+            lo REAL NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (model, completion, lo)
+        ) WITHOUT ROWID;
+        CREATE TRIGGER request_latency_insert AFTER INSERT ON requests
+            WHEN NEW.finish_reason IN ('stop', 'length') BEGIN
+            INSERT INTO request_latency (model, completion, lo, n)
+                VALUES (NEW.model, NEW.source = 'completion',
+                        coalesce((SELECT max(lo) FROM latency_buckets WHERE lo <= NEW.total_ms), 0.0), 1)
+                ON CONFLICT (model, completion, lo) DO UPDATE SET n = n + 1;
+        END;
+        INSERT INTO request_latency (model, completion, lo, n)
+            SELECT model, source = 'completion',
+                   coalesce((SELECT max(b.lo) FROM latency_buckets b WHERE b.lo <= total_ms), 0.0) AS bucket, count(*)
+            FROM requests WHERE finish_reason IN ('stop', 'length') GROUP BY 1, 2, 3;
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial, m002_busy_sessions, m003_notebook_sessions, m004_requests, m005_turn_marks, m006_profiles,
-    m007_library, m008_vectors, m009_completions,
+    m007_library, m008_vectors, m009_completions, m010_latency_histogram,
 ]
