@@ -348,6 +348,33 @@ def m008_vectors(conn: sqlite3.Connection) -> None:
 
 
 
+def _totals_trigger(name: str, table: str, when: str, decode: bool) -> str:
+    """The trigger that adds a request to its model's running totals in *table* (m009: the chats'
+    and the inline completions' alike; only the chats' keep decode time, for tokens/s)."""
+    decoding = ("""
+                decode_tokens = decode_tokens + max(NEW.completion_tokens - 1, 0) * (NEW.decode_ms > 0),
+                decode_ms = decode_ms + NEW.decode_ms,""" if decode else "")
+    return f"""
+        CREATE TRIGGER {name} AFTER INSERT ON requests WHEN {when} BEGIN
+            INSERT OR IGNORE INTO {table} (model) VALUES (NEW.model);
+            UPDATE {table} SET
+                total_requests = total_requests + 1,
+                completed = completed + (NEW.finish_reason IN ('stop', 'length')),
+                cancelled = cancelled + (NEW.finish_reason = 'cancelled'),
+                errors = errors + (NEW.finish_reason = 'error'),
+                prompt_tokens = prompt_tokens + NEW.prompt_tokens,
+                cached_tokens = cached_tokens + NEW.cached_tokens,
+                completion_tokens = completion_tokens + NEW.completion_tokens,
+                completed_total_ms = completed_total_ms
+                    + CASE WHEN NEW.finish_reason IN ('stop', 'length') THEN NEW.total_ms ELSE 0 END,
+                ttft_count = ttft_count + (NEW.ttft_ms IS NOT NULL),
+                ttft_ms = ttft_ms + coalesce(NEW.ttft_ms, 0),{decoding}
+                last_used = max(coalesce(last_used, 0), NEW.started_at)
+            WHERE model = NEW.model;
+        END;
+        """
+
+
 def m009_completions(conn: sqlite3.Connection) -> None:
     """Inline completions are counted apart: many short requests that would drown the chats'
     time to first token and tokens/s. The chats' totals and percentile index leave them out;
@@ -374,43 +401,9 @@ def m009_completions(conn: sqlite3.Connection) -> None:
             ttft_ms REAL NOT NULL DEFAULT 0,
             last_used REAL
         );
-        CREATE TRIGGER requests_totals AFTER INSERT ON requests WHEN NEW.source != 'completion' BEGIN
-            INSERT OR IGNORE INTO request_totals (model) VALUES (NEW.model);
-            UPDATE request_totals SET
-                total_requests = total_requests + 1,
-                completed = completed + (NEW.finish_reason IN ('stop', 'length')),
-                cancelled = cancelled + (NEW.finish_reason = 'cancelled'),
-                errors = errors + (NEW.finish_reason = 'error'),
-                prompt_tokens = prompt_tokens + NEW.prompt_tokens,
-                cached_tokens = cached_tokens + NEW.cached_tokens,
-                completion_tokens = completion_tokens + NEW.completion_tokens,
-                completed_total_ms = completed_total_ms
-                    + CASE WHEN NEW.finish_reason IN ('stop', 'length') THEN NEW.total_ms ELSE 0 END,
-                ttft_count = ttft_count + (NEW.ttft_ms IS NOT NULL),
-                ttft_ms = ttft_ms + coalesce(NEW.ttft_ms, 0),
-                decode_tokens = decode_tokens + max(NEW.completion_tokens - 1, 0) * (NEW.decode_ms > 0),
-                decode_ms = decode_ms + NEW.decode_ms,
-                last_used = max(coalesce(last_used, 0), NEW.started_at)
-            WHERE model = NEW.model;
-        END;
-        CREATE TRIGGER completion_totals_insert AFTER INSERT ON requests WHEN NEW.source = 'completion' BEGIN
-            INSERT OR IGNORE INTO completion_totals (model) VALUES (NEW.model);
-            UPDATE completion_totals SET
-                total_requests = total_requests + 1,
-                completed = completed + (NEW.finish_reason IN ('stop', 'length')),
-                cancelled = cancelled + (NEW.finish_reason = 'cancelled'),
-                errors = errors + (NEW.finish_reason = 'error'),
-                prompt_tokens = prompt_tokens + NEW.prompt_tokens,
-                cached_tokens = cached_tokens + NEW.cached_tokens,
-                completion_tokens = completion_tokens + NEW.completion_tokens,
-                completed_total_ms = completed_total_ms
-                    + CASE WHEN NEW.finish_reason IN ('stop', 'length') THEN NEW.total_ms ELSE 0 END,
-                ttft_count = ttft_count + (NEW.ttft_ms IS NOT NULL),
-                ttft_ms = ttft_ms + coalesce(NEW.ttft_ms, 0),
-                last_used = max(coalesce(last_used, 0), NEW.started_at)
-            WHERE model = NEW.model;
-        END;
         """
+        + _totals_trigger("requests_totals", "request_totals", "NEW.source != 'completion'", decode=True)
+        + _totals_trigger("completion_totals_insert", "completion_totals", "NEW.source = 'completion'", decode=False)
     )
 
 
