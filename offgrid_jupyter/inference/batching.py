@@ -54,9 +54,11 @@ from typing import Any, Callable
 import numpy as np
 
 from . import toolcalls
+from .speculative import Drafter
 from ..errors import ContextOverflowError
 
 WAITING, PROMPT, DECODING = "waiting", "prompt", "decoding"  # a slot's phases
+ROW_COST = 0.5  # a first guess of a draft row's cost, as a share of a decode step (then measured)
 COMPLETION_IDLE = 2.0  # seconds without a keystroke after which a completion's cells leave the cache
 
 
@@ -160,7 +162,9 @@ class Slot:
         self.cursor = 0  # next prompt token to evaluate
         self.n_past = 0  # tokens of this sequence in the KV cache
         self.cached = 0  # prompt tokens reused from the cache
-        self.row = -1  # this step's batch row holding its logits (-1: none)
+        self.row = -1  # this step's batch row holding its logits (-1: none); drafts' rows follow it
+        self.drafts: list[int] = []  # this step's drafted tokens (speculative.py), after the last sampled one
+        self.drafter: Drafter | None = None  # made when decoding starts, if the batcher drafts
         self.sampled: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self.text: list[str] = []  # text emitted so far
@@ -182,10 +186,15 @@ class Batcher:
     """The slots of one loaded model (see the module docstring)."""
 
     def __init__(self, llm: Any, kv: Any, tuner: Any, *, n_threads: int, stall: float,
-                 done: Callable[[Slot], None], n_ctx: int | None = None, reserved: bool = False):
+                 done: Callable[[Slot], None], n_ctx: int | None = None, reserved: bool = False,
+                 draft: bool = True):
         self.llm, self.kv, self.tuner = llm, kv, tuner
         self.n_ctx, self.n_batch = n_ctx or llm.n_ctx, llm.n_batch  # the chats' cells (completions have more)
         self.n_threads, self.stall, self.done = n_threads, stall, done
+        self.draft = draft  # prompt-lookup decoding (speculative.py)
+        self.drafted = self.accepted = 0  # draft tokens put in steps, and sampled as drafted
+        self.row_cost = ROW_COST  # a draft row's time over a decode step's (measured in steps with drafts)
+        self.fixed_row_cost: float | None = None  # set: drafts are priced at this, never measured (tests)
         self.token_cost = 0.004  # seconds per prompt token read in a step (measured; a first guess)
         self.decode_cost = 0.0  # seconds of a decode-only step (measured)
         self.seqs = [Sequence(i) for i in range(llm.n_parallel)]
@@ -319,9 +328,12 @@ class Batcher:
         llm.clear()
         decoding = [s for s in self.active if s.phase == DECODING]
         reading = sorted((s for s in self.active if s.phase == PROMPT), key=lambda s: (not s.urgent, s.order))
-        for s in decoding:
-            s.row = llm.add([s.sampled[-1]], s.n_past, s.seq.id, True)
-        budget = (self.chunk if decoding else self.n_batch) - len(decoding)  # alone: the whole batch
+        for i, s in enumerate(decoding):
+            s.drafts = self._propose(s, len(decoding) - i - 1)
+            s.row = llm.add([s.sampled[-1]] + s.drafts, s.n_past, s.seq.id, True, every=bool(s.drafts))
+            s.row -= len(s.drafts)  # the first of its rows
+        drafting = any(s.drafts for s in decoding)
+        budget = (self.chunk if decoding else self.n_batch) - llm.batched  # alone: the whole batch
         chunked = []
         for s in reading:
             s.row = -1
@@ -355,6 +367,11 @@ class Batcher:
             read = llm.batched - len(decoding)  # the step's time, less what its decoding tokens cost
             # the latest measure, not an average: the cost grows with the cells every token attends to
             self.token_cost = max(0.0, now - started - (self.decode_cost if decoding else 0.0)) / max(read, 1)
+        elif drafting:  # what its draft rows cost, over a decode step
+            rows = llm.batched - len(decoding)
+            if self.decode_cost > 0 and self.fixed_row_cost is None:
+                measured = max(0.0, now - started - self.decode_cost) / rows / self.decode_cost
+                self.row_cost += 0.3 * (min(measured, 2.0) - self.row_cost)
         else:
             self.decode_cost = now - started
             if not self._tuning:
@@ -368,8 +385,48 @@ class Batcher:
         for s in chunked:
             s.n_past = s.cursor
             s.seq.tokens = s.prompt[:s.cursor]
-        for s in decoding + [c for c in chunked if c.row >= 0]:
-            self._sample(s, now)
+        for s in decoding:
+            self._verify(s, now) if s.drafts else self._sample(s, now)
+        for s in chunked:
+            if s.row >= 0:
+                self._sample(s, now)
+
+    # -- drafts ---------------------------------------------------------------------------------
+    def _propose(self, slot: Slot, after: int) -> list[int]:
+        """The tokens drafted for *slot* this step: within its reply's limit, and leaving room in the
+        batch for the *after* slots still to add theirs."""
+        if slot.drafter is None:
+            return []
+        room = min(slot.limit - len(slot.sampled) - 1, self.n_batch - self.llm.batched - after - 1)
+        return slot.drafter.propose(room, self.row_cost if self.fixed_row_cost is None else self.fixed_row_cost)
+
+    def _sources(self, slot: Slot) -> list[list[int]]:
+        """What a reply may copy besides its context as it stands: a structured reply (JSON) writes
+        the code or text it copies inside JSON strings, escaped, so the prompt is also indexed as it
+        would be written there (measured: the edit's drafts kept 3x more tokens)."""
+        if not slot.kwargs.get("grammar") and not slot.kwargs.get("response_format"):
+            return []
+        import json
+
+        text = self.llm.detokenize(slot.prompt)
+        return [self.llm.tokenize(json.dumps(text, ensure_ascii=False)[1:-1])]
+
+    def _verify(self, slot: Slot, now: float) -> None:
+        """Sample row after row while the sampled token is the draft (each kept draft is in the cells
+        already, and its row's logits give the next token); the rest of the drafts' cells go."""
+        drafts, slot.drafts = slot.drafts, []
+        kept = 0
+        for i in range(len(drafts) + 1):
+            token = self._sample(slot, now, slot.row + i)
+            if slot.finish is not None or i == len(drafts) or token != drafts[i]:
+                break
+            kept += 1
+            slot.n_past += 1
+        if slot.finish is None and kept < len(drafts):
+            self.llm.seq_rm(slot.seq.id, slot.n_past)
+        self.drafted += len(drafts)
+        self.accepted += kept
+        slot.drafter.feedback(len(drafts), kept)
 
     def _failed_step(self, rc: int, decoding: list[Slot], chunked: list[Slot]) -> None:
         """A decode that did not run: aborted (a cancelled prompt; the others simply go again next
@@ -391,27 +448,34 @@ class Batcher:
             s.error = error
             self._end(s, "error")
 
-    def _sample(self, slot: Slot, now: float) -> None:
+    def _sample(self, slot: Slot, now: float, row: int | None = None) -> int | None:
+        """Sample the next token from batch row *row* (the slot's own by default) and stream it;
+        returns it, or None when the slot failed."""
         try:
-            token = slot.sampler.sample(self.llm.ctx, slot.row)
+            token = slot.sampler.sample(self.llm.ctx, slot.row if row is None else row)
         except Exception as exc:  # noqa: BLE001 - one sequence's failure ends that request only
             slot.error = exc
             self._end(slot, "error")
-            return
+            return None
         if slot.ttft is None:
             slot.ttft = now
             slot.phase = DECODING
+            if self.draft:
+                slot.drafter = Drafter(slot.prompt, self._sources(slot))
         if slot.gen.cancelled:
             self._end(slot, "cancelled")
-            return
+            return token
         if self.llm.is_eog(token):
             self._end(slot, "stop")
-            return
+            return token
         slot.sampled.append(token)
+        if slot.drafter is not None:
+            slot.drafter.append(token)
         if self._show(slot, slot.decoder.decode(self.llm.piece(token))):
             self._end(slot, "stop")  # a stop string
         elif len(slot.sampled) >= slot.limit:
             self._end(slot, "length")
+        return token
 
     # -- text ---------------------------------------------------------------------------------------
     def _show(self, slot: Slot, text: str, final: bool = False) -> bool:
@@ -449,6 +513,8 @@ class Batcher:
                 self.llm.seq_rm(seq.id)
                 seq.tokens, seq.owner, seq.dirty = [], None, False
             else:
+                if slot.drafter is not None:
+                    self.llm.seq_rm(seq.id, slot.n_past)  # drafts of the last step it did not keep
                 seq.tokens = (slot.prompt + slot.sampled)[:slot.n_past]  # what the cells hold
                 if len(self.active) > 1 and not slot.urgent:
                     self._evict(seq)  # others decode on: idle cells would slow their attention

@@ -62,6 +62,7 @@ class Engine(QueueBackend):
         defaults: GenerationParams | None = None,
         tune_threads: bool = True,
         completion_ctx: int = COMPLETION_CTX,
+        prompt_lookup: bool = True,
     ):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
         for name, value, low, high in (("n_ctx", n_ctx, 64, 1 << 22), ("n_parallel", n_parallel, 1, 64),
@@ -71,6 +72,8 @@ class Engine(QueueBackend):
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.completion_ctx = completion_ctx  # 0: no inline completions (no reserved sequence)
+        self._prompt_lookup = bool(prompt_lookup)  # drafts from the context (speculative.py)
+        self._batcher: Batcher | None = None
         self._urgent: deque[Generation] = deque()  # inline completions: never behind the chats' FIFO
         self.n_threads = n_threads or available_cores()
         self.n_parallel = self.slots = n_parallel
@@ -88,6 +91,18 @@ class Engine(QueueBackend):
         self._overhead = 8.0  # template tokens per message, learnt from each fitted prompt
         self._grammars: dict[str, Any] = {}  # GBNF text -> llama-cpp-python grammar, for tool calls
         self._grammars_lock = threading.Lock()
+
+    @property
+    def prompt_lookup(self) -> bool:
+        """Whether replies are drafted from their context (prompt-lookup decoding, speculative.py);
+        set it to turn drafting on or off from the next request on."""
+        return self._prompt_lookup
+
+    @prompt_lookup.setter
+    def prompt_lookup(self, on: bool) -> None:
+        self._prompt_lookup = bool(on)
+        if self._batcher is not None:
+            self._batcher.draft = self._prompt_lookup
 
     # -- the backend contract -------------------------------------------------------
     @property
@@ -115,7 +130,10 @@ class Engine(QueueBackend):
             batcher.interrupt(gen)
 
     def _queue_extra(self) -> dict[str, Any]:
-        return {"cache": self.kv.stats()}
+        batcher = self._batcher
+        drafted, kept = (batcher.drafted, batcher.accepted) if batcher is not None else (0, 0)
+        return {"cache": self.kv.stats(),
+                "drafts": {"drafted": drafted, "accepted": kept, "rate": round(kept / drafted, 4) if drafted else 0.0}}
 
     def describe(self) -> dict[str, Any]:
         try:
@@ -126,6 +144,7 @@ class Engine(QueueBackend):
             "kind": "llama.cpp", "name": m.name, "path": str(m.path), "source": m.source,
             "size_bytes": m.size_bytes, "loaded": self.loaded, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
             "n_parallel": self.n_parallel, "completion_ctx": self.completion_ctx, "decode_threads": self.tuner.current,
+            "prompt_lookup": self.prompt_lookup,
             "chat_format": getattr(self._llm, "chat_format", self.chat_format),
         }
 
@@ -175,7 +194,8 @@ class Engine(QueueBackend):
 
     def _new_batcher(self, llm: LlamaModel) -> Batcher:
         return Batcher(llm, self.kv, self.tuner, n_threads=self.n_threads, stall=self.prefill_stall,
-                       done=self._slot_done, n_ctx=self.n_ctx, reserved=bool(self.completion_ctx))
+                       done=self._slot_done, n_ctx=self.n_ctx, reserved=bool(self.completion_ctx),
+                       draft=self.prompt_lookup)
 
     def _unload(self) -> None:
         if self._llm is not None:

@@ -54,6 +54,8 @@ MODULE_ATTRIBUTES = [
     ("llama_cpp._internals", "LlamaBatch"),
     ("llama_cpp:llama_context_params", "n_seq_max"),  # (module:class, attribute)
     ("llama_cpp:llama_context_params", "kv_unified"),
+    ("llama_cpp:llama_context_params", "flash_attn_type"),
+    ("llama_cpp:llama_context_params", "type_k"),
     ("llama_cpp", "llama_vocab_is_eog"),
     ("llama_cpp.llama_chat_format", "get_chat_completion_handler"),
     ("llama_cpp", "LLAMA_POOLING_TYPE_NONE"),  # Embedder: a model without pooling of its own
@@ -293,6 +295,20 @@ class _CaptureLlama:
         raise _PromptCaptured(kwargs)
 
 
+# Attention: flash attention, keys in q8_0, values in f16. Why: llama.cpp's CPU attention computes a
+# row differently depending on what else is in the batch (without flash attention, batched matrix
+# products; with it and f16 keys, a lone row past 512 cells splits its cells over the threads, and 64
+# rows or more take a tiled kernel), so the same greedy request could end differently beside other
+# requests or with drafts (speculative.py): measured, logits 0.5 apart from the 17th or the 257th
+# token on. With keys of another type than the values, every row takes the same one-row kernel
+# whatever the batch, so a row's logits depend on its sequence alone (bitwise, tested). It costs
+# nothing in decoding (2 cores, default model: 10.7 ms a token at 1,000 cells, 15.2 at 3,000, against
+# 10.2-12.4 and 19.5-20.3 without flash attention), prompts past 1,000 tokens read ~25% slower
+# (6.3 against 4.4-5.4 ms a token at 3,000), and the keys take half the memory (the cache 0.77x).
+FLASH_ATTN_ENABLED = 1  # llama_flash_attn_type: -1 auto, 0 off, 1 on
+TYPE_K, TYPE_V = 8, 1  # ggml_type: GGML_TYPE_Q8_0, GGML_TYPE_F16
+
+
 class LlamaModel:
     """One loaded GGUF, for the engine's batched decoding. Not thread-safe: the engine thread is
     its only user.
@@ -328,6 +344,7 @@ class LlamaModel:
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch  # one ubatch per decode
         params.n_seq_max, params.kv_unified = n_parallel, True  # sequences share the n_ctx cells
         params.n_threads = params.n_threads_batch = n_threads
+        params.flash_attn_type, params.type_k, params.type_v = FLASH_ATTN_ENABLED, TYPE_K, TYPE_V
         try:
             self.ctx = internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
         except (ValueError, RuntimeError) as exc:
@@ -368,6 +385,9 @@ class LlamaModel:
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens, special=False).decode("utf-8", errors="replace")
 
     def fim_tokens(self) -> tuple[int, int, int] | None:
         """The model's fill-in-the-middle tokens (prefix, suffix, middle) when its GGUF names them
@@ -418,14 +438,15 @@ class LlamaModel:
     def batched(self) -> int:
         return self.batch.batch.n_tokens
 
-    def add(self, tokens: list[int], start: int, seq_id: int, logits_last: bool) -> int:
+    def add(self, tokens: list[int], start: int, seq_id: int, logits_last: bool, every: bool = False) -> int:
         """Put *tokens* of sequence *seq_id* at positions start.. in the batch; the last one's
-        logits are kept when *logits_last*. Returns the last one's row."""
+        logits are kept when *logits_last*, every one's when *every* (drafts to verify). Returns
+        the last one's row."""
         b = self.batch.batch
         n0 = b.n_tokens
         for k, token in enumerate(tokens):
             i = n0 + k
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, start + k, 1, False
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, start + k, 1, every
             b.seq_id[i][0] = seq_id
         b.n_tokens = n0 + len(tokens)
         b.logits[b.n_tokens - 1] = logits_last
