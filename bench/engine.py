@@ -1,5 +1,7 @@
 """Engine benchmark: decode speed vs plain llama-cpp-python, decode beside a busy process,
-and follow-up TTFT with KV reuse.
+follow-up TTFT with KV reuse, and the first follow-up after a restart with the session's KV
+snapshot on disk (``restart_followup_speedup``: a ~2,000-token session, time to first token of its
+next turn in a new engine with the snapshot directory over one without; the model loaded first).
 
 The baselines (bench/plain.py) run alternated with ours. ``contention_ceiling`` is what the
 best thread count can give beside the busy process: plain llama.cpp with one thread there, over
@@ -20,6 +22,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -81,6 +84,28 @@ def followup(engine: Engine, turns: int, tag: str) -> tuple[float, int, int]:
     return r.timings["ttft_ms"], r.usage["prompt_tokens"], r.usage["cached_tokens"]
 
 
+def restart(info, threads: int, reps: int, turns: int) -> tuple[list[float], list[float], int, int]:
+    """TTFT of a session's next turn in a freshly started engine, with its snapshot on disk and
+    without, alternated (each engine loads the model before the timed turn)."""
+    folder = tempfile.mkdtemp(prefix="offgrid-kv-")
+    hist = history(turns) + [{"role": "user", "content": "Summarise in one line."}]
+    first = Engine(info.path, n_threads=threads, kv_dir=folder)
+    reply = first.complete(hist, session_id="long", max_tokens=24, **PARAMS)
+    first.close()  # the snapshot is on disk
+    turn = hist + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": NEW_MESSAGE}]
+    with_disk, without, prompt_n, cached_n = [], [], 0, 0
+    for _ in range(reps):
+        for disk in (True, False):
+            engine = Engine(info.path, n_threads=threads, kv_dir=folder if disk else None)
+            engine.complete([{"role": "user", "content": "Hi"}], max_tokens=1)  # loaded
+            r = engine.complete(turn, session_id="long", max_tokens=8, **PARAMS)
+            (with_disk if disk else without).append(r.timings["ttft_ms"])
+            if disk:
+                prompt_n, cached_n = r.usage["prompt_tokens"], r.usage["cached_tokens"]
+            engine.close()
+    return with_disk, without, prompt_n, cached_n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small history and fewer repeats (< 60 s)")
@@ -125,6 +150,9 @@ def main() -> None:
     f_naive = [followup(naive, turns, f"n{i}")[0] for i in range(reps)]
     naive.close()
 
+    log("restart: a long session's next turn in a new engine, snapshot on disk or not")
+    r_disk, r_none, r_prompt, r_cached = restart(info, threads, reps, 12 if args.quick else 32)
+
     med = statistics.median
     result = {
         "bench": "engine", "quick": args.quick, "model": info.name, "threads": threads,
@@ -144,8 +172,11 @@ def main() -> None:
         "fresh_ttft_ms": round(med(f_fresh), 2),
         "followup_speedup": round(med(f_naive) / med(f_ours), 2),
         "followup_vs_fresh": round(med(f_ours) / med(f_fresh), 2),
+        "restart_history_tokens": r_prompt, "restart_cached_tokens": r_cached,
+        "restart_followup_ttft_ms": round(med(r_disk), 2), "restart_no_disk_ttft_ms": round(med(r_none), 2),
+        "restart_followup_speedup": round(med(r_none) / med(r_disk), 2),
         "targets": {"decode_ratio": ">= 0.95", "contention_ratio": ">= 0.8", "followup_speedup": ">= 5",
-                    "followup_vs_fresh": "<= 2"},
+                    "followup_vs_fresh": "<= 2", "restart_followup_speedup": ">= 10"},
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result))

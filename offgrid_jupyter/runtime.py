@@ -31,7 +31,10 @@ LOCAL = {"model_path": (None, str),  # (OFFGRID_MODEL is read where the model is
          "chat_format": ("OFFGRID_CHAT_FORMAT", str),
          "kv_cache_bytes": ("OFFGRID_KV_CACHE_MB", lambda v: int(float(v) * MB)),
          "tune_threads": ("OFFGRID_TUNE_THREADS", lambda v: _flag(v)),
-         "completion_ctx": ("OFFGRID_COMPLETION_CTX", int)}
+         "completion_ctx": ("OFFGRID_COMPLETION_CTX", int),
+         "prompt_lookup": ("OFFGRID_PROMPT_LOOKUP", lambda v: _flag(v)),
+         "kv_dir": (None, str),  # the store's: <data dir>/kv
+         "kv_disk_bytes": ("OFFGRID_KV_DISK_MB", lambda v: int(float(v) * MB))}
 REMOTE = {"model": ("OFFGRID_ENGINE_MODEL", str), "api_key": ("OFFGRID_ENGINE_API_KEY", str),
           "max_concurrent": ("OFFGRID_ENGINE_MAX_CONCURRENT", int),
           "read_timeout": ("OFFGRID_ENGINE_READ_TIMEOUT", float),
@@ -69,7 +72,8 @@ def make_backend(engine_url: str | None = None, *, from_env: bool = False, **set
     *settings* may hold both kinds' keywords (the server passes all its settings); each kind
     takes its own: ``model``, ``api_key``, ``max_concurrent``, ``read_timeout``, ``send_session``
     and ``completion_model`` for an engine; ``model_path``, ``n_ctx``, ``n_threads``, ``n_parallel``,
-    ``chat_format``, ``kv_cache_bytes``, ``tune_threads``, ``completion_ctx`` for a local model; ``queue_timeout`` and ``max_queue``
+    ``chat_format``, ``kv_cache_bytes``, ``tune_threads``, ``completion_ctx``, ``prompt_lookup``, ``kv_dir``,
+    ``kv_disk_bytes`` for a local model; ``queue_timeout`` and ``max_queue``
     for both. None means the default. *from_env* fills what is not given (the URL included) from
     ``OFFGRID_*`` variables."""
     if from_env:
@@ -109,8 +113,11 @@ def get_engine(**kwargs: Any) -> QueueBackend:
     with _engine_lock:
         if _engine is None:
             url = kwargs.pop("url", None)
-            _engine = make_backend(url, from_env=True, **kwargs)
-            attach(_engine, get_store())  # every request of the process's engine is recorded
+            store = get_store()
+            _engine = make_backend(url, from_env=True, **{"kv_dir": str(store.kv_dir), **kwargs})
+            attach(_engine, store)  # every request of the process's engine is recorded
+            if isinstance(_engine, Engine):
+                store.on_delete.append(_engine.forget)
         return _engine
 
 

@@ -37,6 +37,7 @@ from ..errors import (
     MessageNotFoundError,
     SessionNotFoundError,
 )
+from ..inference import kvdisk
 from ..retrieval.rag import Library
 from ..validation import NAME_RE, SESSION_ID_RE, check_json, check_name, check_text
 from . import frames, transfer
@@ -96,6 +97,8 @@ class Store:
         notebook_root: str | os.PathLike | None = None,
     ):
         self.path = Path(path) if path else data_dir() / DB_FILENAME
+        self.kv_dir = self.path.parent / kvdisk.DIRNAME  # the engines' session snapshots (inference/kvdisk.py)
+        self.on_delete: list[Callable[[str], None]] = []  # called with a deleted session's id (engines forget it)
         self.ttl_hours = float(ttl_hours)
         self.retention_days = retention_days
         self.max_content_bytes = int(max_content_bytes)
@@ -285,7 +288,11 @@ class Store:
             conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
             return sid
 
-        self._forget(self.transaction(remove))
+        sid = self.transaction(remove)
+        self._forget(sid)
+        kvdisk.forget(self.kv_dir, sid)  # its KV snapshot, whichever process wrote it
+        for hook in list(self.on_delete):
+            hook(sid)
 
     def rename(self, ref: str, new_name: str | None) -> Session:
         if new_name is not None:

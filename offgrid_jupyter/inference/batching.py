@@ -134,16 +134,22 @@ def _common_prefix(a: Any, b: Any) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+def _key(tokens: Any) -> tuple[int, int]:
+    """Which tokens a snapshot holds, in short (to tell whether the disk has them already)."""
+    return len(tokens), hash(np.asarray(tokens, dtype=np.intc).tobytes())
+
+
 class Sequence:
     """One of the context's sequences: which session's conversation its cells hold."""
 
-    __slots__ = ("id", "owner", "tokens", "dirty", "slot", "used_at")
+    __slots__ = ("id", "owner", "tokens", "dirty", "slot", "used_at", "persisted")
 
     def __init__(self, seq_id: int):
         self.id = seq_id
         self.owner: str | None = None  # session id whose conversation is in the cells
         self.tokens: list[int] = []  # the tokens whose cells are in the cache
         self.dirty = False  # changed since it was last saved to the snapshot LRU
+        self.persisted: Any = None  # _key() of the tokens last handed to the disk (kvdisk.py)
         self.slot: Slot | None = None
         self.used_at = 0.0
 
@@ -187,11 +193,12 @@ class Batcher:
 
     def __init__(self, llm: Any, kv: Any, tuner: Any, *, n_threads: int, stall: float,
                  done: Callable[[Slot], None], n_ctx: int | None = None, reserved: bool = False,
-                 draft: bool = True):
+                 draft: bool = True, disk: Any = None):
         self.llm, self.kv, self.tuner = llm, kv, tuner
         self.n_ctx, self.n_batch = n_ctx or llm.n_ctx, llm.n_batch  # the chats' cells (completions have more)
         self.n_threads, self.stall, self.done = n_threads, stall, done
         self.draft = draft  # prompt-lookup decoding (speculative.py)
+        self.disk = disk  # session snapshots on disk (kvdisk.py), or None
         self.drafted = self.accepted = 0  # draft tokens put in steps, and sampled as drafted
         self.row_cost = ROW_COST  # a draft row's time over a decode step's (measured in steps with drafts)
         self.fixed_row_cost: float | None = None  # set: drafts are priced at this, never measured (tests)
@@ -262,19 +269,26 @@ class Batcher:
         if seq.owner is not None and seq.owner != session:
             self._save(seq)  # the cells change hands: their session's conversation goes to the LRU first
         if seq.owner != session:
-            snap = self.kv.get(session) if session else None
+            snap, on_disk = (self.kv.get(session) if session else None), False
+            if snap is None and session and not slot.urgent and self.disk is not None:
+                snap, on_disk = self._from_disk(session), True
             if snap is not None:
                 self.kv.hits += 1
                 if _common_prefix(snap.tokens, slot.prompt) > _common_prefix(seq.tokens, slot.prompt):
                     self._evict(seq)
                     if llm.seq_load(seq.id, snap.data):
                         seq.tokens, seq.dirty = list(snap.tokens), False
+                        seq.persisted = _key(seq.tokens) if on_disk else None
+                    elif on_disk:
+                        self.disk.forget(session)  # llama.cpp refused the cells: the file is of no use
             elif session:
                 self.kv.misses += 1
         reuse = min(_common_prefix(seq.tokens, slot.prompt), max(0, len(slot.prompt) - 1))
         if reuse < len(seq.tokens):
             llm.seq_rm(seq.id, reuse)
         seq.tokens = list(slot.prompt[:reuse])
+        if seq.owner != session:
+            seq.persisted = None
         seq.owner, seq.slot, seq.dirty = session, slot, True
         slot.seq, slot.cursor, slot.n_past, slot.cached = seq, reuse, reuse, reuse
         slot.phase = PROMPT
@@ -284,13 +298,45 @@ class Batcher:
         """Free a sequence's cells, saving its session's conversation to the snapshot LRU first."""
         self._save(seq)
         self.llm.seq_rm(seq.id)
-        seq.tokens, seq.owner, seq.dirty = [], None, False
+        seq.tokens, seq.owner, seq.dirty, seq.persisted = [], None, False, None
 
     def _save(self, seq: Sequence) -> None:
-        """Copy a session's conversation out of its sequence into the snapshot LRU (if it changed)."""
+        """Copy a session's conversation out of its sequence into the snapshot LRU (if it changed),
+        and to the disk."""
         if seq.owner and seq.dirty and seq.tokens:
-            self.kv.put(seq.owner, KVSnapshot(np.asarray(seq.tokens, dtype=np.intc), self.llm.seq_save(seq.id)))
+            snap = KVSnapshot(np.asarray(seq.tokens, dtype=np.intc), self.llm.seq_save(seq.id))
+            self.kv.put(seq.owner, snap)
+            self._to_disk(seq, snap)
         seq.dirty = False
+
+    # -- snapshots on disk (kvdisk.py) --------------------------------------------------------------
+    def _to_disk(self, seq: Sequence, snap: KVSnapshot) -> None:
+        if self.disk is not None and seq is not self.reserved and seq.persisted != _key(snap.tokens):
+            self.disk.save(seq.owner, snap.tokens, snap.data)
+            seq.persisted = _key(snap.tokens)
+
+    def persist(self) -> None:
+        """Hand the conversations still only in the cache to the disk (when the engine is idle: the
+        copy out takes a few ms per thousand tokens; the writing happens on the disk's thread)."""
+        if self.disk is None:
+            return
+        for seq in self.chat_seqs:
+            if seq.slot is None and seq.owner and seq.tokens and seq.persisted != _key(seq.tokens):
+                self._to_disk(seq, KVSnapshot(np.asarray(seq.tokens, dtype=np.intc), self.llm.seq_save(seq.id)))
+
+    def _from_disk(self, session: str) -> KVSnapshot | None:
+        found = self.disk.load(session)
+        if found is None:
+            return None
+        tokens, data = found
+        return KVSnapshot(tokens, data)
+
+    def forget(self, session: str) -> None:
+        """A deleted session's cells leave its idle sequence without being saved anywhere."""
+        for seq in self.chat_seqs:
+            if seq.owner == session and seq.slot is None:
+                self.llm.seq_rm(seq.id)
+                seq.tokens, seq.owner, seq.dirty, seq.persisted = [], None, False, None
 
     def evict_all(self) -> None:
         for seq in self.seqs:
@@ -511,7 +557,7 @@ class Batcher:
             seq.slot, seq.used_at = None, time.monotonic()
             if finish == "error":
                 self.llm.seq_rm(seq.id)
-                seq.tokens, seq.owner, seq.dirty = [], None, False
+                seq.tokens, seq.owner, seq.dirty, seq.persisted = [], None, False, None
             else:
                 if slot.drafter is not None:
                     self.llm.seq_rm(seq.id, slot.n_past)  # drafts of the last step it did not keep
@@ -538,7 +584,7 @@ class Batcher:
             self._end(slot, "error")
         for seq in self.seqs:
             self.llm.seq_rm(seq.id)
-            seq.tokens, seq.owner, seq.dirty = [], None, False
+            seq.tokens, seq.owner, seq.dirty, seq.persisted = [], None, False, None
 
     def cancel_all(self) -> None:
         for slot in list(self.active):

@@ -27,6 +27,7 @@ from .backend import QueueBackend
 from .generation import Generation, GenerationParams
 from .batching import Batcher, KVCache, Slot
 from .completion import CompletionRequest, cache_key, prompt_tokens
+from .kvdisk import KVDisk, fingerprint
 from ..errors import (ContextOverflowError, EngineBusyError, InvalidRequestError, ModelError, OffgridError,
                       UnusableModelError)
 from .llamacpp import LlamaModel, grammar, grammar_for, tool_grammar
@@ -40,6 +41,7 @@ TOKEN_COUNT_CACHE = 8192  # per-message token counts kept for fitting long histo
 DEFAULT_PARALLEL = 4  # see README "How the engine works": measured on 2 cores (bench/concurrency.py)
 PREFILL_STALL = 0.5  # seconds of prompt a step may read while others decode: bounds their longest stall
 COMPLETION_CTX = 1024  # KV cells of the inline completions' own sequence (prompt + suggestion)
+KV_DISK_BYTES = 2048 * MB  # the session snapshots kept on disk (kvdisk.py), at most
 MAX_URGENT = 8  # inline completions waiting at once (each keystroke replaces its file's previous one)
 
 
@@ -63,6 +65,8 @@ class Engine(QueueBackend):
         tune_threads: bool = True,
         completion_ctx: int = COMPLETION_CTX,
         prompt_lookup: bool = True,
+        kv_dir: str | os.PathLike | None = None,
+        kv_disk_bytes: int = KV_DISK_BYTES,
     ):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
         for name, value, low, high in (("n_ctx", n_ctx, 64, 1 << 22), ("n_parallel", n_parallel, 1, 64),
@@ -81,6 +85,7 @@ class Engine(QueueBackend):
         self.n_batch = max(n_batch, n_parallel + 16)  # a step: every decoding token and some prompt
         self.chat_format = chat_format
         self.kv = KVCache(kv_cache_bytes)
+        self.disk = KVDisk(kv_dir, kv_disk_bytes) if kv_dir is not None and kv_disk_bytes > 0 else None
         self.tuner = ThreadTuner(self.n_threads, tune=tune_threads)
 
         self._model: ModelInfo | None = None
@@ -91,6 +96,7 @@ class Engine(QueueBackend):
         self._overhead = 8.0  # template tokens per message, learnt from each fitted prompt
         self._grammars: dict[str, Any] = {}  # GBNF text -> llama-cpp-python grammar, for tool calls
         self._grammars_lock = threading.Lock()
+        self._forgotten: set[str] = set()  # deleted sessions whose cells the engine thread drops
 
     @property
     def prompt_lookup(self) -> bool:
@@ -132,7 +138,7 @@ class Engine(QueueBackend):
     def _queue_extra(self) -> dict[str, Any]:
         batcher = self._batcher
         drafted, kept = (batcher.drafted, batcher.accepted) if batcher is not None else (0, 0)
-        return {"cache": self.kv.stats(),
+        return {"cache": {**self.kv.stats(), **({"disk": self.disk.stats()} if self.disk is not None else {})},
                 "drafts": {"drafted": drafted, "accepted": kept, "rate": round(kept / drafted, 4) if drafted else 0.0}}
 
     def describe(self) -> dict[str, Any]:
@@ -184,6 +190,8 @@ class Engine(QueueBackend):
             raise
         self._llm, self._loaded = llm, info
         self._batcher = self._new_batcher(llm)
+        if self.disk is not None:
+            self.disk.model = fingerprint(info.path)  # a snapshot of another model is never loaded
         return llm
 
     def _open(self, info: ModelInfo) -> LlamaModel:
@@ -195,7 +203,7 @@ class Engine(QueueBackend):
     def _new_batcher(self, llm: LlamaModel) -> Batcher:
         return Batcher(llm, self.kv, self.tuner, n_threads=self.n_threads, stall=self.prefill_stall,
                        done=self._slot_done, n_ctx=self.n_ctx, reserved=bool(self.completion_ctx),
-                       draft=self.prompt_lookup)
+                       draft=self.prompt_lookup, disk=self.disk)
 
     def _unload(self) -> None:
         if self._llm is not None:
@@ -316,6 +324,17 @@ class Engine(QueueBackend):
                 self._finish_unstarted(gen, "cancelled")
             self._urgent.clear()
         super().close()
+        if self.disk is not None:
+            self.disk.flush()  # the engine thread handed its conversations over as it ended
+
+    def forget(self, session_id: str) -> None:
+        """A session was deleted: its snapshot leaves the disk (and the memory LRU, on the engine
+        thread, before the next request starts)."""
+        if self.disk is not None:
+            self.disk.forget(session_id)
+        with self._cv:
+            self._forgotten.add(session_id)
+            self._cv.notify_all()
 
     def _completion_start(self, llm: LlamaModel, gen: Generation) -> None:
         """Admit an inline completion into the reserved sequence: its prompt fits its own cells."""
@@ -351,10 +370,19 @@ class Engine(QueueBackend):
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._pending and not self._urgent and not self._busy():
+                idle = not self._pending and not self._urgent and not self._busy()
+                forgotten, self._forgotten = self._forgotten, set()
+            self._drop(forgotten)
+            if idle and self._batcher is not None:
+                self._batcher.persist()  # nothing runs: the conversations in the cache go to the disk
+            with self._cv:
+                while (not self._closed and not self._pending and not self._urgent and not self._busy()
+                       and not self._forgotten):
                     self._cv.wait()
                 if self._closed:
                     break
+                if self._forgotten:
+                    continue
                 gen = self._admissible()
             if gen is not None:
                 self._start(gen)  # new requests join before the next step
@@ -364,6 +392,14 @@ class Engine(QueueBackend):
                 time.sleep(0.01)
         if self._batcher is not None:
             self._batcher.cancel_all()
+            self._batcher.persist()
+
+    def _drop(self, sessions: set[str]) -> None:
+        """Forget deleted sessions' cells (engine thread)."""
+        for session in sessions:
+            self.kv.discard(session)
+            if self._batcher is not None:
+                self._batcher.forget(session)
 
     def _busy(self) -> bool:
         return self._batcher is not None and bool(self._batcher.active)

@@ -16,6 +16,7 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
+from ..inference import kvdisk
 from ..retrieval import embeddings
 from ..retrieval.chunking import Limits
 from ..inference.backend import QueueBackend
@@ -64,6 +65,12 @@ class OffgridApp(ExtensionApp):
     queue_timeout = Float(1800.0, help="Seconds a request may wait in the queue (then 503).").tag(config=True)
     max_queue = Int(64, help="Requests that may wait at once (then 503).").tag(config=True)
     kv_cache_mb = Float(512.0, help="Memory for per-session KV snapshots, MB.").tag(config=True)
+    kv_disk_mb = Float(2048.0, help="Disk for per-session KV snapshots under <data_dir>/kv, MB (least recently "
+                       "used go first): a long session's next turn after a restart need not re-read its history. "
+                       "0 keeps them in memory only.").tag(config=True)
+    prompt_lookup = Bool(True, help="Draft replies from their context (prompt-lookup decoding): faster where a "
+                         "reply copies its prompt, never a different reply; it turns itself down where drafts "
+                         "do not pay.").tag(config=True)
     n_parallel = Int(DEFAULT_PARALLEL, help="Requests the in-process model decodes together (continuous "
                      "batching, one context); the rest wait in the queue. 1 serves one at a time.").tag(config=True)
     tune_threads = Bool(True, help="Choose the decode thread count from measured token times (faster beside a "
@@ -150,6 +157,8 @@ class OffgridApp(ExtensionApp):
         engine = self._backend()
         root = getattr(self.serverapp, "root_dir", None) or os.getcwd()
         store = Store(home / DB_FILENAME, busy_sessions=engine.busy_session_ids, notebook_root=root)
+        if isinstance(engine, Engine):
+            store.on_delete.append(engine.forget)
         kernel_key = secrets.token_urlsafe(32)
         self.state = ServerState(engine=engine, store=store, request_log=attach(engine, store),
                                  api_key=self.api_key, kernel_key=kernel_key, max_body_bytes=self.max_body_bytes,
@@ -186,6 +195,8 @@ class OffgridApp(ExtensionApp):
                             max_concurrent=self.engine_max_concurrent, read_timeout=self.engine_read_timeout,
                             model_path=self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
                             kv_cache_bytes=int(self.kv_cache_mb * MB), n_parallel=self.n_parallel,
+                            kv_dir=str(Path(self.data_dir).expanduser() / kvdisk.DIRNAME),
+                            kv_disk_bytes=int(self.kv_disk_mb * MB), prompt_lookup=self.prompt_lookup,
                             tune_threads=self.tune_threads, queue_timeout=self.queue_timeout, max_queue=self.max_queue,
                             completion_ctx=self.completion_ctx, completion_model=self.completion_model)
 
