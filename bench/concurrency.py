@@ -30,10 +30,10 @@ import time
 import plain  # bench/plain.py: bench/ is on sys.path when a benchmark runs
 
 from offgrid_jupyter.inference.engine import (
-    DEFAULT_PARALLEL,
     PREFILL_STALL,
     Engine,
     available_cores,
+    default_parallel,
 )
 from offgrid_jupyter.inference.models import resolve_model
 
@@ -114,11 +114,11 @@ def main() -> None:
     counts = (1, 2, 4, 8)
 
     result: dict = {"bench": "concurrency", "quick": args.quick, "model": info.name, "threads": threads,
-                    "tokens_per_stream": tokens, "default_n_parallel": DEFAULT_PARALLEL}
+                    "tokens_per_stream": tokens, "default_n_parallel": default_parallel(4096)}
     # one engine at a time in the process (each side alone: see bench/engine.py)
     if "aggregate" in parts:
         curves: dict[str, dict[int, float]] = {}
-        for label, n_parallel in (("serial", 1), ("batched", 8), ("default", DEFAULT_PARALLEL)):
+        for label, n_parallel in (("serial", 1), ("batched", 8), ("default", None)):
             log(f"aggregate decode, n_parallel={n_parallel}")
             eng = Engine(info.path, n_ctx=4096, n_threads=threads, n_parallel=n_parallel)
             eng.complete(user("Hi."), max_tokens=2)

@@ -38,7 +38,17 @@ log = logging.getLogger(__name__)
 
 MB = 1 << 20
 TOKEN_COUNT_CACHE = 8192  # per-message token counts kept for fitting long histories
-DEFAULT_PARALLEL = 4  # see README "How the engine works": measured on 2 cores (bench/concurrency.py)
+CELLS_PER_SEQUENCE = 512  # KV cells a sequence should have for a prompt and a reply (default n_parallel)
+MAX_PARALLEL = 8  # the default's ceiling: 8 rows a step already fill 2 cores (bench/concurrency.py)
+
+
+def default_parallel(n_ctx: int) -> int:
+    """The sequences decoded together when n_parallel is not given: one per 512 cells of the context,
+    at most 8 (4,096 cells: 8). The cache is unified, so a sequence costs no KV memory of its own,
+    only its share of the logits and bookkeeping (measured: 1.3 MB each); the cells a request needs
+    are reserved at admission, so more sequences than fit simply wait there. With 4 by default, 8
+    notebooks at once got 1.10x one-at-a-time instead of 1.50x with 8 (bench/concurrency.py)."""
+    return max(1, min(MAX_PARALLEL, n_ctx // CELLS_PER_SEQUENCE))
 PREFILL_STALL = 0.5  # seconds of prompt a step may read while others decode: bounds their longest stall
 COMPLETION_CTX = 1024  # KV cells of the inline completions' own sequence (prompt + suggestion)
 KV_DISK_BYTES = 2048 * MB  # the session snapshots kept on disk (kvdisk.py), at most
@@ -55,7 +65,7 @@ class Engine(QueueBackend):
         n_ctx: int = 4096,
         n_threads: int | None = None,
         n_batch: int = 512,
-        n_parallel: int = DEFAULT_PARALLEL,
+        n_parallel: int | None = None,
         prefill_stall: float = PREFILL_STALL,
         chat_format: str | None = None,
         queue_timeout: float = 1800.0,
@@ -69,6 +79,8 @@ class Engine(QueueBackend):
         kv_disk_bytes: int = KV_DISK_BYTES,
     ):
         super().__init__(queue_timeout=queue_timeout, max_queue=max_queue, defaults=defaults)
+        if n_parallel is None and isinstance(n_ctx, int) and not isinstance(n_ctx, bool):
+            n_parallel = default_parallel(n_ctx)
         for name, value, low, high in (("n_ctx", n_ctx, 64, 1 << 22), ("n_parallel", n_parallel, 1, 64),
                                        ("n_batch", n_batch, 8, 1 << 16), ("completion_ctx", completion_ctx, 0, 1 << 16)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

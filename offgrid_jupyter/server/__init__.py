@@ -21,7 +21,7 @@ from ..retrieval import embeddings
 from ..retrieval.chunking import Limits
 from ..inference.backend import QueueBackend
 from ..chat.tools import load as load_tools
-from ..inference.engine import DEFAULT_PARALLEL, MB, Engine
+from ..inference.engine import MB, Engine
 from ..inference.engine import COMPLETION_CTX
 from ..runtime import make_backend, make_completer
 from ..stats import attach
@@ -71,8 +71,9 @@ class OffgridApp(ExtensionApp):
     prompt_lookup = Bool(True, help="Draft replies from their context (prompt-lookup decoding): faster where a "
                          "reply copies its prompt, never a different reply; it turns itself down where drafts "
                          "do not pay.").tag(config=True)
-    n_parallel = Int(DEFAULT_PARALLEL, help="Requests the in-process model decodes together (continuous "
-                     "batching, one context); the rest wait in the queue. 1 serves one at a time.").tag(config=True)
+    n_parallel = Int(None, allow_none=True, help="Requests the in-process model decodes together (continuous "
+                     "batching, one context); the rest wait in the queue. 1 serves one at a time. Default: one per "
+                     "512 tokens of n_ctx, at most 8 (8 with the default 4,096).").tag(config=True)
     tune_threads = Bool(True, help="Choose the decode thread count from measured token times (faster beside a "
                         "busy process); False always uses n_threads, so greedy replies repeat exactly.").tag(config=True)
     api_key = Unicode(None, allow_none=True, help="Also accept `Authorization: Bearer <key>` "
