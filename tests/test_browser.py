@@ -176,7 +176,8 @@ def test_a_second_notebook_shows_its_queue_position_then_completes(lab, open_not
         base = lab["url"] + "offgrid/v1/"
         with api(lab) as c:
             running = c.get("offgrid/v1/generation/status").json()  # the first notebook's turn
-        with slots_taken(base, parallel_slots(base, LAB_AUTH) - 1, LAB_AUTH):  # the model's other slots busy too
+        # the model's other slots busy too, each holding few enough cells that all fit beside the first turn
+        with slots_taken(base, parallel_slots(base, LAB_AUTH) - 1, LAB_AUTH, max_tokens=250):
             second.run(1)
             output = second.cell(1).locator(".jp-OutputArea")
             output.get_by_text("queued: position 1").wait_for(timeout=60_000)

@@ -35,6 +35,12 @@ How (engine thread only):
   took 564 MB instead of 208.)
 - A failure in one slot (its sampler, its grammar) ends that request only; a failed decode
   step ends the requests in it and leaves the others untouched.
+- A decoding slot may add drafted tokens after its last sampled one (prompt-lookup decoding,
+  ``speculative.py``): their rows get logits, the slot samples row after row while the sampled
+  token is the draft, and the cells of drafts it did not keep leave at once.
+- A session's conversation also goes to disk when the engine is idle or when it leaves the cache
+  (``kvdisk.py``), and comes back from there when neither a sequence nor the LRU has it (after a
+  restart).
 - Inline completions (``completion.py``) never wait behind chats: one more sequence is kept for
   them (``reserved``), with cells of their own beyond the chats' ``n_ctx``, so a completion joins
   the next step whatever runs; its prompt is read before any chat's. Its cells are kept under
@@ -200,10 +206,14 @@ class Batcher:
         self.draft = draft  # prompt-lookup decoding (speculative.py)
         self.disk = disk  # session snapshots on disk (kvdisk.py), or None
         self.drafted = self.accepted = 0  # draft tokens put in steps, and sampled as drafted
-        self.row_cost = ROW_COST  # a draft row's time over a decode step's (measured in steps with drafts)
+        # a draft row's time over what a sampled token costs in a decode step (the step's time over its
+        # rows: alone, the whole step; beside 7 others, an eighth of it, so a draft that delays them all
+        # must be worth that much more); measured in steps with drafts
+        self.row_cost = ROW_COST
         self.fixed_row_cost: float | None = None  # set: drafts are priced at this, never measured (tests)
         self.token_cost = 0.004  # seconds per prompt token read in a step (measured; a first guess)
         self.decode_cost = 0.0  # seconds of a decode-only step (measured)
+        self.decode_rows = 1  # the rows of that step
         self.seqs = [Sequence(i) for i in range(llm.n_parallel)]
         self.reserved = self.seqs[-1] if reserved else None  # the inline completions' own sequence
         self.chat_seqs = self.seqs[:-1] if reserved else self.seqs
@@ -416,10 +426,12 @@ class Batcher:
         elif drafting:  # what its draft rows cost, over a decode step
             rows = llm.batched - len(decoding)
             if self.decode_cost > 0 and self.fixed_row_cost is None:
-                measured = max(0.0, now - started - self.decode_cost) / rows / self.decode_cost
+                per_row = self.decode_cost / self.decode_rows  # what one sampled token costs the machine
+                base = self.decode_cost if self.decode_rows == len(decoding) else per_row * len(decoding)
+                measured = max(0.0, now - started - base) / rows / per_row
                 self.row_cost += 0.3 * (min(measured, 2.0) - self.row_cost)
         else:
-            self.decode_cost = now - started
+            self.decode_cost, self.decode_rows = now - started, len(decoding)
             if not self._tuning:
                 self.tuner.start()  # the gap since the last decode-only step is no token time
                 self._tuning = True

@@ -97,7 +97,12 @@ class Engine(QueueBackend):
         self.n_batch = max(n_batch, n_parallel + 16)  # a step: every decoding token and some prompt
         self.chat_format = chat_format
         self.kv = KVCache(kv_cache_bytes)
-        self.disk = KVDisk(kv_dir, kv_disk_bytes) if kv_dir is not None and kv_disk_bytes > 0 else None
+        self.disk: KVDisk | None = None
+        if kv_dir is not None and kv_disk_bytes > 0:
+            try:
+                self.disk = KVDisk(kv_dir, kv_disk_bytes)
+            except OSError as exc:  # a read-only data directory: snapshots stay in memory
+                log.warning("offgrid engine: no KV snapshots on disk (%s): %s", kv_dir, exc)
         self.tuner = ThreadTuner(self.n_threads, tune=tune_threads)
 
         self._model: ModelInfo | None = None

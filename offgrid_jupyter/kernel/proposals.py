@@ -20,6 +20,7 @@ import types
 from typing import Any
 
 from ..chat.edits import Proposal, Task, diff_lines, parse
+from ..errors import ReplyCutError
 from ..chat.turns import TurnResult
 from .describe import RawJSON, attachment
 
@@ -136,6 +137,12 @@ def run(context: Any, task: Task, session_id: str | None, namespace: dict[str, A
         except KeyboardInterrupt:
             turn.cancel()
             outcome = turn.finish()
+        except ReplyCutError:  # the JSON never closed (a small model can loop until the limit): not stored
+            if attempt == 2:
+                raise
+            note = "asked twice: the first reply reached the token limit before its JSON was complete"
+            params = {**params, "temperature": RETRY_TEMPERATURE, "seed": (params.get("seed") or 0) + 1}
+            continue
         except BaseException:
             turn.abort()
             raise
