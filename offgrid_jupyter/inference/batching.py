@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import json
 import time
 from collections import OrderedDict
 from typing import Any, Callable
@@ -444,7 +445,10 @@ class Batcher:
             s.n_past = s.cursor
             s.seq.tokens = s.prompt[:s.cursor]
         for s in decoding:
-            self._verify(s, now) if s.drafts else self._sample(s, now)
+            if s.drafts:
+                self._verify(s, now)
+            else:
+                self._sample(s, now)
         for s in chunked:
             if s.row >= 0:
                 self._sample(s, now)
@@ -460,12 +464,10 @@ class Batcher:
 
     def _sources(self, slot: Slot) -> list[list[int]]:
         """What a reply may copy besides its context as it stands: a structured reply (JSON) writes
-        the code or text it copies inside JSON strings, escaped, so the prompt is also indexed as it
-        would be written there (measured: the edit's drafts kept 3x more tokens)."""
+        the code or text it copies inside JSON strings, escaped (a fix's code field holds the cell with
+        its newlines as \\n), so the prompt is also indexed as it would be written there."""
         if not slot.kwargs.get("grammar") and not slot.kwargs.get("response_format"):
             return []
-        import json
-
         text = self.llm.detokenize(slot.prompt)
         return [self.llm.tokenize(json.dumps(text, ensure_ascii=False)[1:-1])]
 

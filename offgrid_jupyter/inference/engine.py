@@ -270,7 +270,8 @@ class Engine(QueueBackend):
         order = [i for i, k in enumerate(keep) if not k]  # the droppable ones, oldest first
 
         def attempt(drop: int) -> tuple[dict, int]:
-            kept = [i for i in range(len(messages)) if i not in set(order[:drop])]
+            gone = set(order[:drop])
+            kept = [i for i in range(len(messages)) if i not in gone]
             kwargs = llm.format([messages[i] for i in kept], **sampling)
             n = len(kwargs["prompt"])
             self._overhead = max(0.0, (n - sum(tokens[i] for i in kept)) / len(kept))

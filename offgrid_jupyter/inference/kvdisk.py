@@ -89,8 +89,7 @@ class KVDisk:
     # -- writing (any thread hands over; the writer thread writes) ---------------------------------
     def save(self, session: str, tokens: np.ndarray, data: Any) -> None:
         """Write *session*'s snapshot soon (*data* is not changed afterwards by the caller)."""
-        with self._lock:
-            self._forgotten.discard(session)
+        with self._lock:  # (a forgotten session stays forgotten: its id is never used again)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._write_loop, name="offgrid-kvdisk", daemon=True)
                 self._thread.start()
